@@ -1,0 +1,372 @@
+"""``Engine``: keeps every stream's hidden state and advances it one timestep per event.
+
+Events from many streams are batched into one fused step per layer:
+gather the streams' state rows → ``model.step`` → scatter the new rows back → head → outputs.
+``submit`` queues an event for the step loop (its own thread) and returns a future;
+``step_many`` runs a batch synchronously on the caller's thread. Both go through ``_run_events``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engine.batcher import Pending, PendingQueue, plan_waves
+from engine.errors import EngineClosedError, SnapshotError, UnknownStreamError
+from engine.inputs import check_category, check_category_batch, check_feature_batch, check_features
+from engine.snapshot import EngineSnapshot
+from engine.spill import SpillStore
+from engine.state import StateStore, StreamId, check_stream_id
+from engine.stats import EngineStats, LatencyWindow
+from models.stream_model import StreamModel
+
+EvictionPolicy = Literal["drop", "spill"]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else as given."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Engine:
+    """Streaming inference for one ``StreamModel``.
+
+    - ``device``: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda:0"``...
+    - ``max_batch``: most events in one batch; ``max_delay_ms``: longest a batch waits to fill after its
+      first event arrived (0 = take what is queued at once).
+    - ``capacity``: initial number of state slots (grows as needed).
+    - ``ttl_s``: evict streams idle this long; ``eviction``: ``"drop"`` or ``"spill"`` (to ``spill_dir``).
+    - ``max_pending``: queued events before ``submit`` blocks (backpressure).
+    """
+
+    def __init__(
+        self,
+        model: StreamModel,
+        device: str | torch.device = "auto",
+        max_batch: int = 4096,
+        max_delay_ms: float = 0.5,
+        capacity: int = 1024,
+        ttl_s: float | None = None,
+        eviction: EvictionPolicy = "drop",
+        spill_dir: str | Path | None = None,
+        max_pending: int = 100_000,
+        sweep_interval_s: float = 1.0,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        if eviction not in ("drop", "spill"):
+            raise ValueError(f"eviction must be 'drop' or 'spill', got {eviction!r}")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_ms / 1e3
+        self.sweep_interval_s = sweep_interval_s
+        self._spill_tmp: tempfile.TemporaryDirectory[str] | None = None
+        spill = self._open_spill(spill_dir) if eviction == "spill" else None
+        with torch.no_grad():
+            initial = [p.detach().clone() for p in self.model.initial_states]
+        self._store = StateStore(initial, self.device, capacity, ttl_s, spill)
+        self._queue = PendingQueue(max_pending)
+        self._lock = threading.RLock()
+        self._latency = LatencyWindow()
+        self._counts = {"events": 0, "batches": 0, "steps": 0, "errors": 0}
+        self._last_sweep = time.monotonic()
+        self._closed = False
+        self._staging: Tensor | None = None
+        self._thread = threading.Thread(target=self._loop, name="rnnstream-step-loop", daemon=True)
+        self._thread.start()
+
+    def _open_spill(self, spill_dir: str | Path | None) -> SpillStore:
+        if spill_dir is None:
+            self._spill_tmp = tempfile.TemporaryDirectory(prefix="rnnstream-spill-")
+            spill_dir = self._spill_tmp.name
+        return SpillStore(Path(spill_dir) / "spill.sqlite", self.model.state_widths())
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Apply every queued event, stop the step loop, release resources. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._thread.join()
+        for item in self._queue.close():
+            item.future.set_exception(EngineClosedError("the engine closed before this event ran"))
+        if self._store.spill is not None:
+            self._store.spill.close()
+        if self._spill_tmp is not None:
+            self._spill_tmp.cleanup()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError("the engine is closed; it accepts no more events")
+
+    # ---- event API -----------------------------------------------------------------------------------
+    def submit(self, stream_id: StreamId, x: Any) -> Future:
+        """Queue one event; the future resolves to its output ``(output_size,) float32`` (numpy).
+
+        ``x``: ``(feature_size,)`` floats, or one integer id for a categorical model. Bad input raises
+        ``InvalidInputError`` here, before anything is queued.
+        """
+        self._check_open()
+        check_stream_id(stream_id)
+        value = self._check_one(x, f"event for stream {stream_id!r}")
+        future: Future = Future()
+        self._queue.put(Pending("step", stream_id, value, future, time.monotonic()))
+        return future
+
+    async def submit_async(self, stream_id: StreamId, x: Any) -> np.ndarray:
+        """``await`` variant of ``submit``."""
+        return await asyncio.wrap_future(self.submit(stream_id, x))
+
+    def step_many(self, stream_ids: Sequence[StreamId] | np.ndarray, xs: Any) -> np.ndarray:
+        """Apply ``N`` events synchronously; returns outputs ``(N, output_size) float32``.
+
+        ``stream_ids``: ``N`` ids (a stream may repeat; its events apply in order);
+        ``xs``: ``(N, feature_size)`` floats or ``(N,)`` integer ids. The whole call is checked first:
+        one bad event raises ``InvalidInputError`` naming it and no state changes.
+        """
+        self._check_open()
+        ids = stream_ids.tolist() if isinstance(stream_ids, np.ndarray) else list(stream_ids)
+        ids = [check_stream_id(s) for s in ids]
+        if self.model.categorical:
+            values = check_category_batch(xs, len(ids), self.model.spec.num_embeddings)
+        else:
+            values = check_feature_batch(xs, len(ids), self.model.feature_size)
+        with self._lock, torch.no_grad():
+            out = self._run_events(ids, self._to_device(values))
+            self._counts["events"] += len(ids)
+            return out.cpu().numpy()
+
+    def _check_one(self, x: Any, where: str) -> Any:
+        if self.model.categorical:
+            return check_category(x, self.model.spec.num_embeddings, where)
+        return check_features(x, self.model.feature_size, where)
+
+    # ---- control API ---------------------------------------------------------------------------------
+    def start(self, stream_id: StreamId) -> None:
+        """Begin (or restart) a stream from the initial state, after its queued events."""
+        self._control("start", stream_id).result()
+
+    def reset(self, stream_id: StreamId) -> None:
+        """Put a known stream back to the initial state, after its queued events."""
+        self._control("reset", stream_id).result()
+
+    def end(self, stream_id: StreamId) -> np.ndarray:
+        """Finish a stream after its queued events: returns its final output (the head on its last
+        hidden state, ``(output_size,)``) and frees its slot."""
+        return self._control("end", stream_id).result()
+
+    def _control(self, op: str, stream_id: StreamId) -> Future:
+        self._check_open()
+        check_stream_id(stream_id)
+        future: Future = Future()
+        self._queue.put(Pending(op, stream_id, None, future, time.monotonic()))
+        return future
+
+    # ---- the step loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            batch = self._queue.take_batch(self.max_batch, self.max_delay_s, idle_timeout_s=0.05)
+            if batch:
+                self._process(batch)
+            elif self._closed:
+                return
+            self._maybe_sweep()
+
+    def _process(self, batch: list[Pending]) -> None:
+        """Run a batch in arrival order: runs of data events are stepped together, controls in between."""
+        with self._lock, torch.no_grad():
+            start = 0
+            for i, item in enumerate(batch):
+                if item.op != "step":
+                    self._run_steps(batch[start:i])
+                    self._run_control(item)
+                    start = i + 1
+            self._run_steps(batch[start:])
+
+    def _run_steps(self, items: list[Pending]) -> None:
+        if not items:
+            return
+        try:
+            ids = [it.stream_id for it in items]
+            values = np.stack([it.x for it in items]) if not self.model.categorical else np.array(
+                [it.x for it in items], dtype=np.int64
+            )
+            out = self._run_events(ids, self._to_device(values)).cpu().numpy()
+        except Exception as exc:  # unexpected (device failure, out of memory): fail this batch's events
+            self._counts["errors"] += len(items)
+            for it in items:
+                it.future.set_exception(exc)
+            return
+        done = time.monotonic()
+        self._latency.add(done - np.fromiter((it.submitted for it in items), np.float64, len(items)))
+        self._counts["events"] += len(items)
+        self._counts["batches"] += 1
+        for it, row in zip(items, out, strict=True):
+            it.future.set_result(row)
+
+    def _run_control(self, item: Pending) -> None:
+        try:
+            result = None
+            if item.op == "start":
+                self._store.reset(item.stream_id)
+            elif item.op == "reset":
+                self._store.slot(item.stream_id)
+                self._store.reset(item.stream_id)
+            elif item.op == "end":
+                slot = self._store.slot(item.stream_id)
+                state = [t[slot : slot + 1] for t in self._store.tensors]
+                result = self.model.apply_head(self.model.top_hidden(state))[0].cpu().numpy()
+                self._store.release(item.stream_id)
+            else:
+                raise ValueError(f"unknown control {item.op!r}")
+        except UnknownStreamError as exc:
+            item.future.set_exception(exc)
+            return
+        item.future.set_result(result)
+
+    def _run_events(self, stream_ids: list[StreamId], x: Tensor) -> Tensor:
+        """The core: apply events ``x (N, ...)`` of ``stream_ids`` in order; returns ``(N, output_size)``.
+
+        Each wave (at most one event per stream) is one fused step: gather → step → scatter.
+        """
+        store = self._store
+        slots = store.slots_for(stream_ids)
+        store.touch(slots, time.monotonic())
+        waves = plan_waves(slots)
+        if len(waves) == 1:
+            out = self._step_wave(x, torch.from_numpy(slots).to(self.device))
+        else:
+            out = torch.empty(len(stream_ids), self.model.output_size, device=self.device)
+            for wave in waves:
+                idx = torch.from_numpy(wave).to(self.device)
+                out[idx] = self._step_wave(x[idx], torch.from_numpy(slots[wave]).to(self.device))
+        self._counts["steps"] += len(waves)
+        return out
+
+    def _step_wave(self, x: Tensor, slots: Tensor) -> Tensor:
+        state = self._store.gather(slots)
+        y, new_state = self.model.step(x, state)
+        self._store.scatter(slots, new_state)
+        return y
+
+    def _to_device(self, values: np.ndarray) -> Tensor:
+        """Host array → device tensor; on CUDA through a reused pinned staging buffer."""
+        host = torch.from_numpy(values)
+        if self.device.type != "cuda":
+            return host
+        n = host.numel()
+        if self._staging is None or self._staging.numel() < n or self._staging.dtype != host.dtype:
+            self._staging = torch.empty(max(n, 1 << 16), dtype=host.dtype).pin_memory()
+        staged = self._staging[:n].view(host.shape)
+        staged.copy_(host)
+        return staged.to(self.device, non_blocking=True)
+
+    def _maybe_sweep(self) -> None:
+        now = time.monotonic()
+        if self._store.ttl_s is None or now - self._last_sweep < self.sweep_interval_s:
+            return
+        self._last_sweep = now
+        with self._lock:
+            self._store.evict_idle(now)
+
+    def evict_idle(self) -> int:
+        """Evict idle streams now (the loop also does it every ``sweep_interval_s``); returns how many."""
+        with self._lock:
+            return self._store.evict_idle()
+
+    # ---- weights -------------------------------------------------------------------------------------
+    def swap_weights(self, state_dict: dict[str, Tensor], version: int) -> None:
+        """Load new weights between two steps, atomically; every stream's state is kept."""
+        staged = {k: v.to(self.device, non_blocking=True) for k, v in state_dict.items()}
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        with self._lock, torch.no_grad():
+            self.model.load_state_dict(staged, strict=True)
+            self.model.info.version = version
+
+    # ---- snapshots -----------------------------------------------------------------------------------
+    def snapshot(self, positions: dict[str, Any] | None = None) -> EngineSnapshot:
+        """Every stream's state after the events applied so far (queued ones excluded)."""
+        with self._lock:
+            ids, states = self._store.export()
+            return EngineSnapshot(
+                stream_ids=ids,
+                states=states,
+                model_version=self.model.info.version,
+                model_spec=self.model.spec.to_dict(),
+                positions=dict(positions or {}),
+            )
+
+    def restore(self, snapshot: EngineSnapshot) -> None:
+        """Replace every stream's state with the snapshot's."""
+        if snapshot.widths != self._store.widths:
+            raise SnapshotError(
+                f"snapshot state widths {snapshot.widths} do not fit this model's {self._store.widths}"
+            )
+        if snapshot.model_spec and snapshot.model_spec != self.model.spec.to_dict():
+            raise SnapshotError("snapshot was taken with a different model architecture")
+        with self._lock:
+            self._store.import_(snapshot.stream_ids, snapshot.states, time.monotonic())
+
+    def state_of(self, stream_id: StreamId) -> list[Tensor]:
+        """A copy of one stream's state tensors ``[(width,), ...]`` on CPU."""
+        with self._lock:
+            slot = self._store.slot(stream_id)
+            return [t[slot].clone().cpu() for t in self._store.tensors]
+
+    # ---- introspection -------------------------------------------------------------------------------
+    def __contains__(self, stream_id: StreamId) -> bool:
+        return stream_id in self._store
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._store)
+
+    def stats(self) -> EngineStats:
+        c = self._counts
+        p50, p90, p99, pmax = self._latency.percentiles_ms()
+        store = self._store
+        return EngineStats(
+            events=c["events"],
+            batches=c["batches"],
+            steps=c["steps"],
+            mean_batch_size=c["events"] / c["steps"] if c["steps"] else 0.0,
+            active_streams=len(store),
+            spilled_streams=len(store.spill) if store.spill is not None else 0,
+            evictions=store.evictions,
+            pending=len(self._queue),
+            capacity=store.capacity,
+            state_bytes=store.nbytes,
+            latency_p50_ms=p50,
+            latency_p90_ms=p90,
+            latency_p99_ms=p99,
+            latency_max_ms=pmax,
+            model_version=self.model.info.version,
+            device=str(self.device),
+            errors=c["errors"],
+        )
+
+    def reset_stats(self) -> None:
+        """Zero the counters and the latency window (for benchmarks)."""
+        with self._lock:
+            self._counts = dict.fromkeys(self._counts, 0)
+            self._latency.clear()

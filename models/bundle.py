@@ -1,0 +1,68 @@
+"""Model bundles on disk: one safetensors file holding the weights, the architecture, the feature settings
+and the version. Loading never unpickles anything: safetensors stores raw tensors and a JSON header."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from models.stream_model import ModelInfo, ModelSpec, StreamModel
+
+BUNDLE_FORMAT = "rnnstream.model/1"
+
+
+class BundleError(ValueError):
+    """The file is not a valid rnnstream model bundle."""
+
+
+def save_bundle(model: StreamModel, path: str | Path) -> Path:
+    """Write ``model`` (weights, spec, info) to ``path`` atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        "format": BUNDLE_FORMAT,
+        "spec": json.dumps(model.spec.to_dict()),
+        "version": str(model.info.version),
+        "features": json.dumps(model.info.features),
+        "trained_on": json.dumps(model.info.trained_on),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The bundle's JSON header metadata, without loading the weights."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as exc:  # safetensors raises several unrelated types for corrupt files
+        raise BundleError(f"{path}: not a safetensors model bundle ({exc})") from exc
+
+
+def load_bundle(path: str | Path, device: str = "cpu") -> StreamModel:
+    """Load a bundle written by ``save_bundle``; the model is returned in eval mode on ``device``."""
+    meta = read_metadata(path)
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: format {meta.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    try:
+        spec = ModelSpec.from_dict(json.loads(meta["spec"]))
+        info = ModelInfo(
+            version=int(meta.get("version", "0")),
+            features=json.loads(meta.get("features", "{}")),
+            trained_on=json.loads(meta.get("trained_on", "{}")),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise BundleError(f"{path}: bad bundle metadata ({exc})") from exc
+    model = StreamModel(spec, info)
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BundleError(f"{path}: weights do not match the spec (missing {missing}, unexpected {unexpected})")
+    return model.to(device).eval()

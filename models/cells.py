@@ -1,0 +1,146 @@
+"""The three recurrent cells, one timestep for a batch of streams.
+
+Each cell's math is written once, here, next to its code. Conventions are PyTorch's (gate order, two
+biases), so weights of a trained ``torch.nn.RNN`` / ``GRU`` / ``LSTM`` load as they are.
+
+Shapes: ``B`` streams in the batch, ``I`` input features, ``H`` hidden units, ``P`` LSTM projection size.
+Every tensor is float32 (or the model's dtype) on the model's device.
+
+A cell's recurrent state is a tuple of tensors, one row per stream: ``(h,)`` for RNN and GRU, ``(h, c)``
+for LSTM. ``state_widths()`` gives their widths so the engine's state store can hold them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+CellKind = Literal["rnn_tanh", "rnn_relu", "gru", "lstm"]
+CELL_KINDS: tuple[CellKind, ...] = ("rnn_tanh", "rnn_relu", "gru", "lstm")
+GATES: dict[CellKind, int] = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+
+State = tuple[Tensor, ...]
+
+
+class RecurrentLayer(nn.Module):
+    """One recurrent layer: the parameters of one cell and its single-step math.
+
+    Parameters follow ``torch.nn.RNN/GRU/LSTM`` layer ``k`` exactly:
+    ``weight_ih: (G*H, I)``, ``weight_hh: (G*H, H or P)``, ``bias_ih, bias_hh: (G*H,)`` (absent when
+    ``bias=False``), ``weight_hr: (P, H)`` for an LSTM with ``proj_size > 0``; ``G`` is the gate count.
+    """
+
+    def __init__(
+        self,
+        kind: CellKind,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        proj_size: int = 0,
+    ) -> None:
+        super().__init__()
+        if kind not in CELL_KINDS:
+            raise ValueError(f"unknown cell kind {kind!r}; expected one of {CELL_KINDS}")
+        if proj_size and kind != "lstm":
+            raise ValueError("proj_size is only defined for LSTM layers")
+        if proj_size < 0 or proj_size >= hidden_size and proj_size != 0:
+            raise ValueError(f"proj_size must be in [0, hidden_size), got {proj_size}")
+        self.kind: CellKind = kind
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.proj_size = proj_size
+        self.has_bias = bias
+        gates = GATES[kind] * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(gates, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(gates, self.output_size))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(gates))
+            self.bias_hh = nn.Parameter(torch.empty(gates))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        if proj_size:
+            self.weight_hr = nn.Parameter(torch.empty(proj_size, hidden_size))
+        else:
+            self.register_parameter("weight_hr", None)
+        self.reset_parameters()
+
+    @property
+    def output_size(self) -> int:
+        """Width of ``h``: the projection size for a projected LSTM, else the hidden size."""
+        return self.proj_size or self.hidden_size
+
+    def state_widths(self) -> tuple[int, ...]:
+        """Widths of this layer's state tensors: ``(H,)`` or, for LSTM, ``(H or P, H)`` for ``(h, c)``."""
+        if self.kind == "lstm":
+            return (self.output_size, self.hidden_size)
+        return (self.hidden_size,)
+
+    def reset_parameters(self) -> None:
+        """PyTorch's initialisation: uniform in ``[-1/sqrt(H), 1/sqrt(H)]``."""
+        bound = 1.0 / self.hidden_size**0.5
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, x: Tensor, state: State) -> State:
+        """Advance every row one timestep.
+
+        x: ``(B, I)``; state: this layer's state tuple, rows aligned with ``x``.
+        Returns the new state tuple; its first tensor ``h`` is the layer's output.
+        """
+        if self.kind == "lstm":
+            return self._lstm(x, state[0], state[1])
+        if self.kind == "gru":
+            return (self._gru(x, state[0]),)
+        return (self._rnn(x, state[0]),)
+
+    def _input_gates(self, x: Tensor) -> Tensor:
+        """``W_ih x + b_ih + b_hh`` (or ``W_ih x`` without bias): ``(B, G*H)``."""
+        if self.bias_ih is None:
+            return x @ self.weight_ih.t()
+        return torch.addmm(self.bias_ih + self.bias_hh, x, self.weight_ih.t())
+
+    def _rnn(self, x: Tensor, h: Tensor) -> Tensor:
+        """Elman RNN: ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``, act = tanh or relu."""
+        pre = self._input_gates(x).addmm_(h, self.weight_hh.t())
+        return torch.tanh(pre) if self.kind == "rnn_tanh" else torch.relu(pre)
+
+    def _gru(self, x: Tensor, h: Tensor) -> Tensor:
+        """GRU, gate order ``r, z, n``:
+
+        ``r = σ(W_ir x + b_ir + W_hr h + b_hr)``
+        ``z = σ(W_iz x + b_iz + W_hz h + b_hz)``
+        ``n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))``
+        ``h' = (1 - z) ⊙ n + z ⊙ h  =  n + z ⊙ (h - n)``
+        """
+        hs = self.hidden_size
+        gi = x @ self.weight_ih.t()
+        gh = h @ self.weight_hh.t()
+        if self.bias_ih is not None:
+            gi = gi + self.bias_ih
+            gh = gh + self.bias_hh
+        rz = torch.sigmoid(gi[:, : 2 * hs] + gh[:, : 2 * hs])
+        r, z = rz[:, :hs], rz[:, hs:]
+        n = torch.tanh(torch.addcmul(gi[:, 2 * hs :], r, gh[:, 2 * hs :]))
+        return torch.addcmul(n, z, h - n)
+
+    def _lstm(self, x: Tensor, h: Tensor, c: Tensor) -> State:
+        """LSTM, gate order ``i, f, g, o``:
+
+        ``i, f, g, o = split(W_ih x + b_ih + W_hh h + b_hh)``
+        ``c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g)``
+        ``h' = σ(o) ⊙ tanh(c')``, then ``h' = W_hr h'`` when projected.
+        """
+        hs = self.hidden_size
+        gates = self._input_gates(x).addmm_(h, self.weight_hh.t())
+        ifo = torch.sigmoid(gates[:, : 2 * hs])
+        i, f = ifo[:, :hs], ifo[:, hs:]
+        g = torch.tanh(gates[:, 2 * hs : 3 * hs])
+        o = torch.sigmoid(gates[:, 3 * hs :])
+        c_new = torch.addcmul(f * c, i, g)
+        h_new = o * torch.tanh(c_new)
+        if self.weight_hr is not None:
+            h_new = h_new @ self.weight_hr.t()
+        return (h_new, c_new)

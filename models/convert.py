@@ -1,0 +1,93 @@
+"""Import trained ``torch.nn`` recurrent modules as streamable ``StreamModel``s with identical results."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.cells import CellKind
+from models.heads import Head, HeadKind
+from models.stream_model import ModelInfo, ModelSpec, StreamModel
+
+TorchRecurrent = nn.RNN | nn.GRU | nn.LSTM | nn.RNNCell | nn.GRUCell | nn.LSTMCell
+
+
+class UnstreamableModelError(ValueError):
+    """The module cannot be run one timestep at a time (for example, it is bidirectional)."""
+
+
+def _cell_kind(module: nn.Module) -> CellKind:
+    if isinstance(module, nn.LSTM | nn.LSTMCell):
+        return "lstm"
+    if isinstance(module, nn.GRU | nn.GRUCell):
+        return "gru"
+    if isinstance(module, nn.RNN | nn.RNNCell):
+        return "rnn_relu" if module.nonlinearity == "relu" else "rnn_tanh"
+    raise TypeError(
+        f"from_torch takes nn.RNN, nn.GRU, nn.LSTM or their Cell variants, not {type(module).__name__}"
+    )
+
+
+def _as_head(head: Head | nn.Linear | None, kind: HeadKind) -> Head | None:
+    if head is None or isinstance(head, Head):
+        return head
+    if isinstance(head, nn.Linear):
+        return Head.from_linear(head, kind)
+    raise TypeError(f"head must be a models.Head or nn.Linear, not {type(head).__name__}")
+
+
+def from_torch(
+    module: TorchRecurrent,
+    head: Head | nn.Linear | None = None,
+    *,
+    head_kind: HeadKind = "linear",
+    embedding: nn.Embedding | None = None,
+    info: ModelInfo | None = None,
+) -> StreamModel:
+    """Build a ``StreamModel`` that steps exactly like ``module``.
+
+    - ``module``: a trained ``nn.RNN``, ``nn.GRU``, ``nn.LSTM`` (any ``num_layers``, ``batch_first``
+      either way, with or without biases, LSTM ``proj_size``) or ``nn.RNNCell/GRUCell/LSTMCell``.
+      Bidirectional modules are refused: their backward direction reads the future.
+    - ``head``: an optional ``models.Head`` or ``nn.Linear`` applied to the top layer's ``h``;
+      an ``nn.Linear`` becomes a head of ``head_kind`` (``linear``, ``classifier`` or ``regression``).
+    - ``embedding``: an optional ``nn.Embedding`` in front, making events categorical ids.
+
+    Weights are copied; the returned model is on the module's device, in eval mode.
+    """
+    kind = _cell_kind(module)
+    if getattr(module, "bidirectional", False):
+        raise UnstreamableModelError(
+            "bidirectional RNNs cannot be streamed: the backward direction needs every future timestep "
+            "before it can produce the first output. Train a unidirectional model for streaming."
+        )
+    is_cell = isinstance(module, nn.RNNCell | nn.GRUCell | nn.LSTMCell)
+    head_module = _as_head(head, head_kind)
+    if embedding is not None and embedding.embedding_dim != module.input_size:
+        raise ValueError(
+            f"embedding_dim {embedding.embedding_dim} != module input_size {module.input_size}"
+        )
+    spec = ModelSpec(
+        cell=kind,
+        input_size=module.input_size,
+        hidden_size=module.hidden_size,
+        num_layers=1 if is_cell else module.num_layers,
+        bias=module.bias,
+        proj_size=0 if is_cell else getattr(module, "proj_size", 0),
+        num_embeddings=embedding.num_embeddings if embedding is not None else 0,
+        head=head_module.kind if head_module is not None else None,
+        head_out=head_module.out_features if head_module is not None else 0,
+        head_bias=head_module is None or head_module.linear.bias is not None,
+    )
+    model = StreamModel(spec, info)
+    with torch.no_grad():
+        for k, layer in enumerate(model.layers):
+            suffix = "" if is_cell else f"_l{k}"
+            for name, param in layer.named_parameters():
+                param.copy_(getattr(module, f"{name}{suffix}"))
+        if embedding is not None:
+            model.embedding.weight.copy_(embedding.weight)
+        if head_module is not None:
+            model.head.load_state_dict(head_module.state_dict())
+    device = next(module.parameters()).device
+    return model.to(device).eval()

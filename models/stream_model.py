@@ -1,0 +1,167 @@
+"""``StreamModel``: a stack of recurrent layers stepped one timestep at a time for a batch of streams.
+
+The model is stateless: the engine owns every stream's state and hands the model the rows of the streams
+in a step. State is a flat list of tensors, layer by layer: ``[h_0]`` per RNN/GRU layer, ``[h_0, c_0]``
+per LSTM layer, each ``(B, width)`` with widths from ``state_widths()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.cells import CELL_KINDS, CellKind, RecurrentLayer
+from models.heads import HEAD_KINDS, Head, HeadKind
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model's architecture (weights excluded).
+
+    ``input_size`` is the width the first recurrent layer sees: the event's feature count, or the
+    embedding width when ``num_embeddings > 0`` (then each event is one categorical id in
+    ``[0, num_embeddings)``).
+    """
+
+    cell: CellKind
+    input_size: int
+    hidden_size: int
+    num_layers: int = 1
+    bias: bool = True
+    proj_size: int = 0
+    num_embeddings: int = 0
+    head: HeadKind | None = None
+    head_out: int = 0
+    head_bias: bool = True
+    learn_initial_state: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELL_KINDS:
+            raise ValueError(f"cell must be one of {CELL_KINDS}, got {self.cell!r}")
+        for name in ("input_size", "hidden_size", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.head is not None and (self.head not in HEAD_KINDS or self.head_out < 1):
+            raise ValueError(f"head must be one of {HEAD_KINDS} with head_out >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model spec keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class ModelInfo:
+    """Metadata carried with a model: its version and the feature settings its inputs were built with
+    (normalisation, MFCC parameters, ...), free-form JSON-able values."""
+
+    version: int = 0
+    features: dict[str, Any] = field(default_factory=dict)
+    trained_on: dict[str, Any] = field(default_factory=dict)
+
+
+class StreamModel(nn.Module):
+    """Embedding (optional) → ``num_layers`` recurrent layers → head (optional)."""
+
+    def __init__(self, spec: ModelSpec, info: ModelInfo | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.info = info or ModelInfo()
+        self.embedding = (
+            nn.Embedding(spec.num_embeddings, spec.input_size) if spec.num_embeddings > 0 else None
+        )
+        layers = []
+        width = spec.input_size
+        for _ in range(spec.num_layers):
+            layer = RecurrentLayer(spec.cell, width, spec.hidden_size, spec.bias, spec.proj_size)
+            layers.append(layer)
+            width = layer.output_size
+        self.layers = nn.ModuleList(layers)
+        self.head = Head(spec.head, width, spec.head_out, spec.head_bias) if spec.head else None
+        self.initial_states = nn.ParameterList(
+            nn.Parameter(torch.zeros(w), requires_grad=spec.learn_initial_state)
+            for w in self.state_widths()
+        )
+
+    # ---- shapes -------------------------------------------------------------------------------------
+    @property
+    def categorical(self) -> bool:
+        """True when events are categorical ids (through the embedding), not feature vectors."""
+        return self.embedding is not None
+
+    @property
+    def feature_size(self) -> int:
+        """Features per event: ``input_size``, or 1 (the id) for a categorical model."""
+        return 1 if self.categorical else self.spec.input_size
+
+    @property
+    def output_size(self) -> int:
+        """Width of one event's output: the head's ``out_features``, else the top layer's ``h`` width."""
+        if self.head is not None:
+            return self.head.out_features
+        return self.layers[-1].output_size
+
+    def state_widths(self) -> list[int]:
+        """Widths of the flat state list, layer by layer (``h`` then ``c`` for LSTM)."""
+        return [w for layer in self.layers for w in layer.state_widths()]
+
+    # ---- stepping -----------------------------------------------------------------------------------
+    def embed(self, x: Tensor) -> Tensor:
+        """Event inputs to first-layer inputs.
+
+        x: ``(B, input_size)`` float, or ``(B,)`` int64 ids for a categorical model → ``(B, input_size)``.
+        """
+        return self.embedding(x) if self.embedding is not None else x
+
+    def step(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """One timestep for ``B`` streams.
+
+        x: ``(B, input_size)`` float or ``(B,)`` int64 ids; state: flat list, each ``(B, width)``.
+        Returns ``(output (B, output_size), new flat state list)``.
+        """
+        inp = self.embed(x)
+        new_state: list[Tensor] = []
+        pos = 0
+        for layer in self.layers:
+            n = 2 if layer.kind == "lstm" else 1
+            layer_state = layer(inp, tuple(state[pos : pos + n]))
+            new_state.extend(layer_state)
+            inp = layer_state[0]
+            pos += n
+        return self.apply_head(inp), new_state
+
+    def apply_head(self, h_top: Tensor) -> Tensor:
+        """The event output from the top layer's ``h``: ``(B, H_top)`` → ``(B, output_size)``."""
+        return self.head(h_top) if self.head is not None else h_top
+
+    def top_hidden(self, state: list[Tensor]) -> Tensor:
+        """The top layer's ``h`` from a flat state list."""
+        n = 2 if self.layers[-1].kind == "lstm" else 1
+        return state[len(state) - n]
+
+    def initial_state(self, batch: int) -> list[Tensor]:
+        """The state a new stream starts from, repeated for ``batch`` rows."""
+        return [p.unsqueeze(0).expand(batch, -1).clone() for p in self.initial_states]
+
+    def forward(self, xs: Tensor, state: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Run whole sequences, time-major: ``xs (T, B, input_size)`` or ``(T, B)`` ids.
+
+        Returns ``(outputs (T, B, output_size), final state)``. Differentiable; used for training and
+        as the reference the stepped engine must match.
+        """
+        if state is None:
+            state = self.initial_state(xs.shape[1])
+        outputs = []
+        for t in range(xs.shape[0]):
+            y, state = self.step(xs[t], state)
+            outputs.append(y)
+        return torch.stack(outputs), state

@@ -1,0 +1,526 @@
+"""Local Apache Kafka (KRaft) broker launcher for development and integration tests.
+
+Standard library only.  The broker jars come from Maven Central through the tiny
+``tools/kafka/pom.xml`` project and are cached outside the repository (default
+``~/.cache/rnnstream/kafka-<version>/lib``, override with ``RNNSTREAM_KAFKA_HOME``), so only
+the first :func:`ensure_jars` call needs the network.
+
+Two levels of API:
+
+* :func:`start_cluster` starts 1..N combined-mode (``process.roles=broker,controller``) nodes on
+  free 127.0.0.1 ports and returns a :class:`Cluster` (also a context manager).
+* :func:`up` / :func:`down` / :func:`status` record the cluster in a JSON state file
+  (default ``~/.cache/rnnstream/kafka-run/cluster.json``, override the directory with
+  ``RNNSTREAM_KAFKA_RUN_DIR``) so separate processes (``rnnstream kafka up`` / ``down``) can
+  share one long-lived cluster.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KAFKA_VERSION = "4.1.1"
+"""Kafka version collected by ``tools/kafka/pom.xml`` (passed to mvn as ``-Dkafka.version``)."""
+
+MAIN_CLASS = "kafka.Kafka"
+STORAGE_TOOL = "kafka.tools.StorageTool"
+READY_LINE = "Kafka Server started"
+STATE_FILE_NAME = "cluster.json"
+_COMPLETE_MARKER = ".complete"
+_POM = Path(__file__).resolve().parent.parent / "tools" / "kafka" / "pom.xml"
+
+
+class KafkaBrokerError(RuntimeError):
+    """Raised when the broker jars cannot be collected or a broker fails to start."""
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def kafka_home() -> Path:
+    """Cache directory holding ``lib/`` with the broker jars (``$RNNSTREAM_KAFKA_HOME`` wins)."""
+    env = os.environ.get("RNNSTREAM_KAFKA_HOME")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "rnnstream" / f"kafka-{KAFKA_VERSION}"
+
+
+def run_dir() -> Path:
+    """Directory for the ``up``/``down`` state file and cluster data (``$RNNSTREAM_KAFKA_RUN_DIR``)."""
+    env = os.environ.get("RNNSTREAM_KAFKA_RUN_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "rnnstream" / "kafka-run"
+
+
+def state_file() -> Path:
+    """Path of the JSON file describing the cluster started by :func:`up`."""
+    return run_dir() / STATE_FILE_NAME
+
+
+# --------------------------------------------------------------------------- jars
+
+
+def _require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise KafkaBrokerError(
+            f"'{name}' not found on PATH; the local Kafka broker needs a Java 17+ JDK and Maven "
+            f"(e.g. apt-get install -y openjdk-17-jdk-headless maven)"
+        )
+    return path
+
+
+def _jars_complete(lib: Path) -> bool:
+    marker = lib / _COMPLETE_MARKER
+    if not marker.is_file() or marker.read_text().strip() != KAFKA_VERSION:
+        return False
+    return (lib / f"kafka_2.13-{KAFKA_VERSION}.jar").is_file()
+
+
+def ensure_jars() -> Path:
+    """Return the directory with the Kafka broker jars, collecting them with Maven if needed.
+
+    Idempotent: once the cache is complete (marker file present) no Maven call is made, so
+    later calls are instant and work offline.
+    """
+    lib = kafka_home() / "lib"
+    if _jars_complete(lib):
+        return lib
+    mvn = _require_tool("mvn")
+    _require_tool("java")
+    if not _POM.is_file():
+        raise KafkaBrokerError(f"Maven project {_POM} is missing (run from a source checkout)")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="lib-", dir=lib.parent))
+    cmd = [
+        mvn,
+        "-q",
+        "-B",
+        "-f",
+        str(_POM),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={staging}",
+        f"-Dkafka.version={KAFKA_VERSION}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        tail = (proc.stdout + proc.stderr)[-4000:]
+        raise KafkaBrokerError(f"collecting Kafka jars failed ({' '.join(cmd)}):\n{tail}")
+    (staging / _COMPLETE_MARKER).write_text(KAFKA_VERSION + "\n")
+    if lib.exists():
+        shutil.rmtree(lib, ignore_errors=True)
+    try:
+        staging.rename(lib)
+    except OSError:  # a concurrent ensure_jars() won the race
+        shutil.rmtree(staging, ignore_errors=True)
+    if not _jars_complete(lib):
+        raise KafkaBrokerError(f"Kafka jar cache {lib} is incomplete after Maven run")
+    return lib
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie (reaping it if it is our exited child)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _is_our_broker(pid: int, config: Path) -> bool:
+    """Guard against pid reuse: the process must be ``kafka.Kafka`` running ``config``."""
+    if not _pid_alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc (non-Linux): trust the pid
+    return MAIN_CLASS.encode() in argv and str(config).encode() in argv
+
+
+def _signal(pid: int, sig: int) -> None:
+    with suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait until all ``pids`` are gone; return those still alive after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in pids if _pid_alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if _pid_alive(p)]
+    return alive
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "<no log>"
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+@dataclass
+class Node:
+    """One combined broker+controller KRaft node."""
+
+    node_id: int
+    port: int
+    controller_port: int
+    config: Path
+    log_file: Path
+    pid: int = 0
+
+    def alive(self) -> bool:
+        """True while this node's JVM is running."""
+        return self.pid > 0 and _is_our_broker(self.pid, self.config)
+
+
+@dataclass
+class Cluster:
+    """A running local Kafka cluster; ``stop()`` it or use it as a context manager."""
+
+    bootstrap: str
+    base_dir: Path
+    nodes: list[Node]
+    cluster_id: str = ""
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the node JVMs, in node-id order."""
+        return [n.pid for n in self.nodes]
+
+    @property
+    def log_files(self) -> list[Path]:
+        """Broker log files (stdout+stderr of each JVM), in node-id order."""
+        return [n.log_file for n in self.nodes]
+
+    def alive(self) -> list[bool]:
+        """Liveness of each node, in node-id order."""
+        return [n.alive() for n in self.nodes]
+
+    def is_running(self) -> bool:
+        """True if every node is alive."""
+        return all(self.alive())
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM all nodes, wait up to ``timeout`` seconds, then SIGKILL the stragglers."""
+        live = [n.pid for n in self.nodes if n.alive()]
+        for pid in live:
+            _signal(pid, signal.SIGTERM)
+        for pid in _wait_gone(live, timeout):
+            _signal(pid, signal.SIGKILL)
+        _wait_gone(live, 5.0)
+
+    def kill_broker(self, index: int) -> None:
+        """SIGKILL node ``index`` (hard failure, for fault-tolerance tests) and wait for it."""
+        node = self.nodes[index]
+        if node.alive():
+            _signal(node.pid, signal.SIGKILL)
+            _wait_gone([node.pid], 10.0)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serialisable description (used by the ``up``/``down`` state file)."""
+        return {
+            "kafka_version": KAFKA_VERSION,
+            "bootstrap": self.bootstrap,
+            "base_dir": str(self.base_dir),
+            "cluster_id": self.cluster_id,
+            "nodes": [
+                {
+                    "node_id": n.node_id,
+                    "port": n.port,
+                    "controller_port": n.controller_port,
+                    "config": str(n.config),
+                    "log_file": str(n.log_file),
+                    "pid": n.pid,
+                }
+                for n in self.nodes
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Cluster:
+        """Inverse of :meth:`to_json`."""
+        nodes = [
+            Node(
+                node_id=n["node_id"],
+                port=n["port"],
+                controller_port=n["controller_port"],
+                config=Path(n["config"]),
+                log_file=Path(n["log_file"]),
+                pid=n["pid"],
+            )
+            for n in data["nodes"]
+        ]
+        return cls(
+            bootstrap=data["bootstrap"],
+            base_dir=Path(data["base_dir"]),
+            nodes=nodes,
+            cluster_id=data.get("cluster_id", ""),
+        )
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def free_ports(count: int) -> list[int]:
+    """Return ``count`` distinct currently-free TCP ports on 127.0.0.1."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _server_properties(node: Node, voters: str, data_dir: Path, brokers: int) -> str:
+    rf = 1 if brokers < 3 else 3
+    min_isr = 1 if brokers < 3 else 2
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": node.node_id,
+        "controller.quorum.voters": voters,
+        "listeners": f"PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "log.dirs": data_dir,
+        "num.partitions": 1,
+        "default.replication.factor": rf,
+        "auto.create.topics.enable": "true",
+        "group.initial.rebalance.delay.ms": 0,
+        "offsets.topic.replication.factor": rf,
+        "offsets.topic.num.partitions": 8,
+        "transaction.state.log.replication.factor": rf,
+        "transaction.state.log.min.isr": min_isr,
+        "transaction.state.log.num.partitions": 8,
+        "share.coordinator.state.topic.replication.factor": rf,
+        "share.coordinator.state.topic.min.isr": min_isr,
+    }
+    return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+def _java(lib: Path, heap: str, main: str, *args: str, log_props: list[str] | None = None) -> list[str]:
+    return [
+        shutil.which("java") or "java",
+        f"-Xmx{heap}",
+        "-XX:+UseG1GC",
+        "-Djava.awt.headless=true",
+        *(log_props or []),
+        "-cp",
+        f"{lib}/*",
+        main,
+        *args,
+    ]
+
+
+def _run_storage_tool(lib: Path, *args: str) -> str:
+    cmd = _java(lib, "256m", STORAGE_TOOL, *args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
+    if proc.returncode != 0:
+        raise KafkaBrokerError(f"StorageTool {args[0]} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return proc.stdout.strip()
+
+
+def _prepare_nodes(base_dir: Path, brokers: int) -> list[Node]:
+    ports = free_ports(2 * brokers)
+    nodes = []
+    for i in range(brokers):
+        node_dir = base_dir / f"node-{i}"
+        node_dir.mkdir(parents=True, exist_ok=True)
+        nodes.append(
+            Node(
+                node_id=i,
+                port=ports[2 * i],
+                controller_port=ports[2 * i + 1],
+                config=node_dir / "server.properties",
+                log_file=node_dir / "server.log",
+            )
+        )
+    voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in nodes)
+    for n in nodes:
+        data_dir = n.config.parent / "data"
+        shutil.rmtree(data_dir, ignore_errors=True)
+        n.config.write_text(_server_properties(n, voters, data_dir, brokers))
+    return nodes
+
+
+def _format_storage(lib: Path, nodes: list[Node]) -> str:
+    cluster_id = _run_storage_tool(lib, "random-uuid").splitlines()[-1].strip()
+    for n in nodes:
+        _run_storage_tool(lib, "format", "-t", cluster_id, "-c", str(n.config))
+    return cluster_id
+
+
+def _launch(lib: Path, node: Node, heap: str) -> None:
+    log_props = [
+        "-Dorg.slf4j.simpleLogger.showDateTime=true",
+        "-Dorg.slf4j.simpleLogger.dateTimeFormat=yyyy-MM-dd HH:mm:ss,SSS",
+        "-Dorg.slf4j.simpleLogger.logFile=System.out",
+    ]
+    cmd = _java(lib, heap, MAIN_CLASS, str(node.config), log_props=log_props)
+    with open(node.log_file, "ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=node.config.parent,
+            start_new_session=True,
+        )
+    node.pid = proc.pid
+
+
+def _wait_ready(nodes: list[Node], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(nodes)
+    while pending:
+        for n in list(pending):
+            if not n.alive():
+                raise KafkaBrokerError(
+                    f"Kafka node {n.node_id} exited during startup; log {n.log_file}:\n{_tail(n.log_file)}"
+                )
+            if READY_LINE in n.log_file.read_text(errors="replace"):
+                pending.remove(n)
+        if pending and time.monotonic() > deadline:
+            n = pending[0]
+            raise KafkaBrokerError(
+                f"Kafka node {n.node_id} not ready after {timeout:.0f}s; "
+                f"log {n.log_file}:\n{_tail(n.log_file)}"
+            )
+        if pending:
+            time.sleep(0.1)
+
+
+def start_cluster(
+    brokers: int = 1, base_dir: Path | None = None, heap: str = "512m", timeout: float = 90.0
+) -> Cluster:
+    """Start ``brokers`` KRaft combined-mode nodes on free 127.0.0.1 ports and wait until ready.
+
+    ``base_dir`` (default: a fresh temp dir) receives per-node ``node-<i>/`` with
+    ``server.properties``, ``server.log`` and ``data/``; existing data there is wiped, logs are
+    appended.  Nodes run in their own session, so they outlive the calling process until
+    :meth:`Cluster.stop`.  Raises :class:`KafkaBrokerError` (with the log tail) on failure.
+    """
+    if brokers < 1:
+        raise ValueError("brokers must be >= 1")
+    lib = ensure_jars()
+    base = Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="rnnstream-kafka-"))
+    base = base.resolve()
+    nodes = _prepare_nodes(base, brokers)
+    cluster_id = _format_storage(lib, nodes)
+    bootstrap = ",".join(f"127.0.0.1:{n.port}" for n in nodes)
+    cluster = Cluster(bootstrap=bootstrap, base_dir=base, nodes=nodes, cluster_id=cluster_id)
+    try:
+        for n in nodes:
+            _launch(lib, n, heap)
+        _wait_ready(nodes, timeout)
+    except BaseException:
+        cluster.stop(timeout=5.0)
+        raise
+    return cluster
+
+
+# --------------------------------------------------------------------------- up / down / status
+
+
+@contextmanager
+def _state_lock() -> Iterator[None]:
+    run_dir().mkdir(parents=True, exist_ok=True)
+    with open(run_dir() / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _read_state() -> Cluster | None:
+    try:
+        return Cluster.from_json(json.loads(state_file().read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def status() -> Cluster | None:
+    """The cluster recorded by :func:`up` if all its nodes are still alive, else ``None``."""
+    cluster = _read_state()
+    return cluster if cluster is not None and cluster.is_running() else None
+
+
+def up(brokers: int = 1, heap: str = "512m", timeout: float = 90.0) -> Cluster:
+    """Start a cluster under :func:`run_dir` and record it, or return the live recorded one.
+
+    A recorded cluster that is only partly alive is stopped and replaced.  Asking for a
+    different broker count than the live recorded cluster raises :class:`KafkaBrokerError`.
+    """
+    with _state_lock():
+        current = _read_state()
+        if current is not None and current.is_running():
+            if len(current.nodes) != brokers:
+                raise KafkaBrokerError(
+                    f"a {len(current.nodes)}-broker cluster is already running at "
+                    f"{current.bootstrap}; run 'rnnstream kafka down' first"
+                )
+            return current
+        if current is not None:
+            current.stop(timeout=10.0)
+        cluster = start_cluster(brokers, base_dir=run_dir() / "cluster", heap=heap, timeout=timeout)
+        tmp = state_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps(cluster.to_json(), indent=2) + "\n")
+        tmp.replace(state_file())
+        return cluster
+
+
+def down(timeout: float = 20.0) -> bool:
+    """Stop the cluster recorded by :func:`up` and forget it; True if any node was running."""
+    with _state_lock():
+        current = _read_state()
+        if current is None:
+            return False
+        was_running = any(current.alive())
+        current.stop(timeout=timeout)
+        state_file().unlink(missing_ok=True)
+        return was_running
