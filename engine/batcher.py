@@ -96,7 +96,11 @@ class PendingQueue:
             self._cond.notify_all()
 
     def take_batch(
-        self, max_batch: int, max_delay_s: float, idle_timeout_s: float, now: Callable[[], float] = time.monotonic
+        self,
+        max_batch: int,
+        max_delay_s: float,
+        idle_timeout_s: float,
+        now: Callable[[], float] = time.monotonic,
     ) -> list[Pending]:
         """Up to ``max_batch`` items (empty after ``idle_timeout_s`` with nothing queued)."""
         items = self._items

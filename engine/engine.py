@@ -26,7 +26,7 @@ from engine.errors import EngineClosedError, SnapshotError, UnknownStreamError
 from engine.inputs import check_category, check_category_batch, check_feature_batch, check_features
 from engine.snapshot import EngineSnapshot
 from engine.spill import SpillStore
-from engine.state import StateStore, StreamId, check_stream_id
+from engine.state import StateStore, StreamId, check_stream_id, check_stream_ids
 from engine.stats import EngineStats, LatencyWindow
 from models.stream_model import StreamModel
 
@@ -145,7 +145,7 @@ class Engine:
         """
         self._check_open()
         ids = stream_ids.tolist() if isinstance(stream_ids, np.ndarray) else list(stream_ids)
-        ids = [check_stream_id(s) for s in ids]
+        ids = check_stream_ids(ids)
         if self.model.categorical:
             values = check_category_batch(xs, len(ids), self.model.spec.num_embeddings)
         else:
@@ -207,8 +207,10 @@ class Engine:
             return
         try:
             ids = [it.stream_id for it in items]
-            values = np.stack([it.x for it in items]) if not self.model.categorical else np.array(
-                [it.x for it in items], dtype=np.int64
+            values = (
+                np.stack([it.x for it in items])
+                if not self.model.categorical
+                else np.array([it.x for it in items], dtype=np.int64)
             )
             out = self._run_events(ids, self._to_device(values)).cpu().numpy()
         except Exception as exc:  # unexpected (device failure, out of memory): fail this batch's events
@@ -258,7 +260,8 @@ class Engine:
             out = torch.empty(len(stream_ids), self.model.output_size, device=self.device)
             for wave in waves:
                 idx = torch.from_numpy(wave).to(self.device)
-                out[idx] = self._step_wave(x[idx], torch.from_numpy(slots[wave]).to(self.device))
+                y = self._step_wave(x.index_select(0, idx), torch.from_numpy(slots[wave]).to(self.device))
+                out.index_copy_(0, idx, y)
         self._counts["steps"] += len(waves)
         return out
 

@@ -5,7 +5,6 @@ Every check names the event at fault; nothing here touches any stream's state.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -65,7 +64,9 @@ def check_category(x: Any, num_embeddings: int, where: str = "event") -> int:
     """One categorical event: an integer id in ``[0, num_embeddings)``."""
     arr = _as_array(x)
     if arr.dtype.kind not in "iu" or arr.size != 1:
-        raise InvalidInputError(f"{where}: expected one integer category id, got {arr.dtype} of shape {arr.shape}")
+        raise InvalidInputError(
+            f"{where}: expected one integer category id, got {arr.dtype} of shape {arr.shape}"
+        )
     value = int(arr.reshape(()))
     if not 0 <= value < num_embeddings:
         raise InvalidInputError(f"{where}: category id {value} outside [0, {num_embeddings})")
@@ -85,9 +86,3 @@ def check_category_batch(xs: Any, n: int, num_embeddings: int) -> np.ndarray:
         i = int(bad[0])
         raise InvalidInputError(f"event {i}: category id {int(arr[i])} outside [0, {num_embeddings})")
     return arr.astype(np.int64, copy=False)
-
-
-def check_stream_ids(stream_ids: Sequence[Any]) -> list[Any]:
-    from engine.state import check_stream_id
-
-    return [check_stream_id(s) for s in stream_ids]

@@ -64,5 +64,7 @@ def load_bundle(path: str | Path, device: str = "cpu") -> StreamModel:
     state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise BundleError(f"{path}: weights do not match the spec (missing {missing}, unexpected {unexpected})")
+        raise BundleError(
+            f"{path}: weights do not match the spec (missing {missing}, unexpected {unexpected})"
+        )
     return model.to(device).eval()

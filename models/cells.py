@@ -45,7 +45,7 @@ class RecurrentLayer(nn.Module):
             raise ValueError(f"unknown cell kind {kind!r}; expected one of {CELL_KINDS}")
         if proj_size and kind != "lstm":
             raise ValueError("proj_size is only defined for LSTM layers")
-        if proj_size < 0 or proj_size >= hidden_size and proj_size != 0:
+        if proj_size < 0 or (proj_size >= hidden_size and proj_size != 0):
             raise ValueError(f"proj_size must be in [0, hidden_size), got {proj_size}")
         self.kind: CellKind = kind
         self.input_size = input_size
@@ -89,6 +89,10 @@ class RecurrentLayer(nn.Module):
 
         x: ``(B, I)``; state: this layer's state tuple, rows aligned with ``x``.
         Returns the new state tuple; its first tensor ``h`` is the layer's output.
+
+        Each cell runs as PyTorch's fused single-step kernel (``torch.lstm_cell`` etc.: the same kernels
+        ``nn.LSTMCell`` uses, differentiable, one GEMM per weight matrix and fused gate math), computing
+        exactly the equations below.
         """
         if self.kind == "lstm":
             return self._lstm(x, state[0], state[1])
@@ -96,16 +100,10 @@ class RecurrentLayer(nn.Module):
             return (self._gru(x, state[0]),)
         return (self._rnn(x, state[0]),)
 
-    def _input_gates(self, x: Tensor) -> Tensor:
-        """``W_ih x + b_ih + b_hh`` (or ``W_ih x`` without bias): ``(B, G*H)``."""
-        if self.bias_ih is None:
-            return x @ self.weight_ih.t()
-        return torch.addmm(self.bias_ih + self.bias_hh, x, self.weight_ih.t())
-
     def _rnn(self, x: Tensor, h: Tensor) -> Tensor:
         """Elman RNN: ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``, act = tanh or relu."""
-        pre = self._input_gates(x).addmm_(h, self.weight_hh.t())
-        return torch.tanh(pre) if self.kind == "rnn_tanh" else torch.relu(pre)
+        cell = torch.rnn_tanh_cell if self.kind == "rnn_tanh" else torch.rnn_relu_cell
+        return cell(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
     def _gru(self, x: Tensor, h: Tensor) -> Tensor:
         """GRU, gate order ``r, z, n``:
@@ -113,34 +111,18 @@ class RecurrentLayer(nn.Module):
         ``r = σ(W_ir x + b_ir + W_hr h + b_hr)``
         ``z = σ(W_iz x + b_iz + W_hz h + b_hz)``
         ``n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))``
-        ``h' = (1 - z) ⊙ n + z ⊙ h  =  n + z ⊙ (h - n)``
+        ``h' = (1 - z) ⊙ n + z ⊙ h``
         """
-        hs = self.hidden_size
-        gi = x @ self.weight_ih.t()
-        gh = h @ self.weight_hh.t()
-        if self.bias_ih is not None:
-            gi = gi + self.bias_ih
-            gh = gh + self.bias_hh
-        rz = torch.sigmoid(gi[:, : 2 * hs] + gh[:, : 2 * hs])
-        r, z = rz[:, :hs], rz[:, hs:]
-        n = torch.tanh(torch.addcmul(gi[:, 2 * hs :], r, gh[:, 2 * hs :]))
-        return torch.addcmul(n, z, h - n)
+        return torch.gru_cell(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
     def _lstm(self, x: Tensor, h: Tensor, c: Tensor) -> State:
         """LSTM, gate order ``i, f, g, o``:
 
         ``i, f, g, o = split(W_ih x + b_ih + W_hh h + b_hh)``
         ``c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g)``
-        ``h' = σ(o) ⊙ tanh(c')``, then ``h' = W_hr h'`` when projected.
+        ``h' = σ(o) ⊙ tanh(c')``, then ``h' = W_hr h'`` when projected (``proj_size > 0``).
         """
-        hs = self.hidden_size
-        gates = self._input_gates(x).addmm_(h, self.weight_hh.t())
-        ifo = torch.sigmoid(gates[:, : 2 * hs])
-        i, f = ifo[:, :hs], ifo[:, hs:]
-        g = torch.tanh(gates[:, 2 * hs : 3 * hs])
-        o = torch.sigmoid(gates[:, 3 * hs :])
-        c_new = torch.addcmul(f * c, i, g)
-        h_new = o * torch.tanh(c_new)
+        h_new, c_new = torch.lstm_cell(x, (h, c), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         if self.weight_hr is not None:
             h_new = h_new @ self.weight_hr.t()
         return (h_new, c_new)

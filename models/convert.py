@@ -64,9 +64,7 @@ def from_torch(
     is_cell = isinstance(module, nn.RNNCell | nn.GRUCell | nn.LSTMCell)
     head_module = _as_head(head, head_kind)
     if embedding is not None and embedding.embedding_dim != module.input_size:
-        raise ValueError(
-            f"embedding_dim {embedding.embedding_dim} != module input_size {module.input_size}"
-        )
+        raise ValueError(f"embedding_dim {embedding.embedding_dim} != module input_size {module.input_size}")
     spec = ModelSpec(
         cell=kind,
         input_size=module.input_size,

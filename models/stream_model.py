@@ -88,8 +88,7 @@ class StreamModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.head = Head(spec.head, width, spec.head_out, spec.head_bias) if spec.head else None
         self.initial_states = nn.ParameterList(
-            nn.Parameter(torch.zeros(w), requires_grad=spec.learn_initial_state)
-            for w in self.state_widths()
+            nn.Parameter(torch.zeros(w), requires_grad=spec.learn_initial_state) for w in self.state_widths()
         )
 
     # ---- shapes -------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ READY_LINE = "Kafka Server started"
 STATE_FILE_NAME = "cluster.json"
 _COMPLETE_MARKER = ".complete"
 _POM = Path(__file__).resolve().parent.parent / "tools" / "kafka" / "pom.xml"
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+"""Broker JVMs started by this process, kept so they can be reaped (no zombies, no ResourceWarning)."""
 
 
 class KafkaBrokerError(RuntimeError):
@@ -138,12 +140,12 @@ def ensure_jars() -> Path:
 
 def _pid_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie (reaping it if it is our exited child)."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _CHILDREN[pid]
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -383,6 +385,8 @@ def _prepare_nodes(base_dir: Path, brokers: int) -> list[Node]:
     for n in nodes:
         data_dir = n.config.parent / "data"
         shutil.rmtree(data_dir, ignore_errors=True)
+        if n.log_file.exists():  # keep one previous log; readiness must only see this run's lines
+            n.log_file.replace(n.log_file.with_name(n.log_file.name + ".1"))
         n.config.write_text(_server_properties(n, voters, data_dir, brokers))
     return nodes
 
@@ -410,7 +414,14 @@ def _launch(lib: Path, node: Node, heap: str) -> None:
             cwd=node.config.parent,
             start_new_session=True,
         )
+    _CHILDREN[proc.pid] = proc
     node.pid = proc.pid
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _wait_ready(nodes: list[Node], timeout: float) -> None:
@@ -422,7 +433,7 @@ def _wait_ready(nodes: list[Node], timeout: float) -> None:
                 raise KafkaBrokerError(
                     f"Kafka node {n.node_id} exited during startup; log {n.log_file}:\n{_tail(n.log_file)}"
                 )
-            if READY_LINE in n.log_file.read_text(errors="replace"):
+            if READY_LINE in n.log_file.read_text(errors="replace") and _port_open(n.port):
                 pending.remove(n)
         if pending and time.monotonic() > deadline:
             n = pending[0]
@@ -440,9 +451,10 @@ def start_cluster(
     """Start ``brokers`` KRaft combined-mode nodes on free 127.0.0.1 ports and wait until ready.
 
     ``base_dir`` (default: a fresh temp dir) receives per-node ``node-<i>/`` with
-    ``server.properties``, ``server.log`` and ``data/``; existing data there is wiped, logs are
-    appended.  Nodes run in their own session, so they outlive the calling process until
-    :meth:`Cluster.stop`.  Raises :class:`KafkaBrokerError` (with the log tail) on failure.
+    ``server.properties``, ``server.log`` and ``data/``; existing data there is wiped and an
+    existing ``server.log`` is kept as ``server.log.1``.  Nodes run in their own session, so they
+    outlive the calling process until :meth:`Cluster.stop`.  Raises :class:`KafkaBrokerError`
+    (with the log tail) on failure.
     """
     if brokers < 1:
         raise ValueError("brokers must be >= 1")
