@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 CellKind = Literal["rnn_tanh", "rnn_relu", "gru", "lstm"]
 CELL_KINDS: tuple[CellKind, ...] = ("rnn_tanh", "rnn_relu", "gru", "lstm")
@@ -122,7 +123,12 @@ class RecurrentLayer(nn.Module):
         ``c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g)``
         ``h' = σ(o) ⊙ tanh(c')``, then ``h' = W_hr h'`` when projected (``proj_size > 0``).
         """
-        h_new, c_new = torch.lstm_cell(x, (h, c), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        if self.weight_hr is not None:
-            h_new = h_new @ self.weight_hr.t()
+        if self.weight_hr is None:
+            h_new, c_new = torch.lstm_cell(x, (h, c), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+            return (h_new, c_new)
+        # torch's fused kernel takes no projection (it infers H from h): the same equations, spelled out.
+        gates = F.linear(x, self.weight_ih, self.bias_ih) + F.linear(h, self.weight_hh, self.bias_hh)
+        i, f, g, o = gates.chunk(4, dim=1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = (torch.sigmoid(o) * torch.tanh(c_new)) @ self.weight_hr.t()
         return (h_new, c_new)

@@ -1,0 +1,90 @@
+"""Shared test helpers: random torch reference models and their whole-sequence outputs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models import StreamModel, from_torch
+
+TORCH_CLASSES = {"rnn_tanh": nn.RNN, "rnn_relu": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+
+
+@dataclass
+class Reference:
+    """A plain torch model (optional embedding → recurrent module → optional linear head) and the
+    ``StreamModel`` imported from it."""
+
+    module: nn.Module
+    embedding: nn.Embedding | None
+    head: nn.Linear | None
+    head_kind: str
+    model: StreamModel
+
+    def run(self, seq: np.ndarray) -> np.ndarray:
+        """One stream's whole sequence through the torch modules: ``(T, F)`` or ``(T,)`` ids → ``(T, out)``."""
+        with torch.no_grad():
+            x = torch.as_tensor(seq)
+            if self.embedding is not None:
+                x = self.embedding(x)
+            batch_first = getattr(self.module, "batch_first", False)
+            out, _ = self.module(x.unsqueeze(0) if batch_first else x.unsqueeze(1))
+            out = out[0] if batch_first else out[:, 0]
+            if self.head is not None:
+                out = self.head(out)
+                if self.head_kind == "classifier":
+                    out = torch.softmax(out, dim=-1)
+            return out.numpy()
+
+    def random_inputs(self, rng: np.random.Generator, length: int) -> np.ndarray:
+        """A random input sequence: ``(T, input_size) float32`` or ``(T,) int64`` ids."""
+        if self.embedding is not None:
+            return rng.integers(0, self.embedding.num_embeddings, size=length)
+        return rng.standard_normal((length, self.module.input_size)).astype(np.float32)
+
+
+def make_reference(
+    kind: str = "lstm",
+    input_size: int = 4,
+    hidden_size: int = 8,
+    num_layers: int = 1,
+    bias: bool = True,
+    batch_first: bool = False,
+    proj_size: int = 0,
+    num_embeddings: int = 0,
+    head_out: int = 0,
+    head_kind: str = "linear",
+    seed: int = 0,
+) -> Reference:
+    torch.manual_seed(seed)
+    kwargs: dict = {"num_layers": num_layers, "bias": bias, "batch_first": batch_first}
+    if kind.startswith("rnn"):
+        kwargs["nonlinearity"] = kind.split("_")[1]
+    if proj_size:
+        kwargs["proj_size"] = proj_size
+    module = TORCH_CLASSES[kind](input_size, hidden_size, **kwargs).eval()
+    embedding = nn.Embedding(num_embeddings, input_size) if num_embeddings else None
+    out_width = proj_size or hidden_size
+    head = nn.Linear(out_width, head_out) if head_out else None
+    model = from_torch(module, head, head_kind=head_kind, embedding=embedding)
+    return Reference(module, embedding, head, head_kind, model)
+
+
+@pytest.fixture
+def reference() -> Reference:
+    return make_reference("lstm", input_size=3, hidden_size=8, num_layers=2, head_out=2)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(scope="session")
+def ref_factory():
+    """``make_reference`` as a fixture (test modules are imported without the tests folder on sys.path)."""
+    return make_reference

@@ -1,0 +1,123 @@
+"""Snapshots and eviction: stopping in the middle and going on gives the outputs of never stopping."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from engine import Engine, EngineSnapshot, SnapshotError, UnknownStreamError
+
+ATOL = 1e-5
+
+
+def _interleaved(ref, rng, streams: int, length: int):
+    seqs = {f"s{i}": ref.random_inputs(rng, length) for i in range(streams)}
+    ids = [sid for sid in seqs for _ in range(length)]
+    rng.shuffle(ids)
+    cursor = dict.fromkeys(seqs, 0)
+    xs = []
+    for sid in ids:
+        xs.append(seqs[sid][cursor[sid]])
+        cursor[sid] += 1
+    return seqs, ids, np.stack(xs)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_snapshot_restore_into_fresh_engine_continues_exactly(ref_factory, tmp_path, kind):
+    ref = ref_factory(kind, num_layers=2, hidden_size=9, head_out=2)
+    seqs, ids, xs = _interleaved(ref, np.random.default_rng(0), streams=12, length=20)
+    half = len(ids) // 2
+    with Engine(ref.model, device="cpu") as uninterrupted:
+        expected = uninterrupted.step_many(ids, xs)
+
+    with Engine(ref.model, device="cpu") as first:
+        first_half = first.step_many(ids[:half], xs[:half])
+        snap = first.snapshot(positions={"input-0": half})
+    path = snap.save(tmp_path / "snap.safetensors")
+
+    loaded = EngineSnapshot.load(path)
+    assert loaded.positions == {"input-0": half}
+    assert sorted(loaded.stream_ids) == sorted(set(ids[:half]))
+    with Engine(ref.model, device="cpu") as second:
+        second.restore(loaded)
+        second_half = second.step_many(ids[half:], xs[half:])
+    np.testing.assert_allclose(np.concatenate([first_half, second_half]), expected, atol=ATOL)
+
+
+def test_snapshot_keeps_int_and_str_ids_apart(ref_factory, tmp_path):
+    ref = ref_factory("gru")
+    rng = np.random.default_rng(1)
+    with Engine(ref.model, device="cpu") as engine:
+        engine.step_many([1, "1"], np.stack([ref.random_inputs(rng, 1)[0], ref.random_inputs(rng, 1)[0]]))
+        snap = EngineSnapshot.load(engine.snapshot().save(tmp_path / "s.safetensors"))
+    assert len(snap.stream_ids) == 2 and 1 in snap.stream_ids and "1" in snap.stream_ids
+    with Engine(ref.model, device="cpu") as engine:
+        engine.restore(snap)
+        assert 1 in engine and "1" in engine
+        assert not np.allclose(engine.state_of(1)[0], engine.state_of("1")[0])
+
+
+def test_restore_refuses_a_snapshot_of_another_model(ref_factory):
+    a = ref_factory("gru", hidden_size=8)
+    b = ref_factory("gru", hidden_size=5)
+    with Engine(a.model, device="cpu") as ea, Engine(b.model, device="cpu") as eb:
+        ea.step_many(["x"], a.random_inputs(np.random.default_rng(0), 1))
+        with pytest.raises(SnapshotError, match="widths"):
+            eb.restore(ea.snapshot())
+
+
+def test_corrupt_snapshot_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"not a snapshot at all")
+    with pytest.raises(SnapshotError, match="not a readable"):
+        EngineSnapshot.load(path)
+
+
+def test_eviction_with_spill_is_transparent(ref_factory, tmp_path):
+    ref = ref_factory("lstm", num_layers=2, hidden_size=7, head_out=1, head_kind="regression")
+    seqs, ids, xs = _interleaved(ref, np.random.default_rng(2), streams=10, length=16)
+    half = len(ids) // 2
+    with Engine(ref.model, device="cpu") as plain:
+        expected = plain.step_many(ids, xs)
+    with Engine(ref.model, device="cpu", ttl_s=0.05, eviction="spill", spill_dir=tmp_path) as engine:
+        first = engine.step_many(ids[:half], xs[:half])
+        time.sleep(0.1)
+        evicted = engine.evict_idle()
+        assert evicted == len(set(ids[:half]))
+        assert engine.active_streams == 0 and engine.stats().spilled_streams == evicted
+        # A snapshot taken while streams are spilled still holds them.
+        snap = engine.snapshot()
+        assert sorted(snap.stream_ids) == sorted(set(ids[:half]))
+        second = engine.step_many(ids[half:], xs[half:])
+        assert engine.stats().evictions == evicted
+    np.testing.assert_allclose(np.concatenate([first, second]), expected, atol=ATOL)
+    with Engine(ref.model, device="cpu") as fresh:
+        fresh.restore(snap)
+        np.testing.assert_allclose(fresh.step_many(ids[half:], xs[half:]), expected[half:], atol=ATOL)
+
+
+def test_eviction_with_drop_restarts_streams_from_the_initial_state(ref_factory):
+    ref = ref_factory("gru", hidden_size=6)
+    rng = np.random.default_rng(4)
+    seq = ref.random_inputs(rng, 10)
+    with Engine(ref.model, device="cpu", ttl_s=0.05, eviction="drop") as engine:
+        engine.step_many(["a"] * 5, seq[:5])
+        time.sleep(0.1)
+        assert engine.evict_idle() == 1
+        assert "a" not in engine
+        with pytest.raises(UnknownStreamError):
+            engine.end("a")
+        again = engine.step_many(["a"] * 5, seq[5:])
+    np.testing.assert_allclose(again, ref.run(seq[5:]), atol=ATOL)
+
+
+def test_step_loop_evicts_idle_streams_by_itself(ref_factory):
+    ref = ref_factory("rnn_tanh")
+    with Engine(ref.model, device="cpu", ttl_s=0.05, sweep_interval_s=0.02) as engine:
+        engine.submit("a", ref.random_inputs(np.random.default_rng(0), 1)[0]).result()
+        deadline = time.monotonic() + 5
+        while "a" in engine and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "a" not in engine and engine.stats().evictions == 1
