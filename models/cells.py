@@ -124,7 +124,8 @@ class RecurrentLayer(nn.Module):
         ``h' = σ(o) ⊙ tanh(c')``, then ``h' = W_hr h'`` when projected (``proj_size > 0``).
         """
         if self.weight_hr is None:
-            h_new, c_new = torch.lstm_cell(x, (h, c), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+            weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+            h_new, c_new = torch.lstm_cell(x, (h, c), *weights)
             return (h_new, c_new)
         # torch's fused kernel takes no projection (it infers H from h): the same equations, spelled out.
         gates = F.linear(x, self.weight_ih, self.bias_ih) + F.linear(h, self.weight_hh, self.bias_hh)

@@ -27,7 +27,7 @@ class Reference:
     model: StreamModel
 
     def run(self, seq: np.ndarray) -> np.ndarray:
-        """One stream's whole sequence through the torch modules: ``(T, F)`` or ``(T,)`` ids → ``(T, out)``."""
+        """One stream's whole sequence through the torch modules: ``(T, F)`` or ``(T,)`` → ``(T, out)``."""
         with torch.no_grad():
             x = torch.as_tensor(seq)
             if self.embedding is not None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -58,7 +60,7 @@ def test_interleaved_streams_equal_whole_sequence_runs(ref_factory, scenario):
     got = [np.full_like(e, np.nan) for e in expected]
     with Engine(ref.model, device="cpu", max_batch=5, capacity=2) as engine:
         bounds = [0, *cuts, len(events)]
-        for (lo, hi), mode in zip(zip(bounds[:-1], bounds[1:], strict=True), modes, strict=True):
+        for (lo, hi), mode in zip(itertools.pairwise(bounds), modes, strict=True):
             chunk = events[lo:hi]
             if not chunk:
                 continue

@@ -27,7 +27,7 @@ def _interleaved(ref, rng, streams: int, length: int):
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_snapshot_restore_into_fresh_engine_continues_exactly(ref_factory, tmp_path, kind):
     ref = ref_factory(kind, num_layers=2, hidden_size=9, head_out=2)
-    seqs, ids, xs = _interleaved(ref, np.random.default_rng(0), streams=12, length=20)
+    _seqs, ids, xs = _interleaved(ref, np.random.default_rng(0), streams=12, length=20)
     half = len(ids) // 2
     with Engine(ref.model, device="cpu") as uninterrupted:
         expected = uninterrupted.step_many(ids, xs)
@@ -77,7 +77,7 @@ def test_corrupt_snapshot_file_is_a_clear_error(tmp_path):
 
 def test_eviction_with_spill_is_transparent(ref_factory, tmp_path):
     ref = ref_factory("lstm", num_layers=2, hidden_size=7, head_out=1, head_kind="regression")
-    seqs, ids, xs = _interleaved(ref, np.random.default_rng(2), streams=10, length=16)
+    _seqs, ids, xs = _interleaved(ref, np.random.default_rng(2), streams=10, length=16)
     half = len(ids) // 2
     with Engine(ref.model, device="cpu") as plain:
         expected = plain.step_many(ids, xs)

@@ -58,7 +58,7 @@ def test_bidirectional_is_refused_with_reason(cls):
 
 
 def test_unsupported_module_type():
-    with pytest.raises(TypeError, match="nn.RNN, nn.GRU, nn.LSTM"):
+    with pytest.raises(TypeError, match=r"nn\.RNN, nn\.GRU, nn\.LSTM"):
         from_torch(nn.Linear(3, 4))  # type: ignore[arg-type]
 
 
