@@ -1,0 +1,112 @@
+"""The ``rnnstream`` command line: ``demo``, ``bench``, ``kafka up/down/status``, ``info``."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="rnnstream: streaming real-time inference for RNN, GRU and LSTM models.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+kafka_app = typer.Typer(help="A local Apache Kafka broker for development and tests.", no_args_is_help=True)
+app.add_typer(kafka_app, name="kafka")
+console = Console()
+
+
+class BenchSuite(str, Enum):
+    engine = "engine"
+
+
+@app.command()
+def demo(
+    streams: Annotated[int, typer.Option(help="Number of simulated sensor streams.")] = 1000,
+    seconds: Annotated[float, typer.Option(help="How long to run.")] = 10.0,
+    rate: Annotated[float | None, typer.Option(help="Total events/s (default: as fast as possible).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    live: Annotated[bool, typer.Option(help="Live display (off: plain progress lines).")] = True,
+) -> None:
+    """Run simulated sensor streams through the shipped LSTM forecaster, with a live display."""
+    from rnnstream.demo import run_demo
+
+    run_demo(
+        num_streams=streams,
+        seconds=seconds,
+        rate=rate,
+        device=device,
+        console=console,
+        live=live and console.is_terminal,
+    )
+
+
+@app.command()
+def bench(
+    suite: Annotated[BenchSuite, typer.Argument(help="Which benchmark suite.")] = BenchSuite.engine,
+    quick: Annotated[bool, typer.Option(help="A short smoke run (smaller sizes).")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Where to write the results.")] = None,
+) -> None:
+    """Run a benchmark suite: print its tables and write machine-readable JSON."""
+    from benchmarks import engine_bench
+
+    argv = ["--device", device] + (["--quick"] if quick else []) + (["--json", str(json_path)] if json_path else [])
+    engine_bench.main(argv)
+
+
+@app.command()
+def info(bundle: Annotated[Path, typer.Argument(help="A model bundle (.safetensors).")]) -> None:
+    """Describe a model bundle: architecture, version, feature settings."""
+    from models import load_bundle
+
+    model = load_bundle(bundle)
+    table = Table(title=str(bundle), show_header=False)
+    for key, value in model.spec.to_dict().items():
+        table.add_row(key, str(value))
+    table.add_row("version", str(model.info.version))
+    table.add_row("features", json.dumps(model.info.features))
+    table.add_row("trained_on", json.dumps(model.info.trained_on))
+    table.add_row("parameters", f"{sum(p.numel() for p in model.parameters()):,}")
+    console.print(table)
+
+
+@kafka_app.command("up")
+def kafka_up(
+    brokers: Annotated[int, typer.Option(help="1 for development, 3 for scale-out tests.")] = 1,
+) -> None:
+    """Start a local KRaft broker (or cluster) on free ports; prints its bootstrap address."""
+    from rnnstream import kafka_broker
+
+    cluster = kafka_broker.up(brokers=brokers)
+    typer.echo(cluster.bootstrap)
+
+
+@kafka_app.command("down")
+def kafka_down() -> None:
+    """Stop the local broker started by ``rnnstream kafka up``."""
+    from rnnstream import kafka_broker
+
+    stopped = kafka_broker.down()
+    console.print("stopped" if stopped else "no broker was running")
+
+
+@kafka_app.command("status")
+def kafka_status() -> None:
+    """Print the running local broker's bootstrap address, if any."""
+    from rnnstream import kafka_broker
+
+    cluster = kafka_broker.status()
+    if cluster is None:
+        console.print("no broker is running")
+        raise typer.Exit(1)
+    typer.echo(cluster.bootstrap)
+
+
+if __name__ == "__main__":
+    app()
