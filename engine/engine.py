@@ -307,10 +307,13 @@ class Engine:
             self.model.info.version = version
 
     # ---- snapshots -----------------------------------------------------------------------------------
-    def snapshot(self, positions: dict[str, Any] | None = None) -> EngineSnapshot:
-        """Every stream's state after the events applied so far (queued ones excluded)."""
+    def snapshot(
+        self, positions: dict[str, Any] | None = None, stream_ids: Sequence[StreamId] | None = None
+    ) -> EngineSnapshot:
+        """Stream states after the events applied so far (queued ones excluded): every stream, or only
+        those of ``stream_ids`` that the engine holds. ``positions``: source positions to record."""
         with self._lock:
-            ids, states = self._store.export()
+            ids, states = self._store.export(stream_ids)
             return EngineSnapshot(
                 stream_ids=ids,
                 states=states,
@@ -319,8 +322,9 @@ class Engine:
                 positions=dict(positions or {}),
             )
 
-    def restore(self, snapshot: EngineSnapshot) -> None:
-        """Replace every stream's state with the snapshot's."""
+    def restore(self, snapshot: EngineSnapshot, replace: bool = True) -> None:
+        """Load the snapshot's streams. ``replace=True`` forgets every other stream; ``False`` merges (for
+        a partition moving in, say), overwriting only the snapshot's streams."""
         if snapshot.widths != self._store.widths:
             raise SnapshotError(
                 f"snapshot state widths {snapshot.widths} do not fit this model's {self._store.widths}"
@@ -328,7 +332,13 @@ class Engine:
         if snapshot.model_spec and snapshot.model_spec != self.model.spec.to_dict():
             raise SnapshotError("snapshot was taken with a different model architecture")
         with self._lock:
-            self._store.import_(snapshot.stream_ids, snapshot.states, time.monotonic())
+            self._store.import_(snapshot.stream_ids, snapshot.states, time.monotonic(), replace=replace)
+
+    def release(self, stream_ids: Sequence[StreamId]) -> None:
+        """Forget streams without output (e.g. their partition moved to another process)."""
+        with self._lock:
+            for sid in stream_ids:
+                self._store.release(sid)
 
     def state_of(self, stream_id: StreamId) -> list[Tensor]:
         """A copy of one stream's state tensors ``[(width,), ...]`` on CPU."""

@@ -64,6 +64,14 @@ class SpillStore:
         self._keys.discard(key)
         return None if row is None else np.frombuffer(row[0], dtype="<f4").copy()
 
+    def get(self, stream_id: StreamId) -> np.ndarray | None:
+        """One stream's row ``(sum(widths),) float32`` without removing it, or None."""
+        key = encode_id(stream_id)
+        if key not in self._keys:
+            return None
+        row = self._db.execute("SELECT state FROM spilled WHERE id = ?", (key,)).fetchone()
+        return None if row is None else np.frombuffer(row[0], dtype="<f4").copy()
+
     def discard(self, stream_id: StreamId) -> bool:
         key = encode_id(stream_id)
         if key not in self._keys:

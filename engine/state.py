@@ -209,26 +209,44 @@ class StateStore:
         return len(ids)
 
     # ---- export / import -----------------------------------------------------------------------------
-    def export(self) -> tuple[list[StreamId], list[Tensor]]:
-        """Every stream held (in memory and spilled) with its state: ``ids`` and one ``(N, width)`` CPU
-        tensor per state tensor, rows aligned with ``ids``."""
-        ids = list(self.slot_of)
-        idx = torch.as_tensor([self.slot_of[s] for s in ids], dtype=torch.int64, device=self.device)
+    def export(
+        self, stream_ids: Iterable[StreamId] | None = None
+    ) -> tuple[list[StreamId], list[Tensor]]:
+        """Streams (all, or those of ``stream_ids`` that exist; in memory or spilled) with their state:
+        ``ids`` and one ``(N, width)`` CPU tensor per state tensor, rows aligned with ``ids``."""
+        if stream_ids is None:
+            in_memory = list(self.slot_of)
+            spilled = list(self.spill.items()) if self.spill is not None and len(self.spill) else []
+        else:
+            wanted = list(dict.fromkeys(stream_ids))
+            in_memory = [s for s in wanted if s in self.slot_of]
+            spilled = []
+            if self.spill is not None:
+                rows = ((s, self.spill.get(s)) for s in wanted if s not in self.slot_of)
+                spilled = [(s, r) for s, r in rows if r is not None]
+        idx = torch.as_tensor([self.slot_of[s] for s in in_memory], dtype=torch.int64, device=self.device)
         parts = [t.index_select(0, idx).cpu() for t in self.tensors]
-        if self.spill is not None and len(self.spill):
-            spilled = list(self.spill.items())
-            ids.extend(s for s, _ in spilled)
-            rows = torch.from_numpy(np.stack([r for _, r in spilled]))
-            extra = torch.split(rows, self.widths, dim=1)
+        ids: list[StreamId] = in_memory
+        if spilled:
+            ids = ids + [s for s, _ in spilled]
+            extra = torch.split(torch.from_numpy(np.stack([r for _, r in spilled])), self.widths, dim=1)
             parts = [torch.cat([p, e]) for p, e in zip(parts, extra, strict=True)]
         return ids, parts
 
-    def import_(self, stream_ids: Iterable[StreamId], parts: Sequence[Tensor], now: float) -> None:
-        """Replace all state with ``stream_ids`` and their rows (as from ``export``)."""
+    def import_(
+        self, stream_ids: Iterable[StreamId], parts: Sequence[Tensor], now: float, replace: bool = True
+    ) -> None:
+        """Load ``stream_ids`` with their rows (as from ``export``). ``replace``: forget every other stream
+        first; otherwise merge, overwriting the listed streams only."""
         ids = [check_stream_id(s) for s in stream_ids]
-        self.clear()
-        if len(ids) > self.capacity:
-            self._grow(len(ids))
+        if replace:
+            self.clear()
+        elif self.spill is not None:
+            for sid in ids:
+                self.spill.discard(sid)
+        needed = len(self.slot_of) + len(ids)
+        if needed > self.capacity:
+            self._grow(needed)
         slots = self.slots_for(ids)
         idx = torch.as_tensor(slots, device=self.device)
         self.scatter(idx, [p.to(self.device, torch.float32) for p in parts])

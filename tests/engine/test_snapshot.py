@@ -121,3 +121,29 @@ def test_step_loop_evicts_idle_streams_by_itself(ref_factory):
         while "a" in engine and time.monotonic() < deadline:
             time.sleep(0.02)
         assert "a" not in engine and engine.stats().evictions == 1
+
+
+def test_partial_snapshot_merge_and_release(ref_factory):
+    """A subset of streams moves to another engine (as a Kafka partition does) and continues exactly."""
+    ref = ref_factory("lstm", num_layers=2, hidden_size=6)
+    _seqs, ids, xs = _interleaved(ref, np.random.default_rng(5), streams=8, length=10)
+    half = len(ids) // 2
+    with Engine(ref.model, device="cpu") as plain:
+        expected = plain.step_many(ids, xs)
+    moving = ["s0", "s3", "s5"]
+    with Engine(ref.model, device="cpu") as a, Engine(ref.model, device="cpu") as b:
+        first = a.step_many(ids[:half], xs[:half])
+        b.step_many(["other"], xs[:1])
+        snap = a.snapshot(stream_ids=[*moving, "never-seen"])
+        assert sorted(snap.stream_ids) == moving
+        a.release(moving)
+        assert all(s not in a for s in moving) and a.active_streams == 5
+        b.restore(snap, replace=False)
+        assert "other" in b and b.active_streams == 4
+        rest = [i for i in range(half, len(ids)) if ids[i] in moving]
+        stay = [i for i in range(half, len(ids)) if ids[i] not in moving]
+        out_b = b.step_many([ids[i] for i in rest], xs[rest])
+        out_a = a.step_many([ids[i] for i in stay], xs[stay])
+    np.testing.assert_allclose(first, expected[:half], atol=ATOL)
+    np.testing.assert_allclose(out_b, expected[rest], atol=ATOL)
+    np.testing.assert_allclose(out_a, expected[stay], atol=ATOL)
