@@ -1,0 +1,158 @@
+"""Decoding message payloads into events, and encoding outputs. Shared by every message-based source
+(Kafka, MQTT, ...). A payload that cannot become a valid event raises ``DecodeError`` with the reason
+that goes into the dead-letter record; nothing else is touched.
+
+Payload formats (one message = one stream's event(s)):
+
+- ``json``: ``{"x": [f1, ..., fF]}`` (one timestep) or ``{"x": [[...], [...]]}`` (several consecutive
+  timesteps); a categorical model takes ``{"x": 3}`` or ``{"x": [3, 4, 5]}``. Optional ``"ts"`` (seconds),
+  ``"label"`` (feedback), ``"control"`` (``"start"``, ``"end"``, ``"reset"``; then ``"x"`` may be absent).
+- ``msgpack``: the same structure, msgpack-encoded.
+- ``float32``: raw little-endian float32 frames, ``T * F * 4`` bytes for ``T`` timesteps of ``F``
+  features (no control, no label).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgpack
+import numpy as np
+
+Encoding = Literal["json", "msgpack", "float32"]
+ENCODINGS: tuple[Encoding, ...] = ("json", "msgpack", "float32")
+CONTROLS = ("start", "end", "reset")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+class DecodeError(ValueError):
+    """The payload is not a valid event; ``str(error)`` is the dead-letter reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """One message's content: ``xs`` is ``(T, F) float32`` (or ``(T,) int64`` ids, categorical), ``T >= 0``;
+    ``control`` runs *after* the message's timesteps (``start``/``reset`` run before them)."""
+
+    xs: np.ndarray
+    control: str | None = None
+    label: Any = None
+    ts: float | None = None
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """Decodes payloads for a model with ``feature_size`` features (or categorical ids below
+    ``num_embeddings``). ``max_timesteps`` bounds one message's timesteps (oversized → dead letter)."""
+
+    encoding: Encoding
+    feature_size: int
+    num_embeddings: int = 0
+    max_timesteps: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+        if self.encoding == "float32" and self.num_embeddings:
+            raise ValueError("float32 frames carry features; a categorical model needs json or msgpack")
+
+    def decode(self, payload: bytes | None) -> Decoded:
+        if payload is None:
+            raise DecodeError("empty payload (tombstone)")
+        if self.encoding == "float32":
+            return Decoded(self._frames(payload))
+        try:
+            doc = json.loads(payload) if self.encoding == "json" else msgpack.unpackb(payload, raw=False)
+        except (
+            ValueError,
+            UnicodeDecodeError,
+            msgpack.ExtraData,
+            msgpack.FormatError,
+            msgpack.StackError,
+        ) as exc:
+            raise DecodeError(f"not valid {self.encoding}: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise DecodeError(f"payload must be an object with key 'x', got {type(doc).__name__}")
+        return self._document(doc)
+
+    def _frames(self, payload: bytes) -> np.ndarray:
+        frame = 4 * self.feature_size
+        if len(payload) == 0 or len(payload) % frame:
+            raise DecodeError(
+                f"float32 payload of {len(payload)} bytes is not a multiple of {frame} "
+                f"({self.feature_size} features x 4 bytes)"
+            )
+        xs = np.frombuffer(payload, dtype="<f4").reshape(-1, self.feature_size)
+        return self._checked_features(xs)
+
+    def _document(self, doc: dict[str, Any]) -> Decoded:
+        unknown = set(doc) - {"x", "ts", "label", "control"}
+        if unknown:
+            raise DecodeError(f"unknown keys {sorted(unknown)}")
+        control = doc.get("control")
+        if control is not None and control not in CONTROLS:
+            raise DecodeError(f"unknown control {control!r}; expected one of {CONTROLS}")
+        ts = doc.get("ts")
+        if ts is not None and (
+            not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts)
+        ):
+            raise DecodeError(f"ts must be a finite number of seconds, got {ts!r}")
+        if "x" not in doc:
+            if control is None:
+                raise DecodeError("missing 'x' (and no control)")
+            xs = np.zeros((0,) if self.num_embeddings else (0, self.feature_size), np.float32)
+        else:
+            xs = self._categories(doc["x"]) if self.num_embeddings else self._features(doc["x"])
+        return Decoded(xs, control, doc.get("label"), ts)
+
+    def _features(self, x: Any) -> np.ndarray:
+        if not isinstance(x, list) or not x:
+            raise DecodeError("'x' must be a non-empty list of numbers or of lists of numbers")
+        nested = isinstance(x[0], list)
+        if nested and len(x) > self.max_timesteps:
+            raise DecodeError(f"oversized: {len(x)} timesteps > max {self.max_timesteps}")
+        rows = x if nested else [x]
+        for r, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != self.feature_size:
+                raise DecodeError(f"timestep {r}: expected {self.feature_size} features")
+            if not all(map(_is_number, row)):
+                raise DecodeError(f"timestep {r}: features must be numbers")
+        with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused just below
+            xs = np.asarray(rows, dtype=np.float64).astype(np.float32)
+        return self._checked_features(xs)
+
+    def _checked_features(self, xs: np.ndarray) -> np.ndarray:
+        if len(xs) > self.max_timesteps:
+            raise DecodeError(f"oversized: {len(xs)} timesteps > max {self.max_timesteps}")
+        bad = ~np.isfinite(xs).all(axis=1)
+        if bad.any():
+            raise DecodeError(f"timestep {int(np.flatnonzero(bad)[0])}: NaN or Inf (or out of float32 range)")
+        return xs
+
+    def _categories(self, x: Any) -> np.ndarray:
+        ids = x if isinstance(x, list) else [x]
+        if not ids or len(ids) > self.max_timesteps:
+            raise DecodeError(f"'x' must hold 1 to {self.max_timesteps} category ids")
+        for i, v in enumerate(ids):
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.num_embeddings:
+                raise DecodeError(
+                    f"timestep {i}: category id must be an integer in [0, {self.num_embeddings})"
+                )
+        return np.asarray(ids, dtype=np.int64)
+
+
+def encode_output(
+    y: np.ndarray, source: dict[str, Any], model_version: int, encoding: Encoding = "json"
+) -> bytes:
+    """An output record's value: ``y`` ``(T, out)`` (one row per input timestep) and the input position
+    ``source`` (e.g. ``{"topic": ..., "partition": ..., "offset": ...}``) so consumers can de-duplicate."""
+    doc = {"y": y.tolist(), **source, "model_version": model_version}
+    if encoding == "msgpack":
+        return msgpack.packb(doc)
+    return json.dumps(doc, separators=(",", ":")).encode()

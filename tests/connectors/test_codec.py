@@ -1,0 +1,98 @@
+"""Payload decoding: every valid form decodes; every invalid one is refused with a reason."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+
+from connectors.codec import DecodeError, Decoder, encode_output
+
+F = 3
+
+
+@pytest.fixture
+def json_decoder() -> Decoder:
+    return Decoder("json", feature_size=F, max_timesteps=8)
+
+
+def test_json_single_and_multi_timestep(json_decoder):
+    one = json_decoder.decode(b'{"x": [1, 2.5, -3]}')
+    assert one.xs.shape == (1, F) and one.xs.dtype == np.float32 and one.control is None
+    many = json_decoder.decode(json.dumps({"x": [[1, 2, 3], [4, 5, 6]], "ts": 12.5, "label": 1}).encode())
+    np.testing.assert_array_equal(many.xs, [[1, 2, 3], [4, 5, 6]])
+    assert many.ts == 12.5 and many.label == 1
+
+
+def test_control_messages(json_decoder):
+    end = json_decoder.decode(b'{"control": "end"}')
+    assert end.control == "end" and end.xs.shape == (0, F)
+    assert json_decoder.decode(b'{"x": [1,2,3], "control": "reset"}').control == "reset"
+
+
+def test_msgpack_and_float32():
+    mp = Decoder("msgpack", feature_size=F).decode(msgpack.packb({"x": [[1.0, 2.0, 3.0]] * 4}))
+    assert mp.xs.shape == (4, F)
+    raw = struct.pack("<6f", 1, 2, 3, 4, 5, 6)
+    np.testing.assert_array_equal(Decoder("float32", feature_size=F).decode(raw).xs, [[1, 2, 3], [4, 5, 6]])
+
+
+def test_categorical():
+    dec = Decoder("json", feature_size=1, num_embeddings=10)
+    np.testing.assert_array_equal(dec.decode(b'{"x": 4}').xs, [4])
+    np.testing.assert_array_equal(dec.decode(b'{"x": [1, 2, 9]}').xs, [1, 2, 9])
+    with pytest.raises(DecodeError, match=r"in \[0, 10\)"):
+        dec.decode(b'{"x": [1, 10]}')
+    with pytest.raises(DecodeError, match="integer"):
+        dec.decode(b'{"x": 1.5}')
+
+
+BAD_JSON = [
+    (b"", "not valid json"),
+    (b"{not json", "not valid json"),
+    (b"\xff\xfe", "not valid json"),
+    (b"[1, 2, 3]", "object with key 'x'"),
+    (b'{"y": [1, 2, 3]}', "unknown keys"),
+    (b'{"ts": 1}', "missing 'x'"),
+    (b'{"x": []}', "non-empty list"),
+    (b'{"x": "1,2,3"}', "non-empty list"),
+    (b'{"x": [1, 2]}', "expected 3 features"),
+    (b'{"x": [[1, 2, 3], [1, 2]]}', "timestep 1: expected 3 features"),
+    (b'{"x": [1, "2", 3]}', "must be numbers"),
+    (b'{"x": [1, true, 3]}', "must be numbers"),
+    (b'{"x": [1, NaN, 3]}', "NaN or Inf"),
+    (b'{"x": [1, Infinity, 3]}', "NaN or Inf"),
+    (b'{"x": [1, 1e39, 3]}', "NaN or Inf"),
+    (b'{"x": [1, 2, 3], "control": "explode"}', "unknown control"),
+    (b'{"x": [1, 2, 3], "ts": "yesterday"}', "ts must be"),
+    (json.dumps({"x": [[0, 0, 0]] * 9}).encode(), "oversized"),
+]
+
+
+@pytest.mark.parametrize("payload,reason", BAD_JSON)
+def test_bad_json_payloads(json_decoder, payload, reason):
+    with pytest.raises(DecodeError, match=reason):
+        json_decoder.decode(payload)
+
+
+def test_bad_binary_payloads():
+    dec = Decoder("float32", feature_size=F, max_timesteps=2)
+    for payload, reason in [
+        (None, "tombstone"),
+        (b"\x00" * 5, "not a multiple of 12"),
+        (b"", "not a multiple"),
+        (struct.pack("<3f", 1, float("nan"), 2), "NaN"),
+        (b"\x00" * 36, "oversized"),
+    ]:
+        with pytest.raises(DecodeError, match=reason):
+            dec.decode(payload)
+    with pytest.raises(DecodeError, match="not valid msgpack"):
+        Decoder("msgpack", feature_size=F).decode(b"\xc1")
+
+
+def test_output_carries_its_input_position():
+    doc = json.loads(encode_output(np.ones((2, 1), np.float32), {"partition": 3, "offset": 17}, 5))
+    assert doc == {"y": [[1.0], [1.0]], "partition": 3, "offset": 17, "model_version": 5}
