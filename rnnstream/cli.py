@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -21,7 +21,7 @@ app.add_typer(kafka_app, name="kafka")
 console = Console()
 
 
-class BenchSuite(str, Enum):
+class BenchSuite(StrEnum):
     engine = "engine"
 
 
@@ -56,8 +56,44 @@ def bench(
     """Run a benchmark suite: print its tables and write machine-readable JSON."""
     from benchmarks import engine_bench
 
-    argv = ["--device", device] + (["--quick"] if quick else []) + (["--json", str(json_path)] if json_path else [])
+    argv = ["--device", device, *(["--quick"] if quick else [])]
+    if json_path is not None:
+        argv += ["--json", str(json_path)]
     engine_bench.main(argv)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Service configuration (YAML), e.g. configs/kafka.yaml.")],
+    bootstrap: Annotated[str | None, typer.Option(help="Override kafka.bootstrap_servers.")] = None,
+    instance_id: Annotated[str | None, typer.Option(help="Override kafka.instance_id.")] = None,
+    log_level: Annotated[str, typer.Option(help="Python logging level.")] = "INFO",
+) -> None:
+    """Run the Kafka service: consume, infer, produce; checkpointed state; stops cleanly on SIGTERM."""
+    import logging
+
+    from rnnstream.config import ConfigError, load_config
+    from rnnstream.kafka_service import KafkaService
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    overrides = {}
+    if bootstrap:
+        overrides["kafka.bootstrap_servers"] = bootstrap
+    if instance_id:
+        overrides["kafka.instance_id"] = instance_id
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    service = KafkaService(cfg)
+    service.run()
+    counters = service.counters
+    console.print(
+        f"stopped: {counters.messages} messages, {counters.events} events, "
+        f"{counters.dead_letters} dead letters, {counters.checkpoints} checkpoints"
+    )
 
 
 @app.command()

@@ -34,6 +34,7 @@ class CheckpointConfig(Strict):
     """How often state and input positions are made durable together (one Kafka transaction)."""
 
     interval_ms: int = Field(200, ge=10)
+    transaction_timeout_ms: int = Field(10_000, ge=1000)
     changelog_topic: str | None = None  # default: "<group_id>-state-changelog"
 
 
@@ -47,6 +48,7 @@ class KafkaConfig(Strict):
     dead_letter_topic: str
     feedback_topic: str | None = None
     group_id: str
+    instance_id: str = "0"  # one per process of the group; a restart must reuse its predecessor's
     encoding: Literal["json", "msgpack", "float32"] = "json"
     output_encoding: Literal["json", "msgpack"] = "json"
     max_message_bytes: int = Field(1_048_576, ge=64)
@@ -57,7 +59,8 @@ class KafkaConfig(Strict):
     @field_validator("client")
     @classmethod
     def _no_reserved_client_keys(cls, client: dict[str, Any]) -> dict[str, Any]:
-        reserved = {"bootstrap_servers", "group_id", "transactional_id", "enable_auto_commit", "isolation_level"}
+        reserved = {"bootstrap_servers", "group_id", "transactional_id", "enable_auto_commit"}
+        reserved |= {"isolation_level", "key_deserializer", "value_deserializer"}
         clash = reserved & set(client)
         if clash:
             raise ValueError(f"set by rnnstream itself, not under 'client': {sorted(clash)}")

@@ -1,0 +1,330 @@
+"""``rnnstream run``: consume input topics → decode → engine → produce outputs, with checkpointed state.
+
+One thread runs the loop ``poll → process → (every interval) checkpoint``:
+
+- *process*: each polled record is decoded; bad ones go to the dead-letter topic; good ones are stepped
+  through the engine in batches (``Engine.step_many``), their outputs produced to the output topic.
+- *checkpoint*: the states of streams that changed since the last checkpoint go to the changelog topic,
+  the consumed offsets are added with ``send_offsets_to_transaction``, and the Kafka transaction holding
+  all of it (outputs and dead letters too) commits. A crash aborts the open transaction: the committed
+  state and offsets still agree, the restarted service restores that state and replays from those
+  offsets, so no event is lost or applied twice. Outputs are exactly-once for ``read_committed``
+  consumers; ``read_uncommitted`` consumers may see replayed duplicates, which carry the same
+  ``topic/partition/offset`` for de-duplication.
+- *rebalance*: partitions are a unit of state ("task" ``p`` = partition ``p`` of every input topic).
+  Before partitions are revoked the open transaction commits; newly assigned partitions have their
+  streams restored from the changelog before any of their events is processed.
+
+Backpressure: the loop is synchronous; when the producer's buffer is full ``send`` blocks, so polling
+(and with it consumption) pauses instead of memory growing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from kafka import TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+
+from connectors import kafka as kc
+from connectors.codec import Decoded, DecodeError, Decoder, encode_output
+from engine import Engine, EngineSnapshot, UnknownStreamError
+from models import load_bundle
+from rnnstream.config import ServiceConfig
+
+log = logging.getLogger("rnnstream.kafka")
+
+
+@dataclass
+class ServiceCounters:
+    messages: int = 0
+    events: int = 0
+    dead_letters: int = 0
+    outputs: int = 0
+    checkpoints: int = 0
+    restored_streams: int = 0
+    rebalances: int = 0
+    aborts: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Batch:
+    """Data messages waiting to be stepped together: stream ids repeated per timestep, inputs stacked."""
+
+    ids: list[str] = field(default_factory=list)
+    xs: list[np.ndarray] = field(default_factory=list)
+    records: list[tuple[object, str, int]] = field(default_factory=list)  # (record, stream, timesteps)
+
+    def add(self, record: object, sid: str, xs: np.ndarray) -> None:
+        self.ids.extend([sid] * len(xs))
+        self.xs.append(xs)
+        self.records.append((record, sid, len(xs)))
+
+    def __bool__(self) -> bool:
+        return bool(self.records)
+
+
+class KafkaService(ConsumerRebalanceListener):
+    """The long-running Kafka service. ``run()`` blocks until ``stop()`` (or SIGTERM/SIGINT)."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        kcfg = config.kafka
+        self.instance_id = kcfg.instance_id
+        model = load_bundle(config.model)
+        e = config.engine
+        self.engine = Engine(
+            model,
+            device=e.device,
+            max_batch=e.max_batch,
+            max_delay_ms=e.max_delay_ms,
+            capacity=e.capacity,
+            ttl_s=e.ttl_s,
+            eviction=e.eviction,
+            spill_dir=e.spill_dir,
+        )
+        self.decoder = Decoder(
+            kcfg.encoding, model.feature_size, model.spec.num_embeddings, kcfg.max_timesteps_per_message
+        )
+        self.counters = ServiceCounters()
+        self._stop = threading.Event()
+        self._tasks: dict[int, set[str]] = {}  # partition → streams held
+        self._dirty: dict[int, set[str]] = {}  # partition → streams changed since the last checkpoint
+        self._ended: dict[int, set[str]] = {}  # partition → streams ended since the last checkpoint
+        self._next_offsets: dict[TopicPartition, int] = {}
+        self._last_checkpoint = time.monotonic()
+        self.consumer = None
+        self.producer = None
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        kcfg = self.config.kafka
+        kc.ensure_topics(
+            kcfg.bootstrap_servers,
+            kcfg.client,
+            kcfg.input_topics,
+            [kcfg.output_topic, kcfg.dead_letter_topic],
+            self.config.changelog_topic,
+        )
+        self._install_signal_handlers()
+        self.producer = kc.make_producer(
+            kcfg.bootstrap_servers,
+            f"{kcfg.group_id}-{self.instance_id}",
+            kcfg.client,
+            self.config.checkpoint.transaction_timeout_ms,
+        )
+        self.producer.init_transactions()  # fences a crashed predecessor and aborts its transaction
+        self.producer.begin_transaction()
+        self.consumer = kc.make_consumer(
+            kcfg.bootstrap_servers, kcfg.group_id, kcfg.client, kcfg.max_poll_records
+        )
+        self.consumer.subscribe(kcfg.input_topics, listener=self)
+        log.info("instance %s consuming %s", self.instance_id, kcfg.input_topics)
+        try:
+            while not self._stop.is_set():
+                polled = self.consumer.poll(timeout_ms=50)
+                if polled:
+                    self._process(polled)
+                if time.monotonic() - self._last_checkpoint >= self.config.checkpoint.interval_ms / 1e3:
+                    self._checkpoint()
+            self._checkpoint()
+        finally:
+            self._close()
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+
+    def _close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close(autocommit=False)
+        if self.producer is not None:
+            with contextlib.suppress(KafkaError):  # the transaction begun after the final checkpoint is empty
+                self.producer.abort_transaction()
+            self.producer.close()
+        self.engine.close()
+
+    # ---- processing ----------------------------------------------------------------------------------
+    def _process(self, polled: dict) -> None:
+        batch = _Batch()
+        for tp, records in polled.items():
+            for rec in records:
+                self.counters.messages += 1
+                self._next_offsets[tp] = rec.offset + 1
+                decoded = self._decode(rec)
+                if decoded is None:
+                    continue
+                sid = rec.key.decode()
+                if decoded.control in ("start", "reset"):
+                    self._flush(batch)
+                    batch = _Batch()
+                    self.engine.start(sid)
+                    self._touch(rec.partition, sid)
+                if len(decoded.xs):
+                    batch.add(rec, sid, decoded.xs)
+                if decoded.control == "end":
+                    self._flush(batch)
+                    batch = _Batch()
+                    self._end(rec, sid)
+        self._flush(batch)
+
+    def _decode(self, rec) -> Decoded | None:
+        """The record's content, or None after sending it to the dead-letter topic."""
+        try:
+            if rec.key is None:
+                raise DecodeError("missing key: the record key is the stream id")
+            try:
+                rec.key.decode()
+            except UnicodeDecodeError as exc:
+                raise DecodeError("key is not UTF-8") from exc
+            size = len(rec.value) if rec.value is not None else 0
+            if size > self.config.kafka.max_message_bytes:
+                raise DecodeError(f"oversized: {size} bytes > max {self.config.kafka.max_message_bytes}")
+            return self.decoder.decode(rec.value)
+        except DecodeError as exc:
+            self._dead_letter(rec, str(exc))
+            return None
+
+    def _dead_letter(self, rec, reason: str) -> None:
+        self.counters.dead_letters += 1
+        self.producer.send(
+            self.config.kafka.dead_letter_topic,
+            key=rec.key,
+            value=rec.value,
+            headers=kc.dead_letter_headers(reason, rec.topic, rec.partition, rec.offset),
+        )
+
+    def _flush(self, batch: _Batch) -> None:
+        if not batch:
+            return
+        xs = np.concatenate(batch.xs)
+        outputs = self.engine.step_many(batch.ids, xs)
+        self.counters.events += len(xs)
+        version = self.engine.model.info.version
+        row = 0
+        for rec, sid, n in batch.records:
+            self._touch(rec.partition, sid)
+            self._send_output(rec, sid, outputs[row : row + n], version)
+            row += n
+
+    def _send_output(self, rec, sid: str, y: np.ndarray, version: int, control: str | None = None) -> None:
+        source = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
+        if control:
+            source["control"] = control
+        value = encode_output(y, source, version, self.config.kafka.output_encoding)
+        self.producer.send(self.config.kafka.output_topic, key=rec.key, value=value)
+        self.counters.outputs += 1
+
+    def _end(self, rec, sid: str) -> None:
+        try:
+            final = self.engine.end(sid)
+        except UnknownStreamError as exc:
+            self._dead_letter(rec, f"control 'end': {exc}")
+            return
+        self._tasks.get(rec.partition, set()).discard(sid)
+        self._dirty.get(rec.partition, set()).discard(sid)
+        self._ended.setdefault(rec.partition, set()).add(sid)
+        self._send_output(rec, sid, final[None, :], self.engine.model.info.version, control="end")
+
+    def _touch(self, partition: int, sid: str) -> None:
+        self._tasks.setdefault(partition, set()).add(sid)
+        self._dirty.setdefault(partition, set()).add(sid)
+        ended = self._ended.get(partition)
+        if ended:
+            ended.discard(sid)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def _checkpoint(self) -> None:
+        """Changed states + consumed offsets + everything produced since the last one: one transaction."""
+        self._last_checkpoint = time.monotonic()
+        if not self._next_offsets and not self._dirty and not self._ended:
+            return
+        changelog = self.config.changelog_topic
+        for partition, sids in self._dirty.items():
+            snap = self.engine.snapshot(stream_ids=list(sids))
+            rows = torch.cat(snap.states, dim=1).numpy() if len(snap) else np.zeros((0, 0), np.float32)
+            for sid, row in zip(snap.stream_ids, rows, strict=True):
+                self.producer.send(
+                    changelog, key=str(sid).encode(), value=kc.encode_state_row(row), partition=partition
+                )
+        for partition, sids in self._ended.items():
+            for sid in sids:
+                self.producer.send(changelog, key=sid.encode(), value=None, partition=partition)
+        try:
+            if self._next_offsets:
+                self.producer.send_offsets_to_transaction(
+                    kc.offsets_for_commit(self._next_offsets), self.consumer.group_metadata()
+                )
+            self.producer.commit_transaction()
+        except KafkaError as exc:
+            log.warning("checkpoint transaction failed (%s): aborting and reloading state", exc)
+            self._abort_and_reload()
+            return
+        finally:
+            self._dirty, self._ended, self._next_offsets = {}, {}, {}
+        self.counters.checkpoints += 1
+        self.producer.begin_transaction()
+
+    def _abort_and_reload(self) -> None:
+        """After a failed commit: drop every stream and the consumer positions, then restore the committed
+        state and rewind to the committed offsets."""
+        self.counters.aborts += 1
+        with contextlib.suppress(KafkaError):
+            self.producer.abort_transaction()
+        self.producer.begin_transaction()
+        assigned = list(self.consumer.assignment())
+        self._drop_tasks(set(self._tasks))
+        self._restore_tasks(assigned)
+
+    # ---- rebalancing ---------------------------------------------------------------------------------
+    def on_partitions_revoked(self, revoked) -> None:
+        """Commit everything so far while we still own the partitions (called inside ``poll``)."""
+        self.counters.rebalances += 1
+        if self.producer is not None:
+            self._checkpoint()
+        self._drop_tasks({tp.partition for tp in revoked})
+
+    def on_partitions_assigned(self, assigned) -> None:
+        """Restore the streams of newly assigned partitions before any of their events is processed."""
+        self._restore_tasks(list(assigned))
+
+    def _drop_tasks(self, partitions: set[int]) -> None:
+        for p in partitions:
+            sids = self._tasks.pop(p, set())
+            self.engine.release(list(sids))
+
+    def _restore_tasks(self, assigned: list[TopicPartition]) -> None:
+        kcfg = self.config.kafka
+        partitions = {tp.partition for tp in assigned} - set(self._tasks)
+        tables = kc.read_changelog(
+            kcfg.bootstrap_servers, kcfg.client, self.config.changelog_topic, partitions
+        )
+        widths = self.engine.model.state_widths()
+        for p, table in tables.items():
+            ids = list(table)
+            rows = np.stack([table[s] for s in ids]) if ids else np.zeros((0, sum(widths)), np.float32)
+            states = list(torch.split(torch.from_numpy(rows.copy()), widths, dim=1))
+            self.engine.restore(EngineSnapshot(ids, states), replace=False)
+            self._tasks[p] = set(ids)
+            self.counters.restored_streams += len(ids)
+        for tp in assigned:  # rewind to the committed offset (matters after an abort)
+            committed = self.consumer.committed(tp)
+            if committed is not None:
+                self.consumer.seek(tp, committed)
+            else:
+                self.consumer.seek_to_beginning(tp)
+        log.info("assigned %s; restored %d partitions", sorted(str(tp) for tp in assigned), len(tables))
