@@ -39,8 +39,10 @@ class CheckpointConfig(Strict):
 
 
 class KafkaConfig(Strict):
-    """Kafka connection and topics. ``client`` is passed through to kafka-python (security settings:
-    ``security_protocol``, ``sasl_mechanism``, ``sasl_plain_username``, ``ssl_cafile``, ...)."""
+    """Kafka connection and topics. ``client`` is passed through to every kafka-python client (security
+    settings: ``security_protocol``, ``sasl_mechanism``, ``sasl_plain_username``, ``ssl_cafile``, ...);
+    ``consumer`` and ``producer`` only to the consumer (``session_timeout_ms``, ...) or the producer
+    (``linger_ms``, ``compression_type``, ...)."""
 
     bootstrap_servers: str
     input_topics: list[str] = Field(min_length=1)
@@ -55,8 +57,10 @@ class KafkaConfig(Strict):
     max_timesteps_per_message: int = Field(4096, ge=1)
     max_poll_records: int = Field(5000, ge=1)
     client: dict[str, Any] = Field(default_factory=dict)
+    consumer: dict[str, Any] = Field(default_factory=dict)
+    producer: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("client")
+    @field_validator("client", "consumer", "producer")
     @classmethod
     def _no_reserved_client_keys(cls, client: dict[str, Any]) -> dict[str, Any]:
         reserved = {"bootstrap_servers", "group_id", "transactional_id", "enable_auto_commit"}

@@ -122,13 +122,13 @@ class KafkaService(ConsumerRebalanceListener):
         self.producer = kc.make_producer(
             kcfg.bootstrap_servers,
             f"{kcfg.group_id}-{self.instance_id}",
-            kcfg.client,
+            {**kcfg.client, **kcfg.producer},
             self.config.checkpoint.transaction_timeout_ms,
         )
         self.producer.init_transactions()  # fences a crashed predecessor and aborts its transaction
         self.producer.begin_transaction()
         self.consumer = kc.make_consumer(
-            kcfg.bootstrap_servers, kcfg.group_id, kcfg.client, kcfg.max_poll_records
+            kcfg.bootstrap_servers, kcfg.group_id, {**kcfg.client, **kcfg.consumer}, kcfg.max_poll_records
         )
         self.consumer.subscribe(kcfg.input_topics, listener=self)
         log.info("instance %s consuming %s", self.instance_id, kcfg.input_topics)
@@ -288,31 +288,41 @@ class KafkaService(ConsumerRebalanceListener):
         self.producer.begin_transaction()
         assigned = list(self.consumer.assignment())
         self._drop_tasks(set(self._tasks))
-        self._restore_tasks(assigned)
+        self._restore_tasks(assigned, rewind=True)
 
     # ---- rebalancing ---------------------------------------------------------------------------------
     def on_partitions_revoked(self, revoked) -> None:
         """Commit everything so far while we still own the partitions (called inside ``poll``)."""
         self.counters.rebalances += 1
-        if self.producer is not None:
-            self._checkpoint()
-        self._drop_tasks({tp.partition for tp in revoked})
+        try:
+            if self.producer is not None:
+                self._checkpoint()
+            self._drop_tasks({tp.partition for tp in revoked})
+        except Exception:
+            log.exception("while partitions were revoked")
+            raise
 
     def on_partitions_assigned(self, assigned) -> None:
         """Restore the streams of newly assigned partitions before any of their events is processed."""
-        self._restore_tasks(list(assigned))
+        try:
+            self._restore_tasks(list(assigned))
+        except Exception:
+            log.exception("while restoring assigned partitions")
+            raise
 
     def _drop_tasks(self, partitions: set[int]) -> None:
         for p in partitions:
             sids = self._tasks.pop(p, set())
             self.engine.release(list(sids))
 
-    def _restore_tasks(self, assigned: list[TopicPartition]) -> None:
+    def _restore_tasks(self, assigned: list[TopicPartition], rewind: bool = False) -> None:
+        """Load the committed states of ``assigned`` partitions not held yet. ``rewind``: also seek to the
+        committed offsets (after an abort; on assignment the consumer starts there by itself, and
+        blocking consumer calls are not allowed inside kafka-python's rebalance callbacks)."""
         kcfg = self.config.kafka
         partitions = {tp.partition for tp in assigned} - set(self._tasks)
-        tables = kc.read_changelog(
-            kcfg.bootstrap_servers, kcfg.client, self.config.changelog_topic, partitions
-        )
+        changelog = self.config.changelog_topic
+        tables = kc.read_changelog(kcfg.bootstrap_servers, kcfg.client, changelog, partitions)
         widths = self.engine.model.state_widths()
         for p, table in tables.items():
             ids = list(table)
@@ -321,10 +331,11 @@ class KafkaService(ConsumerRebalanceListener):
             self.engine.restore(EngineSnapshot(ids, states), replace=False)
             self._tasks[p] = set(ids)
             self.counters.restored_streams += len(ids)
-        for tp in assigned:  # rewind to the committed offset (matters after an abort)
-            committed = self.consumer.committed(tp)
-            if committed is not None:
-                self.consumer.seek(tp, committed)
-            else:
-                self.consumer.seek_to_beginning(tp)
+        if rewind:
+            for tp in assigned:
+                committed = self.consumer.committed(tp)
+                if committed is None:
+                    self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek(tp, committed)
         log.info("assigned %s; restored %d partitions", sorted(str(tp) for tp in assigned), len(tables))

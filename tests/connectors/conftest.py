@@ -1,0 +1,275 @@
+"""A real Kafka broker for the connector tests, and helpers to drive the ``rnnstream run`` service."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from models import ModelInfo, StreamModel, from_torch, save_bundle
+from rnnstream import kafka_broker as kb
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: integration tests must run, not skip)")
+    pytest.skip(reason)
+
+
+def start_kafka(brokers: int, base_dir: Path) -> kb.Cluster:
+    if shutil.which("java") is None:
+        _unavailable("java not found: the Kafka broker needs a JDK 17+ (scripts/system_deps.sh installs it)")
+    try:
+        kb.ensure_jars()
+        return kb.start_cluster(brokers, base_dir=base_dir)
+    except kb.KafkaBrokerError as exc:
+        _unavailable(f"the Kafka broker could not start: {exc}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory):
+    cluster = start_kafka(1, tmp_path_factory.mktemp("kafka"))
+    yield cluster
+    cluster.stop()
+
+
+@dataclass
+class ServiceRun:
+    """Runs ``rnnstream run`` as a real subprocess against a broker."""
+
+    bootstrap: str
+    workdir: Path
+    model: StreamModel
+    model_path: Path
+    topic: str
+    group: str
+    partitions: int
+    encoding: str = "json"
+    interval_ms: int = 200
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def outputs_topic(self) -> str:
+        return f"{self.topic}-out"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic}-dlq"
+
+    def config_path(self, instance: str) -> Path:
+        cfg = {
+            "model": str(self.model_path),
+            "kafka": {
+                "bootstrap_servers": self.bootstrap,
+                "input_topics": [self.topic],
+                "output_topic": self.outputs_topic,
+                "dead_letter_topic": self.dlq_topic,
+                "group_id": self.group,
+                "instance_id": instance,
+                "encoding": self.encoding,
+                "max_timesteps_per_message": 64,
+                "max_message_bytes": 4096,
+                "consumer": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
+            },
+            "engine": {"device": "cpu"},
+            "checkpoint": {"interval_ms": self.interval_ms, "transaction_timeout_ms": 8000},
+        }
+        path = self.workdir / f"service-{instance}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    def start(self, instance: str = "0") -> subprocess.Popen:
+        log = open(self.workdir / f"service-{instance}.log", "ab")  # noqa: SIM115 (owned by the process)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rnnstream.cli", "run", str(self.config_path(instance))],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        self.procs[instance] = proc
+        return proc
+
+    def kill(self, instance: str = "0") -> None:
+        proc = self.procs.pop(instance)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+
+    def terminate(self, instance: str = "0", timeout: float = 60) -> int:
+        proc = self.procs.pop(instance)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout)
+
+    def stop_all(self) -> None:
+        for instance in list(self.procs):
+            self.kill(instance)
+
+    def consume(self, topic: str, expected: int, timeout_s: float = 120) -> list:
+        """``consume_all`` that fails at once, with the log, if a service process died."""
+        records: list = []
+        deadline = time.monotonic() + timeout_s
+        while len(records) < expected and time.monotonic() < deadline:
+            for instance, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise AssertionError(f"service {instance} exited {proc.returncode}:\n{self.log(instance)[-5000:]}")
+            records = consume_all(self.bootstrap, topic, expected, timeout_s=min(10, deadline - time.monotonic()))
+        return records
+
+    def log(self, instance: str = "0") -> str:
+        path = self.workdir / f"service-{instance}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def make_model(workdir: Path, features: int = 3, seed: int = 0) -> tuple[StreamModel, Path]:
+    torch.manual_seed(seed)
+    model = from_torch(torch.nn.GRU(features, 16, 2), torch.nn.Linear(16, 2), info=ModelInfo(version=3))
+    return model, save_bundle(model, workdir / "model.safetensors")
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int, replication: int = 1) -> None:
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, partitions, replication)])
+    finally:
+        admin.close()
+
+
+def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    try:
+        for key, value in messages:
+            producer.send(topic, key=key, value=value)
+        producer.flush(60)
+    finally:
+        producer.close()
+
+
+def consume_all(
+    bootstrap: str, topic: str, expected: int, timeout_s: float = 120, committed_only: bool = True
+) -> list:
+    """Read ``topic`` from the beginning until ``expected`` records arrived (or time ran out)."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level="read_committed" if committed_only else "read_uncommitted",
+        group_id=None,
+    )
+    try:
+        from kafka import TopicPartition
+
+        deadline = time.monotonic() + timeout_s
+        while not consumer.partitions_for_topic(topic) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        records = []
+        while len(records) < expected and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def random_events(
+    rng: np.random.Generator, streams: int, events: int, features: int
+) -> list[tuple[str, np.ndarray]]:
+    """``events`` single-timestep events over ``streams`` streams in random interleaving."""
+    ids = rng.integers(0, streams, size=events)
+    xs = rng.standard_normal((events, features)).astype(np.float32)
+    return [(f"stream-{i}", x) for i, x in zip(ids, xs, strict=True)]
+
+
+def offline_outputs(model: StreamModel, events: list[tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each stream's outputs from running the model over its whole sequence at once."""
+    per_stream: dict[str, list[np.ndarray]] = defaultdict(list)
+    for sid, x in events:
+        per_stream[sid].append(x)
+    out = {}
+    with torch.no_grad():
+        for sid, xs in per_stream.items():
+            y, _ = model(torch.from_numpy(np.stack(xs)).unsqueeze(1))
+            out[sid] = y[:, 0].numpy()
+    return out
+
+
+def outputs_by_stream(records) -> tuple[dict[str, list], dict[tuple[int, int], int]]:
+    """Output records de-duplicated by input (partition, offset), ordered by offset per stream; also
+    how many times each input position was answered."""
+    seen: dict[tuple[int, int], dict] = {}
+    answered: dict[tuple[int, int], int] = defaultdict(int)
+    for rec in records:
+        doc = json.loads(rec.value)
+        pos = (doc["partition"], doc["offset"])
+        answered[pos] += 1
+        seen[pos] = {"key": rec.key.decode(), **doc}
+    by_stream: dict[str, list] = defaultdict(list)
+    for pos in sorted(seen):
+        by_stream[seen[pos]["key"]].append(seen[pos])
+    return by_stream, dict(answered)
+
+
+@pytest.fixture
+def service(kafka_cluster, tmp_path):
+    model, path = make_model(tmp_path)
+    topic = f"in-{uuid.uuid4().hex[:8]}"
+    run = ServiceRun(kafka_cluster.bootstrap, tmp_path, model, path, topic, f"g-{topic}", partitions=4)
+    create_topic(kafka_cluster.bootstrap, topic, run.partitions)
+    yield run
+    run.stop_all()
+
+
+def end_offsets_total(bootstrap: str, topic: str) -> int:
+    """Sum of the topic's partition end offsets (records written, transaction markers included)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    try:
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        return sum(consumer.end_offsets(tps).values()) if tps else 0
+    finally:
+        consumer.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_helpers():
+    """The helpers above, for test modules (which cannot import this conftest)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        produce=produce,
+        consume_all=consume_all,
+        random_events=random_events,
+        offline_outputs=offline_outputs,
+        outputs_by_stream=outputs_by_stream,
+        create_topic=create_topic,
+        end_offsets_total=end_offsets_total,
+        start_kafka=start_kafka,
+        make_model=make_model,
+        ServiceRun=ServiceRun,
+    )
