@@ -125,10 +125,12 @@ class ServiceRun:
         records: list = []
         deadline = time.monotonic() + timeout_s
         while len(records) < expected and time.monotonic() < deadline:
-            for instance, proc in self.procs.items():
+            for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise AssertionError(f"service {instance} exited {proc.returncode}:\n{self.log(instance)[-5000:]}")
-            records = consume_all(self.bootstrap, topic, expected, timeout_s=min(10, deadline - time.monotonic()))
+                    log = self.log(name)[-5000:]
+                    raise AssertionError(f"service {name} exited {proc.returncode}:\n{log}")
+            wait = min(10.0, deadline - time.monotonic())
+            records = consume_all(self.bootstrap, topic, expected, timeout_s=wait)
         return records
 
     def log(self, instance: str = "0") -> str:
