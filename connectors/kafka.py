@@ -68,12 +68,15 @@ def ensure_topics(
 
 
 def make_consumer(
-    bootstrap: str, group_id: str, client: dict[str, Any], max_poll_records: int
+    bootstrap: str, group_id: str, instance_id: str, client: dict[str, Any], max_poll_records: int
 ) -> KafkaConsumer:
-    """The input consumer: manual commits (inside transactions), only committed data."""
+    """The input consumer: manual commits (inside transactions), only committed data. Static group
+    membership (``group_instance_id``): a restarted instance takes its partitions back at once instead
+    of waiting out a rebalance."""
     return KafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=group_id,
+        group_instance_id=f"{group_id}-{instance_id}",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",

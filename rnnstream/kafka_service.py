@@ -128,7 +128,11 @@ class KafkaService(ConsumerRebalanceListener):
         self.producer.init_transactions()  # fences a crashed predecessor and aborts its transaction
         self.producer.begin_transaction()
         self.consumer = kc.make_consumer(
-            kcfg.bootstrap_servers, kcfg.group_id, {**kcfg.client, **kcfg.consumer}, kcfg.max_poll_records
+            kcfg.bootstrap_servers,
+            kcfg.group_id,
+            self.instance_id,
+            {**kcfg.client, **kcfg.consumer},
+            kcfg.max_poll_records,
         )
         self.consumer.subscribe(kcfg.input_topics, listener=self)
         log.info("instance %s consuming %s", self.instance_id, kcfg.input_topics)

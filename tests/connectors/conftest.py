@@ -258,6 +258,18 @@ def end_offsets_total(bootstrap: str, topic: str) -> int:
         consumer.close()
 
 
+def committed_total(bootstrap: str, group: str) -> int:
+    """Sum of the group's committed input offsets (events whose processing is durably checkpointed)."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        offsets = admin.list_group_offsets({group: None}).get(group, {})
+        return sum(o.offset for o in offsets.values() if o.offset >= 0)
+    finally:
+        admin.close()
+
+
 @pytest.fixture(scope="session")
 def kafka_helpers():
     """The helpers above, for test modules (which cannot import this conftest)."""
@@ -271,6 +283,7 @@ def kafka_helpers():
         outputs_by_stream=outputs_by_stream,
         create_topic=create_topic,
         end_offsets_total=end_offsets_total,
+        committed_total=committed_total,
         start_kafka=start_kafka,
         make_model=make_model,
         ServiceRun=ServiceRun,
