@@ -342,4 +342,6 @@ class KafkaService(ConsumerRebalanceListener):
                     self.consumer.seek_to_beginning(tp)
                 else:
                     self.consumer.seek(tp, committed)
-        log.info("assigned %s; restored %d partitions", sorted(str(tp) for tp in assigned), len(tables))
+        restored = sum(len(t) for t in tables.values())
+        partitions_now = sorted(tp.partition for tp in assigned)
+        log.info("assigned partitions %s: restored %d streams", partitions_now, restored)
