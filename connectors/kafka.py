@@ -1,106 +1,97 @@
-"""Apache Kafka through kafka-python: the consumer, the transactional producer, the state changelog.
+"""Apache Kafka: the client interface the Kafka service uses, and its kafka-python implementation.
 
 - Record key = stream id (UTF-8). Values decode with ``connectors.codec``.
 - Outputs go to one topic, keyed by stream id, each naming the input ``topic/partition/offset`` it answers.
 - Malformed messages go to a dead-letter topic with their original bytes and a ``reason`` header.
-- Stream states are written to a compacted changelog topic: partition ``p`` of the changelog holds the
-  streams of input partition ``p`` (key = stream id, value = the state as raw float32; a tombstone
-  when the stream ended). Changelog records, outputs and consumed offsets of one checkpoint interval
-  are committed in one Kafka transaction, so after any crash the committed state and the committed
-  offsets agree exactly.
+- Stream states go to a compacted changelog topic: partition ``p`` of the changelog holds the streams of
+  input partition ``p`` (key = stream id, value = the state as raw little-endian float32; a tombstone when
+  the stream ended). Changelog records, outputs and consumed offsets of one checkpoint interval commit in
+  one Kafka transaction, so after any crash the committed state and the committed offsets agree.
+
+Two client libraries implement ``KafkaClient``: kafka-python (default, pure Python, here) and
+confluent-kafka (librdkafka, much faster; ``connectors.kafka_confluent``), chosen by
+``kafka.client_library`` in the service config.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
-from kafka.structs import OffsetAndMetadata
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 log = logging.getLogger(__name__)
 
 StreamId = str
+PartitionCallback = Callable[[list[int]], None]
+"""Called with partition numbers when partitions are assigned to / revoked from this process."""
 
 
-def admin(bootstrap: str, client: dict[str, Any]) -> KafkaAdminClient:
-    return KafkaAdminClient(bootstrap_servers=bootstrap, **client)
+class Record(NamedTuple):
+    """One consumed message."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
 
 
-def partition_count(admin_client: KafkaAdminClient, topic: str) -> int | None:
-    """Number of partitions of ``topic``, or None if it does not exist."""
-    meta = admin_client.describe_topics([topic])
-    if not meta or meta[0].get("error_code", 0) != 0:
-        return None
-    return len(meta[0]["partitions"]) or None
+class TransactionFailed(RuntimeError):
+    """A checkpoint transaction could not commit (fenced, rebalanced away, broker trouble); the service
+    aborts it and reloads the committed state."""
 
 
-def ensure_topics(
-    bootstrap: str, client: dict[str, Any], inputs: list[str], others: list[str], changelog: str
-) -> int:
-    """Create missing topics; the changelog (compacted) gets as many partitions as the widest input.
-    Returns that partition count."""
-    admin_client = admin(bootstrap, client)
-    try:
-        counts = [partition_count(admin_client, t) for t in inputs]
-        missing_inputs = [t for t, n in zip(inputs, counts, strict=True) if n is None]
-        width = max([n for n in counts if n] or [1])
-        new = [NewTopic(t, width, -1) for t in missing_inputs]
-        new += [NewTopic(t, width, -1) for t in others if partition_count(admin_client, t) is None]
-        have = partition_count(admin_client, changelog)
-        if have is None:
-            new.append(NewTopic(changelog, width, -1, topic_configs={"cleanup.policy": "compact"}))
-        elif have < width:
-            raise ValueError(f"changelog topic {changelog} has {have} partitions, inputs need {width}")
-        for topic in new:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                admin_client.create_topics([topic])
-        return width
-    finally:
-        admin_client.close()
+class KafkaClient(Protocol):
+    """What the Kafka service needs from a client library: a group consumer reading committed data and
+    a transactional producer whose transactions also commit the consumed offsets."""
 
+    def ensure_topics(self, inputs: list[str], others: list[str], changelog: str) -> int:
+        """Create missing topics (the changelog compacted, as wide as the widest input); returns that
+        partition count."""
+        ...
 
-def make_consumer(
-    bootstrap: str, group_id: str, instance_id: str, client: dict[str, Any], max_poll_records: int
-) -> KafkaConsumer:
-    """The input consumer: manual commits (inside transactions), only committed data. Static group
-    membership (``group_instance_id``): a restarted instance takes its partitions back at once instead
-    of waiting out a rebalance."""
-    return KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=group_id,
-        group_instance_id=f"{group_id}-{instance_id}",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        max_poll_records=max_poll_records,
-        **client,
-    )
+    def start(self, topics: list[str], on_assigned: PartitionCallback, on_revoked: PartitionCallback) -> None:
+        """Init transactions (fencing a crashed predecessor), begin one, subscribe to ``topics``."""
+        ...
 
+    def poll(self, timeout_s: float, max_records: int) -> list[Record]: ...
 
-def make_producer(
-    bootstrap: str, transactional_id: str, client: dict[str, Any], timeout_ms: int
-) -> KafkaProducer:
-    """The transactional producer for outputs, dead letters and changelog records."""
-    settings = {"linger_ms": 2, "batch_size": 256 * 1024, **client}
-    return KafkaProducer(
-        bootstrap_servers=bootstrap,
-        transactional_id=transactional_id,
-        transaction_timeout_ms=timeout_ms,
-        acks="all",
-        **settings,
-    )
+    def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
+    ) -> None:
+        """Produce inside the open transaction; blocks while the client's buffer is full."""
+        ...
 
+    def commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
+        """Add the consumed offsets to the open transaction, commit it and begin the next one. Raises
+        ``TransactionFailed``."""
+        ...
 
-def offsets_for_commit(next_offsets: dict[TopicPartition, int]) -> dict[TopicPartition, OffsetAndMetadata]:
-    return {tp: OffsetAndMetadata(off, "", -1) for tp, off in next_offsets.items()}
+    def abort(self) -> None:
+        """Abort the open transaction and begin a new one."""
+        ...
+
+    def rewind_to_committed(self) -> None:
+        """Seek every assigned partition to its committed offset (after an abort)."""
+        ...
+
+    def assigned_partitions(self) -> list[int]: ...
+
+    def read_changelog(self, topic: str, partitions: Iterable[int]) -> dict[int, dict[StreamId, np.ndarray]]:
+        """Committed state per changelog partition, ``{p: {stream_id: row float32}}``: last write wins,
+        tombstones remove."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def dead_letter_headers(reason: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
@@ -112,49 +103,226 @@ def dead_letter_headers(reason: str, topic: str, partition: int, offset: int) ->
     ]
 
 
-def read_changelog(
-    bootstrap: str, client: dict[str, Any], topic: str, partitions: Iterable[int], timeout_s: float = 60.0
-) -> dict[int, dict[StreamId, np.ndarray]]:
-    """The committed state of each changelog partition: ``{p: {stream_id: row float32}}``, last write wins,
-    tombstones removed. Reads each partition from its start to its last stable offset."""
-    partitions = list(partitions)
-    states: dict[int, dict[StreamId, np.ndarray]] = {p: {} for p in partitions}
-    if not partitions:
-        return states
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        group_id=None,
-        **client,
-    )
-    try:
-        tps = [TopicPartition(topic, p) for p in partitions]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        pending = {tp for tp in tps if consumer.position(tp) < end[tp]}
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"changelog {topic}: restore did not reach the end in {timeout_s}s")
-            for tp, records in consumer.poll(timeout_ms=200).items():
-                table = states[tp.partition]
-                for rec in records:
-                    sid = rec.key.decode()
-                    if rec.value is None:
-                        table.pop(sid, None)
-                    else:
-                        table[sid] = np.frombuffer(rec.value, dtype="<f4")
-            pending = {tp for tp in pending if consumer.position(tp) < end[tp]}
-    finally:
-        consumer.close()
-    return states
-
-
 def encode_state_row(row: np.ndarray) -> bytes:
     return np.ascontiguousarray(row, dtype="<f4").tobytes()
 
 
-def describe(tp: TopicPartition) -> str:
-    return json.dumps([tp.topic, tp.partition])
+def apply_changelog_record(table: dict[StreamId, np.ndarray], key: bytes, value: bytes | None) -> None:
+    sid = key.decode()
+    if value is None:
+        table.pop(sid, None)
+    else:
+        table[sid] = np.frombuffer(value, dtype="<f4")
+
+
+def open_client(
+    library: str,
+    bootstrap: str,
+    group_id: str,
+    instance_id: str,
+    client: dict[str, Any],
+    consumer: dict[str, Any],
+    producer: dict[str, Any],
+    transaction_timeout_ms: int,
+) -> KafkaClient:
+    """The ``KafkaClient`` of ``library`` (``kafka-python`` or ``confluent-kafka``)."""
+    if library == "confluent-kafka":
+        from connectors.kafka_confluent import ConfluentKafkaClient
+
+        return ConfluentKafkaClient(
+            bootstrap, group_id, instance_id, client, consumer, producer, transaction_timeout_ms
+        )
+    if library == "kafka-python":
+        return PythonKafkaClient(
+            bootstrap, group_id, instance_id, client, consumer, producer, transaction_timeout_ms
+        )
+    raise ValueError(f"unknown Kafka client library {library!r}")
+
+
+class PythonKafkaClient:
+    """``KafkaClient`` on kafka-python. Static group membership (``group_instance_id``): a restarted
+    instance takes its partitions back at once instead of waiting out a rebalance."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        group_id: str,
+        instance_id: str,
+        client: dict[str, Any],
+        consumer: dict[str, Any],
+        producer: dict[str, Any],
+        transaction_timeout_ms: int,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.group_id = group_id
+        self.instance_id = instance_id
+        self.client = client
+        self.consumer_settings = consumer
+        self.producer_settings = producer
+        self.transaction_timeout_ms = transaction_timeout_ms
+        self.consumer = None
+        self.producer = None
+
+    def ensure_topics(self, inputs: list[str], others: list[str], changelog: str) -> int:
+        from kafka import KafkaAdminClient
+        from kafka.admin import NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, **self.client)
+        try:
+            counts = [_partition_count(admin, t) for t in inputs]
+            width = max([n for n in counts if n] or [1])
+            new = [NewTopic(t, width, -1) for t, n in zip(inputs, counts, strict=True) if n is None]
+            new += [NewTopic(t, width, -1) for t in others if _partition_count(admin, t) is None]
+            have = _partition_count(admin, changelog)
+            if have is None:
+                new.append(NewTopic(changelog, width, -1, topic_configs={"cleanup.policy": "compact"}))
+            elif have < width:
+                raise ValueError(f"changelog topic {changelog} has {have} partitions, inputs need {width}")
+            for topic in new:
+                try:
+                    admin.create_topics([topic])
+                except TopicAlreadyExistsError:
+                    log.debug("topic %s was created concurrently", topic.name)
+            return width
+        finally:
+            admin.close()
+
+    def start(self, topics: list[str], on_assigned: PartitionCallback, on_revoked: PartitionCallback) -> None:
+        from kafka import KafkaConsumer, KafkaProducer
+
+        self.producer = KafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            transactional_id=f"{self.group_id}-{self.instance_id}",
+            transaction_timeout_ms=self.transaction_timeout_ms,
+            acks="all",
+            **{"linger_ms": 2, "batch_size": 256 * 1024, **self.client, **self.producer_settings},
+        )
+        self.producer.init_transactions()
+        self.producer.begin_transaction()
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id,
+            group_instance_id=f"{self.group_id}-{self.instance_id}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            **{**self.client, **self.consumer_settings},
+        )
+        self.consumer.subscribe(topics, listener=_Listener(on_assigned, on_revoked))
+
+    def poll(self, timeout_s: float, max_records: int) -> list[Record]:
+        polled = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        return [
+            Record(r.topic, r.partition, r.offset, r.key, r.value)
+            for records in polled.values()
+            for r in records
+        ]
+
+    def send(self, topic, key, value, headers=None, partition=None) -> None:
+        self.producer.send(topic, key=key, value=value, headers=headers, partition=partition)
+
+    def commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
+        from kafka import TopicPartition
+        from kafka.errors import KafkaError
+        from kafka.structs import OffsetAndMetadata
+
+        try:
+            if next_offsets:
+                offsets = {
+                    TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in next_offsets.items()
+                }
+                self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+            self.producer.commit_transaction()
+        except KafkaError as exc:
+            raise TransactionFailed(str(exc)) from exc
+        self.producer.begin_transaction()
+
+    def abort(self) -> None:
+        from kafka.errors import KafkaError
+
+        try:
+            self.producer.abort_transaction()
+        except KafkaError as exc:
+            log.warning("abort failed: %s", exc)
+        self.producer.begin_transaction()
+
+    def rewind_to_committed(self) -> None:
+        for tp in self.consumer.assignment():
+            committed = self.consumer.committed(tp)
+            if committed is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, committed)
+
+    def assigned_partitions(self) -> list[int]:
+        return sorted({tp.partition for tp in self.consumer.assignment()})
+
+    def read_changelog(self, topic: str, partitions: Iterable[int]) -> dict[int, dict[StreamId, np.ndarray]]:
+        from kafka import KafkaConsumer, TopicPartition
+
+        partitions = list(partitions)
+        states: dict[int, dict[StreamId, np.ndarray]] = {p: {} for p in partitions}
+        if not partitions:
+            return states
+        reader = KafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            group_id=None,
+            **self.client,
+        )
+        try:
+            tps = [TopicPartition(topic, p) for p in partitions]
+            reader.assign(tps)
+            reader.seek_to_beginning(*tps)
+            end = reader.end_offsets(tps)  # the last stable offsets, under read_committed
+            pending = {tp for tp in tps if reader.position(tp) < end[tp]}
+            deadline = time.monotonic() + 60
+            while pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"changelog {topic}: restore did not reach the end in 60 s")
+                for tp, records in reader.poll(timeout_ms=200).items():
+                    for rec in records:
+                        apply_changelog_record(states[tp.partition], rec.key, rec.value)
+                pending = {tp for tp in pending if reader.position(tp) < end[tp]}
+        finally:
+            reader.close()
+        return states
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close(autocommit=False)
+        if self.producer is not None:
+            self.abort_quietly()
+            self.producer.close()
+
+    def abort_quietly(self) -> None:
+        from kafka.errors import KafkaError
+
+        try:
+            self.producer.abort_transaction()
+        except KafkaError:
+            log.debug("no transaction to abort")
+
+
+def _partition_count(admin: Any, topic: str) -> int | None:
+    meta = admin.describe_topics([topic])
+    if not meta or meta[0].get("error_code", 0) != 0:
+        return None
+    return len(meta[0]["partitions"]) or None
+
+
+class _Listener(ConsumerRebalanceListener):
+    """kafka-python rebalance listener. kafka-python 3 calls it on its network thread, where blocking
+    consumer calls are not allowed (the service's callbacks only use the producer and other clients)."""
+
+    def __init__(self, on_assigned: PartitionCallback, on_revoked: PartitionCallback) -> None:
+        self.on_assigned = on_assigned
+        self.on_revoked = on_revoked
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self.on_revoked(sorted({tp.partition for tp in revoked}))
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self.on_assigned(sorted({tp.partition for tp in assigned}))

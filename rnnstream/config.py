@@ -50,6 +50,7 @@ class KafkaConfig(Strict):
     dead_letter_topic: str
     feedback_topic: str | None = None
     group_id: str
+    client_library: Literal["kafka-python", "confluent-kafka"] = "kafka-python"
     instance_id: str = "0"  # one per process of the group; a restart must reuse its predecessor's
     encoding: Literal["json", "msgpack", "float32"] = "json"
     output_encoding: Literal["json", "msgpack"] = "json"

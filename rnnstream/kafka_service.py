@@ -21,7 +21,6 @@ Backpressure: the loop is synchronous; when the producer's buffer is full ``send
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import threading
@@ -30,9 +29,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from kafka import TopicPartition
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError
 
 from connectors import kafka as kc
 from connectors.codec import Decoded, DecodeError, Decoder, encode_output
@@ -62,9 +58,9 @@ class _Batch:
 
     ids: list[str] = field(default_factory=list)
     xs: list[np.ndarray] = field(default_factory=list)
-    records: list[tuple[object, str, int]] = field(default_factory=list)  # (record, stream, timesteps)
+    records: list[tuple[kc.Record, str, int]] = field(default_factory=list)  # (record, stream, timesteps)
 
-    def add(self, record: object, sid: str, xs: np.ndarray) -> None:
+    def add(self, record: kc.Record, sid: str, xs: np.ndarray) -> None:
         self.ids.extend([sid] * len(xs))
         self.xs.append(xs)
         self.records.append((record, sid, len(xs)))
@@ -73,7 +69,7 @@ class _Batch:
         return bool(self.records)
 
 
-class KafkaService(ConsumerRebalanceListener):
+class KafkaService:
     """The long-running Kafka service. ``run()`` blocks until ``stop()`` (or SIGTERM/SIGINT)."""
 
     def __init__(self, config: ServiceConfig) -> None:
@@ -95,15 +91,23 @@ class KafkaService(ConsumerRebalanceListener):
         self.decoder = Decoder(
             kcfg.encoding, model.feature_size, model.spec.num_embeddings, kcfg.max_timesteps_per_message
         )
+        self.client: kc.KafkaClient = kc.open_client(
+            kcfg.client_library,
+            kcfg.bootstrap_servers,
+            kcfg.group_id,
+            kcfg.instance_id,
+            kcfg.client,
+            kcfg.consumer,
+            kcfg.producer,
+            config.checkpoint.transaction_timeout_ms,
+        )
         self.counters = ServiceCounters()
         self._stop = threading.Event()
         self._tasks: dict[int, set[str]] = {}  # partition → streams held
         self._dirty: dict[int, set[str]] = {}  # partition → streams changed since the last checkpoint
         self._ended: dict[int, set[str]] = {}  # partition → streams ended since the last checkpoint
-        self._next_offsets: dict[TopicPartition, int] = {}
+        self._next_offsets: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset to read
         self._last_checkpoint = time.monotonic()
-        self.consumer = None
-        self.producer = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -111,41 +115,24 @@ class KafkaService(ConsumerRebalanceListener):
 
     def run(self) -> None:
         kcfg = self.config.kafka
-        kc.ensure_topics(
-            kcfg.bootstrap_servers,
-            kcfg.client,
-            kcfg.input_topics,
-            [kcfg.output_topic, kcfg.dead_letter_topic],
-            self.config.changelog_topic,
+        self.client.ensure_topics(
+            kcfg.input_topics, [kcfg.output_topic, kcfg.dead_letter_topic], self.config.changelog_topic
         )
         self._install_signal_handlers()
-        self.producer = kc.make_producer(
-            kcfg.bootstrap_servers,
-            f"{kcfg.group_id}-{self.instance_id}",
-            {**kcfg.client, **kcfg.producer},
-            self.config.checkpoint.transaction_timeout_ms,
-        )
-        self.producer.init_transactions()  # fences a crashed predecessor and aborts its transaction
-        self.producer.begin_transaction()
-        self.consumer = kc.make_consumer(
-            kcfg.bootstrap_servers,
-            kcfg.group_id,
-            self.instance_id,
-            {**kcfg.client, **kcfg.consumer},
-            kcfg.max_poll_records,
-        )
-        self.consumer.subscribe(kcfg.input_topics, listener=self)
-        log.info("instance %s consuming %s", self.instance_id, kcfg.input_topics)
+        self.client.start(kcfg.input_topics, self._on_assigned, self._on_revoked)
+        log.info("instance %s consuming %s with %s", self.instance_id, kcfg.input_topics, kcfg.client_library)
+        interval_s = self.config.checkpoint.interval_ms / 1e3
         try:
             while not self._stop.is_set():
-                polled = self.consumer.poll(timeout_ms=50)
-                if polled:
-                    self._process(polled)
-                if time.monotonic() - self._last_checkpoint >= self.config.checkpoint.interval_ms / 1e3:
+                records = self.client.poll(0.05, kcfg.max_poll_records)
+                if records:
+                    self._process(records)
+                if time.monotonic() - self._last_checkpoint >= interval_s:
                     self._checkpoint()
             self._checkpoint()
         finally:
-            self._close()
+            self.client.close()
+            self.engine.close()
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -153,40 +140,32 @@ class KafkaService(ConsumerRebalanceListener):
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
 
-    def _close(self) -> None:
-        if self.consumer is not None:
-            self.consumer.close(autocommit=False)
-        if self.producer is not None:
-            with contextlib.suppress(KafkaError):  # the transaction begun after the final checkpoint is empty
-                self.producer.abort_transaction()
-            self.producer.close()
-        self.engine.close()
-
     # ---- processing ----------------------------------------------------------------------------------
-    def _process(self, polled: dict) -> None:
+    def _process(self, records: list[kc.Record]) -> None:
+        """Decode, step and answer ``records`` (each stream's records are in offset order)."""
         batch = _Batch()
-        for tp, records in polled.items():
-            for rec in records:
-                self.counters.messages += 1
-                self._next_offsets[tp] = rec.offset + 1
-                decoded = self._decode(rec)
-                if decoded is None:
-                    continue
-                sid = rec.key.decode()
-                if decoded.control in ("start", "reset"):
-                    self._flush(batch)
-                    batch = _Batch()
-                    self.engine.start(sid)
-                    self._touch(rec.partition, sid)
-                if len(decoded.xs):
-                    batch.add(rec, sid, decoded.xs)
-                if decoded.control == "end":
-                    self._flush(batch)
-                    batch = _Batch()
-                    self._end(rec, sid)
+        next_offsets = self._next_offsets
+        for rec in records:
+            next_offsets[(rec.topic, rec.partition)] = rec.offset + 1
+            decoded = self._decode(rec)
+            if decoded is None:
+                continue
+            sid = rec.key.decode()
+            if decoded.control in ("start", "reset"):
+                self._flush(batch)
+                batch = _Batch()
+                self.engine.start(sid)
+                self._touch(rec.partition, sid)
+            if len(decoded.xs):
+                batch.add(rec, sid, decoded.xs)
+            if decoded.control == "end":
+                self._flush(batch)
+                batch = _Batch()
+                self._end(rec, sid)
         self._flush(batch)
+        self.counters.messages += len(records)
 
-    def _decode(self, rec) -> Decoded | None:
+    def _decode(self, rec: kc.Record) -> Decoded | None:
         """The record's content, or None after sending it to the dead-letter topic."""
         try:
             if rec.key is None:
@@ -203,14 +182,10 @@ class KafkaService(ConsumerRebalanceListener):
             self._dead_letter(rec, str(exc))
             return None
 
-    def _dead_letter(self, rec, reason: str) -> None:
+    def _dead_letter(self, rec: kc.Record, reason: str) -> None:
         self.counters.dead_letters += 1
-        self.producer.send(
-            self.config.kafka.dead_letter_topic,
-            key=rec.key,
-            value=rec.value,
-            headers=kc.dead_letter_headers(reason, rec.topic, rec.partition, rec.offset),
-        )
+        headers = kc.dead_letter_headers(reason, rec.topic, rec.partition, rec.offset)
+        self.client.send(self.config.kafka.dead_letter_topic, rec.key, rec.value, headers)
 
     def _flush(self, batch: _Batch) -> None:
         if not batch:
@@ -222,18 +197,18 @@ class KafkaService(ConsumerRebalanceListener):
         row = 0
         for rec, sid, n in batch.records:
             self._touch(rec.partition, sid)
-            self._send_output(rec, sid, outputs[row : row + n], version)
+            self._send_output(rec, outputs[row : row + n], version)
             row += n
 
-    def _send_output(self, rec, sid: str, y: np.ndarray, version: int, control: str | None = None) -> None:
+    def _send_output(self, rec: kc.Record, y: np.ndarray, version: int, control: str | None = None) -> None:
         source = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
         if control:
             source["control"] = control
         value = encode_output(y, source, version, self.config.kafka.output_encoding)
-        self.producer.send(self.config.kafka.output_topic, key=rec.key, value=value)
+        self.client.send(self.config.kafka.output_topic, rec.key, value)
         self.counters.outputs += 1
 
-    def _end(self, rec, sid: str) -> None:
+    def _end(self, rec: kc.Record, sid: str) -> None:
         try:
             final = self.engine.end(sid)
         except UnknownStreamError as exc:
@@ -242,7 +217,7 @@ class KafkaService(ConsumerRebalanceListener):
         self._tasks.get(rec.partition, set()).discard(sid)
         self._dirty.get(rec.partition, set()).discard(sid)
         self._ended.setdefault(rec.partition, set()).add(sid)
-        self._send_output(rec, sid, final[None, :], self.engine.model.info.version, control="end")
+        self._send_output(rec, final[None, :], self.engine.model.info.version, control="end")
 
     def _touch(self, partition: int, sid: str) -> None:
         self._tasks.setdefault(partition, set()).add(sid)
@@ -260,56 +235,48 @@ class KafkaService(ConsumerRebalanceListener):
         changelog = self.config.changelog_topic
         for partition, sids in self._dirty.items():
             snap = self.engine.snapshot(stream_ids=list(sids))
-            rows = torch.cat(snap.states, dim=1).numpy() if len(snap) else np.zeros((0, 0), np.float32)
+            if not len(snap):
+                continue
+            rows = torch.cat(snap.states, dim=1).numpy()
             for sid, row in zip(snap.stream_ids, rows, strict=True):
-                self.producer.send(
-                    changelog, key=str(sid).encode(), value=kc.encode_state_row(row), partition=partition
-                )
+                self.client.send(changelog, str(sid).encode(), kc.encode_state_row(row), partition=partition)
         for partition, sids in self._ended.items():
             for sid in sids:
-                self.producer.send(changelog, key=sid.encode(), value=None, partition=partition)
+                self.client.send(changelog, sid.encode(), None, partition=partition)
+        offsets = self._next_offsets
+        self._dirty, self._ended, self._next_offsets = {}, {}, {}
         try:
-            if self._next_offsets:
-                self.producer.send_offsets_to_transaction(
-                    kc.offsets_for_commit(self._next_offsets), self.consumer.group_metadata()
-                )
-            self.producer.commit_transaction()
-        except KafkaError as exc:
+            self.client.commit(offsets)
+        except kc.TransactionFailed as exc:
             log.warning("checkpoint transaction failed (%s): aborting and reloading state", exc)
             self._abort_and_reload()
             return
-        finally:
-            self._dirty, self._ended, self._next_offsets = {}, {}, {}
         self.counters.checkpoints += 1
-        self.producer.begin_transaction()
 
     def _abort_and_reload(self) -> None:
-        """After a failed commit: drop every stream and the consumer positions, then restore the committed
-        state and rewind to the committed offsets."""
+        """After a failed commit: drop every stream, restore the committed state, rewind the consumer to
+        the committed offsets."""
         self.counters.aborts += 1
-        with contextlib.suppress(KafkaError):
-            self.producer.abort_transaction()
-        self.producer.begin_transaction()
-        assigned = list(self.consumer.assignment())
+        self.client.abort()
         self._drop_tasks(set(self._tasks))
-        self._restore_tasks(assigned, rewind=True)
+        self._restore_tasks(self.client.assigned_partitions())
+        self.client.rewind_to_committed()
 
     # ---- rebalancing ---------------------------------------------------------------------------------
-    def on_partitions_revoked(self, revoked) -> None:
+    def _on_revoked(self, partitions: list[int]) -> None:
         """Commit everything so far while we still own the partitions (called inside ``poll``)."""
         self.counters.rebalances += 1
         try:
-            if self.producer is not None:
-                self._checkpoint()
-            self._drop_tasks({tp.partition for tp in revoked})
+            self._checkpoint()
+            self._drop_tasks(set(partitions))
         except Exception:
             log.exception("while partitions were revoked")
             raise
 
-    def on_partitions_assigned(self, assigned) -> None:
+    def _on_assigned(self, partitions: list[int]) -> None:
         """Restore the streams of newly assigned partitions before any of their events is processed."""
         try:
-            self._restore_tasks(list(assigned))
+            self._restore_tasks(partitions)
         except Exception:
             log.exception("while restoring assigned partitions")
             raise
@@ -319,14 +286,10 @@ class KafkaService(ConsumerRebalanceListener):
             sids = self._tasks.pop(p, set())
             self.engine.release(list(sids))
 
-    def _restore_tasks(self, assigned: list[TopicPartition], rewind: bool = False) -> None:
-        """Load the committed states of ``assigned`` partitions not held yet. ``rewind``: also seek to the
-        committed offsets (after an abort; on assignment the consumer starts there by itself, and
-        blocking consumer calls are not allowed inside kafka-python's rebalance callbacks)."""
-        kcfg = self.config.kafka
-        partitions = {tp.partition for tp in assigned} - set(self._tasks)
-        changelog = self.config.changelog_topic
-        tables = kc.read_changelog(kcfg.bootstrap_servers, kcfg.client, changelog, partitions)
+    def _restore_tasks(self, partitions: list[int]) -> None:
+        """Load the committed states of ``partitions`` not held yet."""
+        wanted = set(partitions) - set(self._tasks)
+        tables = self.client.read_changelog(self.config.changelog_topic, wanted)
         widths = self.engine.model.state_widths()
         for p, table in tables.items():
             ids = list(table)
@@ -335,13 +298,5 @@ class KafkaService(ConsumerRebalanceListener):
             self.engine.restore(EngineSnapshot(ids, states), replace=False)
             self._tasks[p] = set(ids)
             self.counters.restored_streams += len(ids)
-        if rewind:
-            for tp in assigned:
-                committed = self.consumer.committed(tp)
-                if committed is None:
-                    self.consumer.seek_to_beginning(tp)
-                else:
-                    self.consumer.seek(tp, committed)
         restored = sum(len(t) for t in tables.values())
-        partitions_now = sorted(tp.partition for tp in assigned)
-        log.info("assigned partitions %s: restored %d streams", partitions_now, restored)
+        log.info("assigned partitions %s: restored %d streams", sorted(partitions), restored)

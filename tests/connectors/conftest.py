@@ -62,6 +62,7 @@ class ServiceRun:
     partitions: int
     encoding: str = "json"
     interval_ms: int = 200
+    library: str = "kafka-python"
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -82,10 +83,15 @@ class ServiceRun:
                 "dead_letter_topic": self.dlq_topic,
                 "group_id": self.group,
                 "instance_id": instance,
+                "client_library": self.library,
                 "encoding": self.encoding,
                 "max_timesteps_per_message": 64,
                 "max_message_bytes": 4096,
-                "consumer": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
+                "consumer": (
+                    {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
+                    if self.library == "kafka-python"
+                    else {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
+                ),
             },
             "engine": {"device": "cpu"},
             "checkpoint": {"interval_ms": self.interval_ms, "transaction_timeout_ms": 8000},
@@ -167,6 +173,25 @@ def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes
         producer.close()
 
 
+def produce_paced(
+    bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]], rate: float
+) -> None:
+    """Produce ``messages`` at about ``rate`` per second (in 20 ms slices), as a live source would."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    try:
+        per_slice = max(1, int(rate * 0.02))
+        start = time.monotonic()
+        for i in range(0, len(messages), per_slice):
+            for key, value in messages[i : i + per_slice]:
+                producer.send(topic, key=key, value=value)
+            time.sleep(max(0.0, start + (i + per_slice) / rate - time.monotonic()))
+        producer.flush(60)
+    finally:
+        producer.close()
+
+
 def consume_all(
     bootstrap: str, topic: str, expected: int, timeout_s: float = 120, committed_only: bool = True
 ) -> list:
@@ -236,11 +261,13 @@ def outputs_by_stream(records) -> tuple[dict[str, list], dict[tuple[int, int], i
     return by_stream, dict(answered)
 
 
-@pytest.fixture
-def service(kafka_cluster, tmp_path):
+@pytest.fixture(params=["kafka-python", "confluent-kafka"])
+def service(request, kafka_cluster, tmp_path):
+    """A service run against the session broker, once per client library."""
     model, path = make_model(tmp_path)
     topic = f"in-{uuid.uuid4().hex[:8]}"
     run = ServiceRun(kafka_cluster.bootstrap, tmp_path, model, path, topic, f"g-{topic}", partitions=4)
+    run.library = request.param
     create_topic(kafka_cluster.bootstrap, topic, run.partitions)
     yield run
     run.stop_all()
@@ -277,6 +304,7 @@ def kafka_helpers():
 
     return SimpleNamespace(
         produce=produce,
+        produce_paced=produce_paced,
         consume_all=consume_all,
         random_events=random_events,
         offline_outputs=offline_outputs,

@@ -6,6 +6,7 @@ import json
 import shutil
 import struct
 import subprocess
+import threading
 import time
 
 import msgpack
@@ -155,24 +156,30 @@ def test_sigterm_drains_checkpoints_and_exits_zero(service, kafka_helpers):
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_loses_nothing(service, kafka_helpers):
-    """kill -9 the service at random moments (6 times) during 100,000 events over 1,000 streams."""
+    """kill -9 the service at random moments (6 times) while 100,000 events over 1,000 streams arrive
+    live (about 3,000 per second); restart it each time."""
     h = kafka_helpers
     rng = np.random.default_rng(4)
     events = h.random_events(rng, streams=1000, events=100_000, features=3)
     payloads = [(s.encode(), struct.pack("<3f", *x)) for s, x in events]
     service.encoding = "float32"
-    h.produce(service.bootstrap, service.topic, payloads)
+    live = (service.bootstrap, service.topic, payloads, 3000)
+    producer = threading.Thread(target=h.produce_paced, args=live)
+    producer.start()
     committed_at_kill = []
-    for _ in range(6):
-        before = h.end_offsets_total(service.bootstrap, service.outputs_topic)
-        service.start()
-        deadline = time.monotonic() + 60
-        while h.end_offsets_total(service.bootstrap, service.outputs_topic) == before:  # processing began
-            assert time.monotonic() < deadline and service.procs["0"].poll() is None, service.log()
-            time.sleep(0.05)
-        time.sleep(float(rng.uniform(0.0, 1.5)))
-        service.kill()
-        committed_at_kill.append(h.committed_total(service.bootstrap, service.group))
+    try:
+        for _ in range(6):
+            before = h.end_offsets_total(service.bootstrap, service.outputs_topic)
+            service.start()
+            deadline = time.monotonic() + 60
+            while h.end_offsets_total(service.bootstrap, service.outputs_topic) == before:  # processing
+                assert time.monotonic() < deadline and service.procs["0"].poll() is None, service.log()
+                time.sleep(0.05)
+            time.sleep(float(rng.uniform(0.2, 2.0)))
+            service.kill()
+            committed_at_kill.append(h.committed_total(service.bootstrap, service.group))
+    finally:
+        producer.join()
     service.start()
     records = service.consume(service.outputs_topic, len(events), timeout_s=300)
     assert service.terminate() == 0, service.log()
@@ -181,5 +188,5 @@ def test_kill_9_at_random_moments_loses_nothing(service, kafka_helpers):
     assert len(positions) == len(events), "an input offset was never answered"
     assert set(answered.values()) == {1}, "read_committed outputs must be exactly once"
     _check_outputs(by_stream, h.offline_outputs(service.model, events))
-    # Every kill landed mid-run: the checkpointed position was short of the end each time.
-    assert committed_at_kill[-1] < len(events), committed_at_kill
+    # At least five kills landed mid-run: the checkpointed position was short of the end.
+    assert sum(c < len(events) for c in committed_at_kill) >= 5, committed_at_kill

@@ -1,0 +1,203 @@
+"""``KafkaClient`` on confluent-kafka (librdkafka): the same service semantics as the kafka-python client,
+several times the throughput. Settings under ``client``/``consumer``/``producer`` use librdkafka's names
+(``security.protocol``, ``sasl.mechanism``, ``linger.ms``, ...).
+
+Rebalance callbacks run inside ``poll`` on the service's own thread, so they may block.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from connectors.kafka import PartitionCallback, Record, StreamId, TransactionFailed, apply_changelog_record
+
+log = logging.getLogger(__name__)
+
+
+class ConfluentKafkaClient:
+    """Group consumer (static membership, read_committed, manual commits) + transactional producer."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        group_id: str,
+        instance_id: str,
+        client: dict[str, Any],
+        consumer: dict[str, Any],
+        producer: dict[str, Any],
+        transaction_timeout_ms: int,
+    ) -> None:
+        self.base = {"bootstrap.servers": bootstrap, **client}
+        self.group_id = group_id
+        self.instance_id = instance_id
+        self.consumer_settings = consumer
+        self.producer_settings = producer
+        self.transaction_timeout_ms = transaction_timeout_ms
+        self.consumer: Consumer | None = None
+        self.producer: Producer | None = None
+        self._assigned: set[tuple[str, int]] = set()
+
+    def ensure_topics(self, inputs: list[str], others: list[str], changelog: str) -> int:
+        admin = AdminClient(self.base)
+        meta = admin.list_topics(timeout=30).topics
+
+        def count(topic: str) -> int | None:
+            t = meta.get(topic)
+            return len(t.partitions) if t is not None and t.error is None and t.partitions else None
+
+        counts = [count(t) for t in inputs]
+        width = max([n for n in counts if n] or [1])
+        new = [NewTopic(t, width) for t, n in zip(inputs, counts, strict=True) if n is None]
+        new += [NewTopic(t, width) for t in others if count(t) is None]
+        have = count(changelog)
+        if have is None:
+            new.append(NewTopic(changelog, width, config={"cleanup.policy": "compact"}))
+        elif have < width:
+            raise ValueError(f"changelog topic {changelog} has {have} partitions, inputs need {width}")
+        for topic, future in admin.create_topics(new).items() if new else []:
+            try:
+                future.result(30)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+                log.debug("topic %s was created concurrently", topic)
+        return width
+
+    def start(self, topics: list[str], on_assigned: PartitionCallback, on_revoked: PartitionCallback) -> None:
+        self.producer = Producer(
+            {
+                **self.base,
+                "transactional.id": f"{self.group_id}-{self.instance_id}",
+                "transaction.timeout.ms": self.transaction_timeout_ms,
+                "linger.ms": 2,
+                **self.producer_settings,
+            }
+        )
+        self.producer.init_transactions(30)
+        self.producer.begin_transaction()
+        self.consumer = Consumer(
+            {
+                **self.base,
+                "group.id": self.group_id,
+                "group.instance.id": f"{self.group_id}-{self.instance_id}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                **self.consumer_settings,
+            }
+        )
+
+        def assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            self._assigned = {(tp.topic, tp.partition) for tp in partitions}
+            on_assigned(sorted({tp.partition for tp in partitions}))
+
+        def revoke(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            on_revoked(sorted({tp.partition for tp in partitions}))
+            self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
+
+        self.consumer.subscribe(topics, on_assign=assign, on_revoke=revoke, on_lost=revoke)
+
+    def poll(self, timeout_s: float, max_records: int) -> list[Record]:
+        records = []
+        for m in self.consumer.consume(max_records, timeout_s):
+            err = m.error()
+            if err is not None:
+                if err.fatal():
+                    raise KafkaException(err)
+                log.warning("consumer: %s", err)
+                continue
+            records.append(Record(m.topic(), m.partition(), m.offset(), m.key(), m.value()))
+        return records
+
+    def send(self, topic, key, value, headers=None, partition=None) -> None:
+        kwargs: dict[str, Any] = {"key": key, "value": value}
+        if headers:
+            kwargs["headers"] = headers
+        if partition is not None:
+            kwargs["partition"] = partition
+        while True:
+            try:
+                self.producer.produce(topic, **kwargs)
+                return
+            except BufferError:  # the local queue is full: wait for deliveries (backpressure)
+                self.producer.poll(0.05)
+
+    def commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
+        try:
+            if next_offsets:
+                offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
+                self.producer.send_offsets_to_transaction(
+                    offsets, self.consumer.consumer_group_metadata(), 30
+                )
+            self.producer.commit_transaction(60)
+        except KafkaException as exc:
+            raise TransactionFailed(str(exc)) from exc
+        self.producer.begin_transaction()
+
+    def abort(self) -> None:
+        try:
+            self.producer.abort_transaction(30)
+        except KafkaException as exc:
+            log.warning("abort failed: %s", exc)
+        self.producer.begin_transaction()
+
+    def rewind_to_committed(self) -> None:
+        tps = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+        for tp in self.consumer.committed(tps, timeout=30) if tps else []:
+            self.consumer.seek(
+                TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+            )
+
+    def assigned_partitions(self) -> list[int]:
+        return sorted({p for _, p in self._assigned})
+
+    def read_changelog(self, topic: str, partitions: Iterable[int]) -> dict[int, dict[StreamId, np.ndarray]]:
+        partitions = list(partitions)
+        states: dict[int, dict[StreamId, np.ndarray]] = {p: {} for p in partitions}
+        if not partitions:
+            return states
+        reader = Consumer(
+            {
+                **self.base,
+                "group.id": f"{self.group_id}-restore-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,  # EOF comes at the last stable offset under read_committed
+            }
+        )
+        try:
+            reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+            pending = set(partitions)
+            deadline = time.monotonic() + 60
+            while pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"changelog {topic}: restore did not reach the end in 60 s")
+                for m in reader.consume(10_000, 0.2):
+                    err = m.error()
+                    if err is None:
+                        apply_changelog_record(states[m.partition()], m.key(), m.value())
+                    elif err.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(m.partition())
+                    else:
+                        raise KafkaException(err)
+        finally:
+            reader.close()
+        return states
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close()
+        if self.producer is not None:
+            try:
+                self.producer.abort_transaction(10)
+            except KafkaException:
+                log.debug("no transaction to abort")
+            self.producer.flush(10)
