@@ -21,10 +21,12 @@ from typing import Any, Literal
 
 import msgpack
 import numpy as np
+import orjson
 
 Encoding = Literal["json", "msgpack", "float32"]
 ENCODINGS: tuple[Encoding, ...] = ("json", "msgpack", "float32")
 CONTROLS = ("start", "end", "reset")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _is_number(v: Any) -> bool:
@@ -37,10 +39,11 @@ class DecodeError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Decoded:
-    """One message's content: ``xs`` is ``(T, F) float32`` (or ``(T,) int64`` ids, categorical), ``T >= 0``;
+    """One message's content: ``xs`` holds ``T >= 0`` timesteps, ``(T, F)`` features (a list of rows from
+    JSON/msgpack, a float32 array from frames) or ``T`` category ids;
     ``control`` runs *after* the message's timesteps (``start``/``reset`` run before them)."""
 
-    xs: np.ndarray
+    xs: list | np.ndarray
     control: str | None = None
     label: Any = None
     ts: float | None = None
@@ -67,17 +70,8 @@ class Decoder:
             raise DecodeError("empty payload (tombstone)")
         if self.encoding == "float32":
             return Decoded(self._frames(payload))
-        try:
-            doc = json.loads(payload) if self.encoding == "json" else msgpack.unpackb(payload, raw=False)
-        except (
-            ValueError,
-            UnicodeDecodeError,
-            msgpack.ExtraData,
-            msgpack.FormatError,
-            msgpack.StackError,
-        ) as exc:
-            raise DecodeError(f"not valid {self.encoding}: {exc}") from exc
-        if not isinstance(doc, dict):
+        doc = _parse_json(payload) if self.encoding == "json" else _parse_msgpack(payload)
+        if type(doc) is not dict:
             raise DecodeError(f"payload must be an object with key 'x', got {type(doc).__name__}")
         return self._document(doc)
 
@@ -92,6 +86,8 @@ class Decoder:
         return self._checked_features(xs)
 
     def _document(self, doc: dict[str, Any]) -> Decoded:
+        if len(doc) == 1 and "x" in doc:  # the common case: data only
+            return Decoded(self._categories(doc["x"]) if self.num_embeddings else self._features(doc["x"]))
         unknown = set(doc) - {"x", "ts", "label", "control"}
         if unknown:
             raise DecodeError(f"unknown keys {sorted(unknown)}")
@@ -99,9 +95,7 @@ class Decoder:
         if control is not None and control not in CONTROLS:
             raise DecodeError(f"unknown control {control!r}; expected one of {CONTROLS}")
         ts = doc.get("ts")
-        if ts is not None and (
-            not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts)
-        ):
+        if ts is not None and (not _is_number(ts) or not math.isfinite(ts)):
             raise DecodeError(f"ts must be a finite number of seconds, got {ts!r}")
         if "x" not in doc:
             if control is None:
@@ -112,20 +106,22 @@ class Decoder:
         return Decoded(xs, control, doc.get("label"), ts)
 
     def _features(self, x: Any) -> np.ndarray:
-        if not isinstance(x, list) or not x:
+        """Checked in plain Python (cheaper than numpy for a few values): each value a number within
+        float32's finite range (NaN fails every comparison)."""
+        if type(x) is not list or not x:
             raise DecodeError("'x' must be a non-empty list of numbers or of lists of numbers")
-        nested = isinstance(x[0], list)
-        if nested and len(x) > self.max_timesteps:
-            raise DecodeError(f"oversized: {len(x)} timesteps > max {self.max_timesteps}")
-        rows = x if nested else [x]
+        rows = x if type(x[0]) is list else [x]
+        if len(rows) > self.max_timesteps:
+            raise DecodeError(f"oversized: {len(rows)} timesteps > max {self.max_timesteps}")
         for r, row in enumerate(rows):
-            if not isinstance(row, list) or len(row) != self.feature_size:
+            if type(row) is not list or len(row) != self.feature_size:
                 raise DecodeError(f"timestep {r}: expected {self.feature_size} features")
-            if not all(map(_is_number, row)):
-                raise DecodeError(f"timestep {r}: features must be numbers")
-        with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused just below
-            xs = np.asarray(rows, dtype=np.float64).astype(np.float32)
-        return self._checked_features(xs)
+            for v in row:
+                if type(v) is not float and type(v) is not int:
+                    raise DecodeError(f"timestep {r}: features must be numbers")
+                if not -FLOAT32_MAX <= v <= FLOAT32_MAX:
+                    raise DecodeError(f"timestep {r}: NaN or Inf (or out of float32 range)")
+        return rows
 
     def _checked_features(self, xs: np.ndarray) -> np.ndarray:
         if len(xs) > self.max_timesteps:
@@ -144,7 +140,7 @@ class Decoder:
                 raise DecodeError(
                     f"timestep {i}: category id must be an integer in [0, {self.num_embeddings})"
                 )
-        return np.asarray(ids, dtype=np.int64)
+        return ids
 
 
 def encode_output(
@@ -152,7 +148,26 @@ def encode_output(
 ) -> bytes:
     """An output record's value: ``y`` ``(T, out)`` (one row per input timestep) and the input position
     ``source`` (e.g. ``{"topic": ..., "partition": ..., "offset": ...}``) so consumers can de-duplicate."""
-    doc = {"y": y.tolist(), **source, "model_version": model_version}
     if encoding == "msgpack":
-        return msgpack.packb(doc)
-    return json.dumps(doc, separators=(",", ":")).encode()
+        return msgpack.packb({"y": y.tolist(), **source, "model_version": model_version})
+    return orjson.dumps({"y": y, **source, "model_version": model_version}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _parse_json(payload: bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        try:  # the standard library reads NaN/Infinity literals, which makes a clearer reason
+            doc = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            raise DecodeError(f"not valid json: {exc}") from exc
+        if type(doc) is dict and "x" in doc:
+            return doc
+        raise DecodeError(f"not valid json: {exc}") from exc
+
+
+def _parse_msgpack(payload: bytes) -> Any:
+    try:
+        return msgpack.unpackb(payload, raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise DecodeError(f"not valid msgpack: {exc}") from exc

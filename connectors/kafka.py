@@ -71,6 +71,10 @@ class KafkaClient(Protocol):
         """Produce inside the open transaction; blocks while the client's buffer is full."""
         ...
 
+    def send_many(self, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+        """``send`` for many ``(key, value)`` pairs (the hot path: one output per input message)."""
+        ...
+
     def commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
         """Add the consumed offsets to the open transaction, commit it and begin the next one. Raises
         ``TransactionFailed``."""
@@ -221,6 +225,11 @@ class PythonKafkaClient:
 
     def send(self, topic, key, value, headers=None, partition=None) -> None:
         self.producer.send(topic, key=key, value=value, headers=headers, partition=partition)
+
+    def send_many(self, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+        send = self.producer.send
+        for key, value in messages:
+            send(topic, key=key, value=value)
 
     def commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
         from kafka import TopicPartition

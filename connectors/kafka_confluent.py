@@ -130,6 +130,15 @@ class ConfluentKafkaClient:
             except BufferError:  # the local queue is full: wait for deliveries (backpressure)
                 self.producer.poll(0.05)
 
+    def send_many(self, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+        produce = self.producer.produce
+        for key, value in messages:
+            try:
+                produce(topic, value, key)
+            except BufferError:
+                self.send(topic, key, value)
+        self.producer.poll(0)  # serve delivery reports
+
     def commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
         try:
             if next_offsets:

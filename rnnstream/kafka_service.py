@@ -21,11 +21,13 @@ Backpressure: the loop is synchronous; when the producer's buffer is full ``send
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import torch
@@ -54,16 +56,27 @@ class ServiceCounters:
 
 @dataclass
 class _Batch:
-    """Data messages waiting to be stepped together: stream ids repeated per timestep, inputs stacked."""
+    """Data messages waiting to be stepped together. ``chunks`` holds each message's timesteps (a list of
+    rows from JSON/msgpack, an array from float32 frames); ``ids`` the stream id once per timestep."""
 
     ids: list[str] = field(default_factory=list)
-    xs: list[np.ndarray] = field(default_factory=list)
+    chunks: list[list | np.ndarray] = field(default_factory=list)
     records: list[tuple[kc.Record, str, int]] = field(default_factory=list)  # (record, stream, timesteps)
 
-    def add(self, record: kc.Record, sid: str, xs: np.ndarray) -> None:
-        self.ids.extend([sid] * len(xs))
-        self.xs.append(xs)
-        self.records.append((record, sid, len(xs)))
+    def add(self, record: kc.Record, sid: str, xs: list | np.ndarray) -> None:
+        n = len(xs)
+        if n == 1:
+            self.ids.append(sid)
+        else:
+            self.ids.extend([sid] * n)
+        self.chunks.append(xs)
+        self.records.append((record, sid, n))
+
+    def inputs(self, dtype: type) -> np.ndarray:
+        """All timesteps stacked: ``(N, F) float32`` (or ``(N,) int64`` ids)."""
+        if all(type(c) is list for c in self.chunks):
+            return np.array(list(chain.from_iterable(self.chunks)), dtype=dtype)
+        return np.concatenate([np.asarray(c, dtype=dtype) for c in self.chunks])
 
     def __bool__(self) -> bool:
         return bool(self.records)
@@ -108,6 +121,7 @@ class KafkaService:
         self._ended: dict[int, set[str]] = {}  # partition → streams ended since the last checkpoint
         self._next_offsets: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset to read
         self._last_checkpoint = time.monotonic()
+        self._max_bytes = kcfg.max_message_bytes
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -120,11 +134,12 @@ class KafkaService:
         )
         self._install_signal_handlers()
         self.client.start(kcfg.input_topics, self._on_assigned, self._on_revoked)
+        gc.freeze()  # startup objects (model, clients) leave the collector's generations: cheaper collections
         log.info("instance %s consuming %s with %s", self.instance_id, kcfg.input_topics, kcfg.client_library)
         interval_s = self.config.checkpoint.interval_ms / 1e3
         try:
             while not self._stop.is_set():
-                records = self.client.poll(0.05, kcfg.max_poll_records)
+                records = self.client.poll(0.005, kcfg.max_poll_records)
                 if records:
                     self._process(records)
                 if time.monotonic() - self._last_checkpoint >= interval_s:
@@ -147,15 +162,14 @@ class KafkaService:
         next_offsets = self._next_offsets
         for rec in records:
             next_offsets[(rec.topic, rec.partition)] = rec.offset + 1
-            decoded = self._decode(rec)
+            sid, decoded = self._decode(rec)
             if decoded is None:
                 continue
-            sid = rec.key.decode()
             if decoded.control in ("start", "reset"):
                 self._flush(batch)
                 batch = _Batch()
                 self.engine.start(sid)
-                self._touch(rec.partition, sid)
+                self._dirty.setdefault(rec.partition, set()).add(sid)
             if len(decoded.xs):
                 batch.add(rec, sid, decoded.xs)
             if decoded.control == "end":
@@ -165,22 +179,22 @@ class KafkaService:
         self._flush(batch)
         self.counters.messages += len(records)
 
-    def _decode(self, rec: kc.Record) -> Decoded | None:
-        """The record's content, or None after sending it to the dead-letter topic."""
+    def _decode(self, rec: kc.Record) -> tuple[str, Decoded | None]:
+        """The record's stream id and content, or ``("", None)`` after sending it to the dead-letter
+        topic."""
         try:
             if rec.key is None:
                 raise DecodeError("missing key: the record key is the stream id")
             try:
-                rec.key.decode()
+                sid = rec.key.decode()
             except UnicodeDecodeError as exc:
                 raise DecodeError("key is not UTF-8") from exc
-            size = len(rec.value) if rec.value is not None else 0
-            if size > self.config.kafka.max_message_bytes:
-                raise DecodeError(f"oversized: {size} bytes > max {self.config.kafka.max_message_bytes}")
-            return self.decoder.decode(rec.value)
+            if rec.value is not None and len(rec.value) > self._max_bytes:
+                raise DecodeError(f"oversized: {len(rec.value)} bytes > max {self._max_bytes}")
+            return sid, self.decoder.decode(rec.value)
         except DecodeError as exc:
             self._dead_letter(rec, str(exc))
-            return None
+            return "", None
 
     def _dead_letter(self, rec: kc.Record, reason: str) -> None:
         self.counters.dead_letters += 1
@@ -188,25 +202,27 @@ class KafkaService:
         self.client.send(self.config.kafka.dead_letter_topic, rec.key, rec.value, headers)
 
     def _flush(self, batch: _Batch) -> None:
+        """Step the batch's events through the engine and produce one output per message."""
         if not batch:
             return
-        xs = np.concatenate(batch.xs)
+        xs = batch.inputs(np.int64 if self.engine.model.categorical else np.float32)
         outputs = self.engine.step_many(batch.ids, xs)
         self.counters.events += len(xs)
         version = self.engine.model.info.version
+        encoding = self.config.kafka.output_encoding
+        dirty = self._dirty
+        answers = []
         row = 0
         for rec, sid, n in batch.records:
-            self._touch(rec.partition, sid)
-            self._send_output(rec, outputs[row : row + n], version)
+            changed = dirty.get(rec.partition)
+            if changed is None:
+                changed = dirty[rec.partition] = set()
+            changed.add(sid)
+            source = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
+            answers.append((rec.key, encode_output(outputs[row : row + n], source, version, encoding)))
             row += n
-
-    def _send_output(self, rec: kc.Record, y: np.ndarray, version: int, control: str | None = None) -> None:
-        source = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
-        if control:
-            source["control"] = control
-        value = encode_output(y, source, version, self.config.kafka.output_encoding)
-        self.client.send(self.config.kafka.output_topic, rec.key, value)
-        self.counters.outputs += 1
+        self.client.send_many(self.config.kafka.output_topic, answers)
+        self.counters.outputs += len(answers)
 
     def _end(self, rec: kc.Record, sid: str) -> None:
         try:
@@ -217,14 +233,12 @@ class KafkaService:
         self._tasks.get(rec.partition, set()).discard(sid)
         self._dirty.get(rec.partition, set()).discard(sid)
         self._ended.setdefault(rec.partition, set()).add(sid)
-        self._send_output(rec, final[None, :], self.engine.model.info.version, control="end")
-
-    def _touch(self, partition: int, sid: str) -> None:
-        self._tasks.setdefault(partition, set()).add(sid)
-        self._dirty.setdefault(partition, set()).add(sid)
-        ended = self._ended.get(partition)
-        if ended:
-            ended.discard(sid)
+        source = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset, "control": "end"}
+        value = encode_output(
+            final[None, :], source, self.engine.model.info.version, self.config.kafka.output_encoding
+        )
+        self.client.send(self.config.kafka.output_topic, rec.key, value)
+        self.counters.outputs += 1
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def _checkpoint(self) -> None:
@@ -234,6 +248,8 @@ class KafkaService:
             return
         changelog = self.config.changelog_topic
         for partition, sids in self._dirty.items():
+            self._tasks.setdefault(partition, set()).update(sids)
+            self._ended.get(partition, set()).difference_update(sids)  # ended, then started again
             snap = self.engine.snapshot(stream_ids=list(sids))
             if not len(snap):
                 continue

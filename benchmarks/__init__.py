@@ -1,0 +1,1 @@
+"""Benchmarks for rnnstream: ``python -m benchmarks.engine_bench`` (also ``rnnstream bench``)."""
