@@ -165,6 +165,7 @@ class PythonKafkaClient:
         self.producer_settings = producer
         self.transaction_timeout_ms = transaction_timeout_ms
         self.consumer = None
+        self.reader = None
         self.producer = None
 
     def ensure_topics(self, inputs: list[str], others: list[str], changelog: str) -> int:
@@ -204,6 +205,15 @@ class PythonKafkaClient:
         )
         self.producer.init_transactions()
         self.producer.begin_transaction()
+        # The changelog reader is made before the group consumer and lives as long: with kafka-python
+        # 3, a consumer created after the group consumer has joined can stall the group consumer's fetches.
+        self.reader = KafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            group_id=None,
+            **self.client,
+        )
         self.consumer = KafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=self.group_id,
@@ -211,8 +221,10 @@ class PythonKafkaClient:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
-            **{**self.client, **self.consumer_settings},
+            **{"metadata_max_age_ms": 10_000, **self.client, **self.consumer_settings},
         )
+        for topic in topics:  # know the partitions before joining, or the first assignment may be empty
+            self.consumer.partitions_for_topic(topic)
         self.consumer.subscribe(topics, listener=_Listener(on_assigned, on_revoked))
 
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
@@ -268,21 +280,15 @@ class PythonKafkaClient:
         return sorted({tp.partition for tp in self.consumer.assignment()})
 
     def read_changelog(self, topic: str, partitions: Iterable[int]) -> dict[int, dict[StreamId, np.ndarray]]:
-        from kafka import KafkaConsumer, TopicPartition
+        from kafka import TopicPartition
 
         partitions = list(partitions)
         states: dict[int, dict[StreamId, np.ndarray]] = {p: {} for p in partitions}
         if not partitions:
             return states
-        reader = KafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            group_id=None,
-            **self.client,
-        )
+        reader = self.reader
+        tps = [TopicPartition(topic, p) for p in partitions]
         try:
-            tps = [TopicPartition(topic, p) for p in partitions]
             reader.assign(tps)
             reader.seek_to_beginning(*tps)
             end = reader.end_offsets(tps)  # the last stable offsets, under read_committed
@@ -296,12 +302,13 @@ class PythonKafkaClient:
                         apply_changelog_record(states[tp.partition], rec.key, rec.value)
                 pending = {tp for tp in pending if reader.position(tp) < end[tp]}
         finally:
-            reader.close()
+            reader.assign([])
         return states
 
     def close(self) -> None:
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
+            self.reader.close()
         if self.producer is not None:
             self.abort_quietly()
             self.producer.close()

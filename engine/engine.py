@@ -24,6 +24,7 @@ from torch import Tensor
 from engine.batcher import Pending, PendingQueue, plan_waves
 from engine.errors import EngineClosedError, SnapshotError, UnknownStreamError
 from engine.inputs import check_category, check_category_batch, check_feature_batch, check_features
+from engine.runtime import freeze_startup_objects, tune_allocator
 from engine.snapshot import EngineSnapshot
 from engine.spill import SpillStore
 from engine.state import StateStore, StreamId, check_stream_id, check_stream_ids
@@ -49,6 +50,8 @@ class Engine:
     - ``capacity``: initial number of state slots (grows as needed).
     - ``ttl_s``: evict streams idle this long; ``eviction``: ``"drop"`` or ``"spill"`` (to ``spill_dir``).
     - ``max_pending``: queued events before ``submit`` blocks (backpressure).
+    - ``freeze_gc``: ``gc.freeze()`` once set up, so the collector's full passes stop rescanning the
+      model and libraries (they stalled every thread for ~100 ms; see ``engine.runtime``).
     """
 
     def __init__(
@@ -63,11 +66,13 @@ class Engine:
         spill_dir: str | Path | None = None,
         max_pending: int = 100_000,
         sweep_interval_s: float = 1.0,
+        freeze_gc: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if eviction not in ("drop", "spill"):
             raise ValueError(f"eviction must be 'drop' or 'spill', got {eviction!r}")
+        tune_allocator()
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.max_batch = max_batch
@@ -85,6 +90,8 @@ class Engine:
         self._last_sweep = time.monotonic()
         self._closed = False
         self._staging: Tensor | None = None
+        if freeze_gc:
+            freeze_startup_objects()
         self._thread = threading.Thread(target=self._loop, name="rnnstream-step-loop", daemon=True)
         self._thread.start()
 

@@ -21,7 +21,6 @@ Backpressure: the loop is synchronous; when the producer's buffer is full ``send
 
 from __future__ import annotations
 
-import gc
 import logging
 import signal
 import threading
@@ -35,6 +34,7 @@ import torch
 from connectors import kafka as kc
 from connectors.codec import Decoded, DecodeError, Decoder, encode_output
 from engine import Engine, EngineSnapshot, UnknownStreamError
+from engine.runtime import freeze_startup_objects
 from models import load_bundle
 from rnnstream.config import ServiceConfig
 
@@ -122,6 +122,7 @@ class KafkaService:
         self._next_offsets: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset to read
         self._last_checkpoint = time.monotonic()
         self._max_bytes = kcfg.max_message_bytes
+        self._to_restore: set[int] = set()  # partitions assigned but not restored yet
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -134,12 +135,15 @@ class KafkaService:
         )
         self._install_signal_handlers()
         self.client.start(kcfg.input_topics, self._on_assigned, self._on_revoked)
-        gc.freeze()  # startup objects (model, clients) leave the collector's generations: cheaper collections
+        freeze_startup_objects()  # the clients too (see engine.runtime)
         log.info("instance %s consuming %s with %s", self.instance_id, kcfg.input_topics, kcfg.client_library)
         interval_s = self.config.checkpoint.interval_ms / 1e3
         try:
             while not self._stop.is_set():
                 records = self.client.poll(0.005, kcfg.max_poll_records)
+                if self._to_restore:  # before any record of a newly assigned partition is processed
+                    self._restore_tasks(sorted(self._to_restore))
+                    self._to_restore.clear()
                 if records:
                     self._process(records)
                 if time.monotonic() - self._last_checkpoint >= interval_s:
@@ -282,6 +286,7 @@ class KafkaService:
     def _on_revoked(self, partitions: list[int]) -> None:
         """Commit everything so far while we still own the partitions (called inside ``poll``)."""
         self.counters.rebalances += 1
+        self._to_restore.difference_update(partitions)
         try:
             self._checkpoint()
             self._drop_tasks(set(partitions))
@@ -290,12 +295,9 @@ class KafkaService:
             raise
 
     def _on_assigned(self, partitions: list[int]) -> None:
-        """Restore the streams of newly assigned partitions before any of their events is processed."""
-        try:
-            self._restore_tasks(partitions)
-        except Exception:
-            log.exception("while restoring assigned partitions")
-            raise
+        """Note the partitions; the loop restores their streams right after ``poll`` returns, before
+        processing anything (kafka-python does not allow other clients' work inside its callbacks)."""
+        self._to_restore.update(partitions)
 
     def _drop_tasks(self, partitions: set[int]) -> None:
         for p in partitions:
