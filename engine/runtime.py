@@ -15,8 +15,8 @@ still come from ``mmap`` and go back to the system when freed.
 from __future__ import annotations
 
 import ctypes
-import gc
 import ctypes.util
+import gc
 import sys
 
 M_TRIM_THRESHOLD = -1

@@ -13,7 +13,7 @@ from benchmarks.engine_bench import render_table, run_engine_benchmarks
 
 THROUGHPUT_FIGURES = (
     "engine_eps", "naive_eps", "window_eps", "engine_over_naive", "engine_over_window", "flops_per_event",
-    "gflops", "pct_of_matmul",
+    "gflops", "matmul_gflops_alongside", "pct_of_matmul",
 )
 LATENCY_FIGURES = (
     "closed_loop_eps", "offered_eps", "events", "mean_batch_events", "p50_ms", "p99_ms", "p999_ms", "max_ms",
