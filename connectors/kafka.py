@@ -16,7 +16,6 @@ confluent-kafka (librdkafka, much faster; ``connectors.kafka_confluent``), chose
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
@@ -165,7 +164,6 @@ class PythonKafkaClient:
         self.producer_settings = producer
         self.transaction_timeout_ms = transaction_timeout_ms
         self.consumer = None
-        self.reader = None
         self.producer = None
 
     def ensure_topics(self, inputs: list[str], others: list[str], changelog: str) -> int:
@@ -205,15 +203,6 @@ class PythonKafkaClient:
         )
         self.producer.init_transactions()
         self.producer.begin_transaction()
-        # The changelog reader is made before the group consumer and lives as long: with kafka-python
-        # 3, a consumer created after the group consumer has joined can stall the group consumer's fetches.
-        self.reader = KafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            group_id=None,
-            **self.client,
-        )
         self.consumer = KafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=self.group_id,
@@ -221,7 +210,12 @@ class PythonKafkaClient:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
-            **{"metadata_max_age_ms": 10_000, **self.client, **self.consumer_settings},
+            **{
+                "metadata_max_age_ms": 10_000,
+                "receive_message_max_bytes": 100_000_000,  # 2.x's 1 MB is below one fetch response
+                **self.client,
+                **self.consumer_settings,
+            },
         )
         for topic in topics:  # know the partitions before joining, or the first assignment may be empty
             self.consumer.partitions_for_topic(topic)
@@ -253,7 +247,10 @@ class PythonKafkaClient:
                 offsets = {
                     TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in next_offsets.items()
                 }
-                self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+                # kafka-python 3 takes the group metadata (KIP-447 fencing); 2.x the group id.
+                meta = getattr(self.consumer, "group_metadata", None)
+                group = meta() if meta is not None else self.group_id
+                self.producer.send_offsets_to_transaction(offsets, group)
             self.producer.commit_transaction()
         except KafkaError as exc:
             raise TransactionFailed(str(exc)) from exc
@@ -280,35 +277,16 @@ class PythonKafkaClient:
         return sorted({tp.partition for tp in self.consumer.assignment()})
 
     def read_changelog(self, topic: str, partitions: Iterable[int]) -> dict[int, dict[StreamId, np.ndarray]]:
-        from kafka import TopicPartition
+        """Read with a librdkafka consumer: with kafka-python 3.0, a second kafka-python consumer in the
+        process intermittently stalls the group consumer's fetches (reproduced; see README)."""
+        from connectors.kafka_confluent import librdkafka_settings, read_changelog
 
-        partitions = list(partitions)
-        states: dict[int, dict[StreamId, np.ndarray]] = {p: {} for p in partitions}
-        if not partitions:
-            return states
-        reader = self.reader
-        tps = [TopicPartition(topic, p) for p in partitions]
-        try:
-            reader.assign(tps)
-            reader.seek_to_beginning(*tps)
-            end = reader.end_offsets(tps)  # the last stable offsets, under read_committed
-            pending = {tp for tp in tps if reader.position(tp) < end[tp]}
-            deadline = time.monotonic() + 60
-            while pending:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"changelog {topic}: restore did not reach the end in 60 s")
-                for tp, records in reader.poll(timeout_ms=200).items():
-                    for rec in records:
-                        apply_changelog_record(states[tp.partition], rec.key, rec.value)
-                pending = {tp for tp in pending if reader.position(tp) < end[tp]}
-        finally:
-            reader.assign([])
-        return states
+        settings = librdkafka_settings(self.bootstrap, self.client)
+        return read_changelog(settings, f"{self.group_id}-restore", topic, partitions)
 
     def close(self) -> None:
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
-            self.reader.close()
         if self.producer is not None:
             self.abort_quietly()
             self.producer.close()

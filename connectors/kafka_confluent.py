@@ -169,37 +169,7 @@ class ConfluentKafkaClient:
         return sorted({p for _, p in self._assigned})
 
     def read_changelog(self, topic: str, partitions: Iterable[int]) -> dict[int, dict[StreamId, np.ndarray]]:
-        partitions = list(partitions)
-        states: dict[int, dict[StreamId, np.ndarray]] = {p: {} for p in partitions}
-        if not partitions:
-            return states
-        reader = Consumer(
-            {
-                **self.base,
-                "group.id": f"{self.group_id}-restore-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "enable.partition.eof": True,  # EOF comes at the last stable offset under read_committed
-            }
-        )
-        try:
-            reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-            pending = set(partitions)
-            deadline = time.monotonic() + 60
-            while pending:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"changelog {topic}: restore did not reach the end in 60 s")
-                for m in reader.consume(10_000, 0.2):
-                    err = m.error()
-                    if err is None:
-                        apply_changelog_record(states[m.partition()], m.key(), m.value())
-                    elif err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(m.partition())
-                    else:
-                        raise KafkaException(err)
-        finally:
-            reader.close()
-        return states
+        return read_changelog(self.base, f"{self.group_id}-restore", topic, partitions)
 
     def close(self) -> None:
         if self.consumer is not None:
@@ -210,3 +180,65 @@ class ConfluentKafkaClient:
             except KafkaException:
                 log.debug("no transaction to abort")
             self.producer.flush(10)
+
+
+def read_changelog(
+    settings: dict[str, Any], group_prefix: str, topic: str, partitions: Iterable[int], timeout_s: float = 60
+) -> dict[int, dict[StreamId, np.ndarray]]:
+    """Committed state per changelog partition (``KafkaClient.read_changelog``), read with a librdkafka
+    consumer up to each partition's last stable offset. ``settings``: librdkafka connection settings."""
+    partitions = list(partitions)
+    states: dict[int, dict[StreamId, np.ndarray]] = {p: {} for p in partitions}
+    if not partitions:
+        return states
+    reader = Consumer(
+        {
+            **settings,
+            "group.id": f"{group_prefix}-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,  # EOF comes at the last stable offset under read_committed
+        }
+    )
+    try:
+        reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        pending = set(partitions)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"changelog {topic}: restore did not reach the end in {timeout_s} s")
+            for m in reader.consume(10_000, 0.2):
+                err = m.error()
+                if err is None:
+                    apply_changelog_record(states[m.partition()], m.key(), m.value())
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(m.partition())
+                else:
+                    raise KafkaException(err)
+    finally:
+        reader.close()
+    return states
+
+
+# kafka-python setting names → librdkafka's, for the connection settings both libraries share.
+KAFKA_PYTHON_TO_LIBRDKAFKA = {
+    "security_protocol": "security.protocol",
+    "sasl_mechanism": "sasl.mechanism",
+    "sasl_plain_username": "sasl.username",
+    "sasl_plain_password": "sasl.password",
+    "ssl_cafile": "ssl.ca.location",
+    "ssl_certfile": "ssl.certificate.location",
+    "ssl_keyfile": "ssl.key.location",
+    "ssl_password": "ssl.key.password",
+    "client_id": "client.id",
+}
+
+
+def librdkafka_settings(bootstrap: str, kafka_python_settings: dict[str, Any]) -> dict[str, Any]:
+    """Connection settings given in kafka-python's names, in librdkafka's (unknown ones are refused)."""
+    unknown = set(kafka_python_settings) - set(KAFKA_PYTHON_TO_LIBRDKAFKA)
+    if unknown:
+        raise ValueError(f"cannot translate kafka-python settings {sorted(unknown)} for the changelog reader")
+    return {"bootstrap.servers": bootstrap} | {
+        KAFKA_PYTHON_TO_LIBRDKAFKA[k]: v for k, v in kafka_python_settings.items()
+    }

@@ -16,7 +16,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 CellKind = Literal["rnn_tanh", "rnn_relu", "gru", "lstm"]
 CELL_KINDS: tuple[CellKind, ...] = ("rnn_tanh", "rnn_relu", "gru", "lstm")
@@ -91,9 +90,9 @@ class RecurrentLayer(nn.Module):
         x: ``(B, I)``; state: this layer's state tuple, rows aligned with ``x``.
         Returns the new state tuple; its first tensor ``h`` is the layer's output.
 
-        Each cell runs as PyTorch's fused single-step kernel (``torch.lstm_cell`` etc.: the same kernels
-        ``nn.LSTMCell`` uses, differentiable, one GEMM per weight matrix and fused gate math), computing
-        exactly the equations below.
+        Each cell runs on PyTorch's own kernels (``torch.gru_cell``, ``torch.rnn_tanh_cell``, and the
+        ``torch.lstm`` sequence kernel for one timestep): differentiable, one GEMM per weight matrix,
+        fused gate math, computing exactly the equations below.
         """
         if self.kind == "lstm":
             return self._lstm(x, state[0], state[1])
@@ -123,13 +122,22 @@ class RecurrentLayer(nn.Module):
         ``c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g)``
         ``h' = σ(o) ⊙ tanh(c')``, then ``h' = W_hr h'`` when projected (``proj_size > 0``).
         """
-        if self.weight_hr is None:
-            weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-            h_new, c_new = torch.lstm_cell(x, (h, c), *weights)
-            return (h_new, c_new)
-        # torch's fused kernel takes no projection (it infers H from h): the same equations, spelled out.
-        gates = F.linear(x, self.weight_ih, self.bias_ih) + F.linear(h, self.weight_hh, self.bias_hh)
-        i, f, g, o = gates.chunk(4, dim=1)
-        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h_new = (torch.sigmoid(o) * torch.tanh(c_new)) @ self.weight_hr.t()
-        return (h_new, c_new)
+        # torch's LSTM sequence kernel run for one timestep: fused gate math on CPU (2-3x faster than
+        # torch.lstm_cell there), and it takes the projection weight too.
+        weights = [
+            w
+            for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.weight_hr)
+            if w is not None
+        ]
+        _, h_new, c_new = torch.lstm(
+            x.unsqueeze(0),
+            (h.unsqueeze(0), c.unsqueeze(0)),
+            weights,
+            self.has_bias,
+            1,
+            0.0,
+            self.training,
+            False,
+            False,
+        )
+        return (h_new[0], c_new[0])

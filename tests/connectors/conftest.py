@@ -291,7 +291,7 @@ def committed_total(bootstrap: str, group: str) -> int:
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
-        offsets = admin.list_group_offsets({group: None}).get(group, {})
+        offsets = admin.list_consumer_group_offsets(group)
         return sum(o.offset for o in offsets.values() if o.offset >= 0)
     finally:
         admin.close()
