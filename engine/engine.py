@@ -63,7 +63,7 @@ class Engine:
         model: StreamModel,
         device: str | torch.device = "auto",
         max_batch: int = 4096,
-        max_delay_ms: float = 0.5,
+        max_delay_ms: float = 0.0,
         capacity: int = 1024,
         ttl_s: float | None = None,
         eviction: EvictionPolicy = "drop",

@@ -23,7 +23,7 @@ class EngineConfig(Strict):
 
     device: str = "auto"
     max_batch: int = Field(4096, ge=1)
-    max_delay_ms: float = Field(0.5, ge=0)
+    max_delay_ms: float = Field(0.0, ge=0)
     capacity: int = Field(1024, ge=1)
     ttl_s: float | None = Field(None, gt=0)
     eviction: Literal["drop", "spill"] = "drop"
