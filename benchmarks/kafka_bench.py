@@ -6,10 +6,10 @@ Run ``python -m benchmarks.kafka_bench [--quick] [--json PATH]`` (or ``rnnstream
 For each client library (kafka-python, the default; confluent-kafka, the optional fast backend):
 - single-event messages/s: JSON ``{"x": [v]}`` messages over 1,000 streams, pre-loaded, drained;
 - batched payloads, events/s: float32 frames of 100 timesteps per message;
-- latency at a fixed offered rate (20,000 msg/s, paced by a separate producer process): output record
-  timestamp − input record timestamp (what a ``read_uncommitted`` consumer sees; Kafka timestamps are
-  milliseconds) and the time until a ``read_committed`` consumer receives it (adds the checkpoint
-  interval, since outputs commit with the state).
+- latency at a fixed offered rate (20,000 msg/s, paced by a separate producer process): broker append
+  time of the output − broker append time of its input (``LogAppendTime`` topics, milliseconds: what a
+  ``read_uncommitted`` consumer sees), and from the input's append to a ``read_committed`` consumer
+  receiving the output (adds the checkpoint interval, since outputs commit with the state).
 Then where the time goes in the service loop (in-process run with timers around each stage).
 The model is the shipped sensor LSTM (1 feature, hidden 32). The broker runs on the same machine.
 """
@@ -49,9 +49,11 @@ Progress = Callable[[str], None]
 
 
 # ---- Kafka plumbing (confluent-kafka: the fastest way to load and read topics) ----------------------
-def create_topic(bootstrap: str, topic: str, partitions: int = PARTITIONS) -> None:
+def create_topic(
+    bootstrap: str, topic: str, partitions: int = PARTITIONS, config: dict | None = None
+) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})  # keep the handle alive until the result
-    for future in admin.create_topics([NewTopic(topic, partitions)]).values():
+    for future in admin.create_topics([NewTopic(topic, partitions, config=config or {})]).values():
         future.result(30)
 
 
@@ -103,7 +105,9 @@ def batched_messages(n: int, steps: int, rng: np.random.Generator) -> list[tuple
 
 
 # ---- the service under test -------------------------------------------------------------------------
-def service_config(bootstrap: str, topic: str, library: str, encoding: str, workdir: Path) -> Path:
+def service_config(
+    bootstrap: str, topic: str, library: str, encoding: str, workdir: Path, interval_ms: int = 200
+) -> Path:
     cfg = {
         "model": str(MODEL),
         "kafka": {
@@ -116,7 +120,7 @@ def service_config(bootstrap: str, topic: str, library: str, encoding: str, work
             "encoding": encoding,
         },
         "engine": {"device": "cpu"},
-        "checkpoint": {"interval_ms": 200},
+        "checkpoint": {"interval_ms": interval_ms},
     }
     path = workdir / f"{topic}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -184,10 +188,19 @@ p.flush(60)
 
 
 def latency_at_rate(
-    bootstrap: str, topic: str, library: str, rate: float, seconds: float, workdir: Path
+    bootstrap: str,
+    topic: str,
+    library: str,
+    rate: float,
+    seconds: float,
+    workdir: Path,
+    interval_ms: int = 200,
 ) -> dict:
-    create_topic(bootstrap, topic)
-    cfg = service_config(bootstrap, topic, library, "json", workdir)
+    # Broker timestamps (LogAppendTime) on input and output: latency = when the output reached the broker
+    # minus when the input did, which leaves out the load generator's own queueing.
+    for name in (topic, f"{topic}-out"):
+        create_topic(bootstrap, name, config={"message.timestamp.type": "LogAppendTime"})
+    cfg = service_config(bootstrap, topic, library, "json", workdir, interval_ms)
     with running_service(cfg, workdir) as proc:
         _wait_assigned(bootstrap, topic, proc, workdir, cfg)
         received: dict[tuple[int, int], float] = {}
