@@ -56,6 +56,10 @@ def _create_topic(bootstrap: str, topic: str, partitions: int, rf: int) -> None:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
     try:
         admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=rf)])
+        # Creation completes on the controller first; the brokers learn of it through metadata updates.
+        deadline = time.monotonic() + 30
+        while topic not in admin.list_topics() and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert topic in admin.list_topics()
     finally:
         admin.close()
