@@ -23,6 +23,7 @@ console = Console()
 
 class BenchSuite(StrEnum):
     engine = "engine"
+    kafka = "kafka"
 
 
 @app.command()
@@ -50,16 +51,20 @@ def demo(
 def bench(
     suite: Annotated[BenchSuite, typer.Argument(help="Which benchmark suite.")] = BenchSuite.engine,
     quick: Annotated[bool, typer.Option(help="A short smoke run (smaller sizes).")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (engine suite).")] = "auto",
     json_path: Annotated[Path | None, typer.Option("--json", help="Where to write the results.")] = None,
 ) -> None:
     """Run a benchmark suite: print its tables and write machine-readable JSON."""
-    from benchmarks import engine_bench
-
-    argv = ["--device", device, *(["--quick"] if quick else [])]
+    argv = ["--quick"] if quick else []
     if json_path is not None:
         argv += ["--json", str(json_path)]
-    engine_bench.main(argv)
+    if suite is BenchSuite.kafka:
+        from benchmarks import kafka_bench
+
+        raise typer.Exit(kafka_bench.main(argv))
+    from benchmarks import engine_bench
+
+    raise typer.Exit(engine_bench.main(["--device", device, *argv]))
 
 
 @app.command()

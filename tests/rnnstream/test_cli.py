@@ -1,0 +1,55 @@
+"""The command line: info on the shipped bundle, config errors that name the bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import models
+from rnnstream.cli import app
+from rnnstream.config import ConfigError, load_config
+
+ASSET = Path(models.__file__).parent / "assets" / "sensor_lstm.safetensors"
+REPO = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def test_info_describes_the_shipped_bundle():
+    result = runner.invoke(app, ["info", str(ASSET)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "lstm" in result.output and "regression" in result.output and "train_demo_model" in result.output
+
+
+def test_shipped_kafka_config_is_valid():
+    cfg = load_config(REPO / "configs" / "kafka.yaml")
+    assert cfg.model == ASSET.resolve() and cfg.kafka.input_topics == ["sensor-events"]
+
+
+@pytest.mark.parametrize(
+    "change,where",
+    [
+        (lambda c: c["kafka"].pop("group_id"), "kafka.group_id"),
+        (lambda c: c["kafka"].update(encoding="xml"), "kafka.encoding"),
+        (lambda c: c["engine"].update(max_batch=0), "engine.max_batch"),
+        (lambda c: c["kafka"].update(colour="blue"), "kafka.colour"),
+        (lambda c: c["kafka"]["client"].update(group_id="x"), "kafka.client"),
+    ],
+)
+def test_config_errors_name_the_bad_key(tmp_path, change, where):
+    cfg = yaml.safe_load((REPO / "configs" / "kafka.yaml").read_text())
+    cfg["model"] = str(ASSET)
+    change(cfg)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
+        load_config(path)
+    result = runner.invoke(app, ["run", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "config error" in result.output
+
+
+def test_bench_lists_its_suites():
+    result = runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "engine|kafka" in result.output
