@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -118,27 +119,33 @@ def apply_changelog_record(table: dict[StreamId, np.ndarray], key: bytes, value:
         table[sid] = np.frombuffer(value, dtype="<f4")
 
 
-def open_client(
-    library: str,
-    bootstrap: str,
-    group_id: str,
-    instance_id: str,
-    client: dict[str, Any],
-    consumer: dict[str, Any],
-    producer: dict[str, Any],
-    transaction_timeout_ms: int,
-) -> KafkaClient:
+@dataclass(frozen=True)
+class ClientSettings:
+    """Where and as whom a service connects. ``client`` goes to every client of the chosen library,
+    ``consumer``/``producer`` only to that one (the library's own setting names)."""
+
+    bootstrap: str
+    group_id: str
+    instance_id: str
+    client: dict[str, Any] = field(default_factory=dict)
+    consumer: dict[str, Any] = field(default_factory=dict)
+    producer: dict[str, Any] = field(default_factory=dict)
+    transaction_timeout_ms: int = 10_000
+
+    @property
+    def member_id(self) -> str:
+        """This process's identity in the group: its static member id and transactional id."""
+        return f"{self.group_id}-{self.instance_id}"
+
+
+def open_client(library: str, settings: ClientSettings) -> KafkaClient:
     """The ``KafkaClient`` of ``library`` (``kafka-python`` or ``confluent-kafka``)."""
     if library == "confluent-kafka":
         from connectors.kafka_confluent import ConfluentKafkaClient
 
-        return ConfluentKafkaClient(
-            bootstrap, group_id, instance_id, client, consumer, producer, transaction_timeout_ms
-        )
+        return ConfluentKafkaClient(settings)
     if library == "kafka-python":
-        return PythonKafkaClient(
-            bootstrap, group_id, instance_id, client, consumer, producer, transaction_timeout_ms
-        )
+        return PythonKafkaClient(settings)
     raise ValueError(f"unknown Kafka client library {library!r}")
 
 
@@ -146,23 +153,8 @@ class PythonKafkaClient:
     """``KafkaClient`` on kafka-python. Static group membership (``group_instance_id``): a restarted
     instance takes its partitions back at once instead of waiting out a rebalance."""
 
-    def __init__(
-        self,
-        bootstrap: str,
-        group_id: str,
-        instance_id: str,
-        client: dict[str, Any],
-        consumer: dict[str, Any],
-        producer: dict[str, Any],
-        transaction_timeout_ms: int,
-    ) -> None:
-        self.bootstrap = bootstrap
-        self.group_id = group_id
-        self.instance_id = instance_id
-        self.client = client
-        self.consumer_settings = consumer
-        self.producer_settings = producer
-        self.transaction_timeout_ms = transaction_timeout_ms
+    def __init__(self, settings: ClientSettings) -> None:
+        self.settings = settings
         self.consumer = None
         self.producer = None
 
@@ -171,7 +163,7 @@ class PythonKafkaClient:
         from kafka.admin import NewTopic
         from kafka.errors import TopicAlreadyExistsError
 
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, **self.client)
+        admin = KafkaAdminClient(bootstrap_servers=self.settings.bootstrap, **self.settings.client)
         try:
             counts = [_partition_count(admin, t) for t in inputs]
             width = max([n for n in counts if n] or [1])
@@ -195,26 +187,26 @@ class PythonKafkaClient:
         from kafka import KafkaConsumer, KafkaProducer
 
         self.producer = KafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            transactional_id=f"{self.group_id}-{self.instance_id}",
-            transaction_timeout_ms=self.transaction_timeout_ms,
+            bootstrap_servers=self.settings.bootstrap,
+            transactional_id=self.settings.member_id,
+            transaction_timeout_ms=self.settings.transaction_timeout_ms,
             acks="all",
-            **{"linger_ms": 2, "batch_size": 256 * 1024, **self.client, **self.producer_settings},
+            **{"linger_ms": 2, "batch_size": 256 * 1024, **self.settings.client, **self.settings.producer},
         )
         self.producer.init_transactions()
         self.producer.begin_transaction()
         self.consumer = KafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            group_id=self.group_id,
-            group_instance_id=f"{self.group_id}-{self.instance_id}",
+            bootstrap_servers=self.settings.bootstrap,
+            group_id=self.settings.group_id,
+            group_instance_id=self.settings.member_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             **{
                 "metadata_max_age_ms": 10_000,
                 "receive_message_max_bytes": 100_000_000,  # 2.x's 1 MB is below one fetch response
-                **self.client,
-                **self.consumer_settings,
+                **self.settings.client,
+                **self.settings.consumer,
             },
         )
         for topic in topics:  # know the partitions before joining, or the first assignment may be empty
@@ -249,7 +241,7 @@ class PythonKafkaClient:
                 }
                 # kafka-python 3 takes the group metadata (KIP-447 fencing); 2.x the group id.
                 meta = getattr(self.consumer, "group_metadata", None)
-                group = meta() if meta is not None else self.group_id
+                group = meta() if meta is not None else self.settings.group_id
                 self.producer.send_offsets_to_transaction(offsets, group)
             self.producer.commit_transaction()
         except KafkaError as exc:
@@ -281,8 +273,8 @@ class PythonKafkaClient:
         process intermittently stalls the group consumer's fetches (reproduced; see README)."""
         from connectors.kafka_confluent import librdkafka_settings, read_changelog
 
-        settings = librdkafka_settings(self.bootstrap, self.client)
-        return read_changelog(settings, f"{self.group_id}-restore", topic, partitions)
+        settings = librdkafka_settings(self.settings.bootstrap, self.settings.client)
+        return read_changelog(settings, f"{self.settings.group_id}-restore", topic, partitions)
 
     def close(self) -> None:
         if self.consumer is not None:

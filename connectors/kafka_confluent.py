@@ -17,7 +17,14 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from connectors.kafka import PartitionCallback, Record, StreamId, TransactionFailed, apply_changelog_record
+from connectors.kafka import (
+    ClientSettings,
+    PartitionCallback,
+    Record,
+    StreamId,
+    TransactionFailed,
+    apply_changelog_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,22 +32,9 @@ log = logging.getLogger(__name__)
 class ConfluentKafkaClient:
     """Group consumer (static membership, read_committed, manual commits) + transactional producer."""
 
-    def __init__(
-        self,
-        bootstrap: str,
-        group_id: str,
-        instance_id: str,
-        client: dict[str, Any],
-        consumer: dict[str, Any],
-        producer: dict[str, Any],
-        transaction_timeout_ms: int,
-    ) -> None:
-        self.base = {"bootstrap.servers": bootstrap, **client}
-        self.group_id = group_id
-        self.instance_id = instance_id
-        self.consumer_settings = consumer
-        self.producer_settings = producer
-        self.transaction_timeout_ms = transaction_timeout_ms
+    def __init__(self, settings: ClientSettings) -> None:
+        self.settings = settings
+        self.base = {"bootstrap.servers": settings.bootstrap, **settings.client}
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self._assigned: set[tuple[str, int]] = set()
@@ -75,10 +69,10 @@ class ConfluentKafkaClient:
         self.producer = Producer(
             {
                 **self.base,
-                "transactional.id": f"{self.group_id}-{self.instance_id}",
-                "transaction.timeout.ms": self.transaction_timeout_ms,
+                "transactional.id": self.settings.member_id,
+                "transaction.timeout.ms": self.settings.transaction_timeout_ms,
                 "linger.ms": 2,
-                **self.producer_settings,
+                **self.settings.producer,
             }
         )
         self.producer.init_transactions(30)
@@ -86,12 +80,12 @@ class ConfluentKafkaClient:
         self.consumer = Consumer(
             {
                 **self.base,
-                "group.id": self.group_id,
-                "group.instance.id": f"{self.group_id}-{self.instance_id}",
+                "group.id": self.settings.group_id,
+                "group.instance.id": self.settings.member_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",
-                **self.consumer_settings,
+                **self.settings.consumer,
             }
         )
 
@@ -169,7 +163,7 @@ class ConfluentKafkaClient:
         return sorted({p for _, p in self._assigned})
 
     def read_changelog(self, topic: str, partitions: Iterable[int]) -> dict[int, dict[StreamId, np.ndarray]]:
-        return read_changelog(self.base, f"{self.group_id}-restore", topic, partitions)
+        return read_changelog(self.base, f"{self.settings.group_id}-restore", topic, partitions)
 
     def close(self) -> None:
         if self.consumer is not None:

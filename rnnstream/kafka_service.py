@@ -104,8 +104,7 @@ class KafkaService:
         self.decoder = Decoder(
             kcfg.encoding, model.feature_size, model.spec.num_embeddings, kcfg.max_timesteps_per_message
         )
-        self.client: kc.KafkaClient = kc.open_client(
-            kcfg.client_library,
+        settings = kc.ClientSettings(
             kcfg.bootstrap_servers,
             kcfg.group_id,
             kcfg.instance_id,
@@ -114,6 +113,7 @@ class KafkaService:
             kcfg.producer,
             config.checkpoint.transaction_timeout_ms,
         )
+        self.client: kc.KafkaClient = kc.open_client(kcfg.client_library, settings)
         self.counters = ServiceCounters()
         self._stop = threading.Event()
         self._tasks: dict[int, set[str]] = {}  # partition → streams held
