@@ -16,14 +16,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from engine.batcher import Pending, PendingQueue, plan_waves
-from engine.errors import EngineClosedError, SnapshotError, UnknownStreamError
+from engine.errors import EngineClosedError, InvalidInputError, SnapshotError, UnknownStreamError
 from engine.inputs import check_category, check_category_batch, check_feature_batch, check_features
 from engine.runtime import freeze_startup_objects, tune_allocator
 from engine.snapshot import EngineSnapshot
@@ -31,6 +31,10 @@ from engine.spill import SpillStore
 from engine.state import StateStore, StreamId, check_stream_id, check_stream_ids
 from engine.stats import EngineStats, LatencyWindow
 from models.stream_model import StreamModel
+
+if TYPE_CHECKING:
+    from engine.finetune import FineTuner, FineTuneSettings
+    from engine.replay import ReplayBuffer
 
 EvictionPolicy = Literal["drop", "spill"]
 
@@ -96,6 +100,9 @@ class Engine:
         self._last_sweep = time.monotonic()
         self._closed = False
         self._staging: Tensor | None = None
+        self._recorder: ReplayBuffer | None = None
+        self.finetuner: FineTuner | None = None
+        self._weight_history: list[tuple[int, int, float]] = [(self.model.info.version, 0, time.time())]
         if freeze_gc:
             freeze_startup_objects()
         self._thread = threading.Thread(target=self._loop, name="rnnstream-step-loop", daemon=True)
@@ -118,6 +125,8 @@ class Engine:
         """Apply every queued event, stop the step loop, release resources. Idempotent."""
         if self._closed:
             return
+        if self.finetuner is not None:
+            self.finetuner.stop()
         self._closed = True
         self._thread.join()
         for item in self._queue.close():
@@ -164,7 +173,7 @@ class Engine:
         else:
             values = check_feature_batch(xs, len(ids), self.model.feature_size)
         with self._lock, torch.no_grad():
-            out = self._run_events(ids, self._to_device(values))
+            out = self._run_events(ids, self._to_device(values), values)
             self._counts["events"] += len(ids)
             return out.cpu().numpy()
 
@@ -225,7 +234,7 @@ class Engine:
                 if not self.model.categorical
                 else np.array([it.x for it in items], dtype=np.int64)
             )
-            out = self._run_events(ids, self._to_device(values)).cpu().numpy()
+            out = self._run_events(ids, self._to_device(values), values).cpu().numpy()
         except Exception as exc:  # unexpected (device failure, out of memory): fail this batch's events
             self._counts["errors"] += len(items)
             for it in items:
@@ -241,6 +250,8 @@ class Engine:
     def _run_control(self, item: Pending) -> None:
         try:
             result = None
+            if self._recorder is not None:
+                self._recorder.forget([item.stream_id])  # its history ends here
             if item.op == "start":
                 self._store.reset(item.stream_id)
             elif item.op == "reset":
@@ -258,8 +269,9 @@ class Engine:
             return
         item.future.set_result(result)
 
-    def _run_events(self, stream_ids: list[StreamId], x: Tensor) -> Tensor:
+    def _run_events(self, stream_ids: list[StreamId], x: Tensor, host: np.ndarray) -> Tensor:
         """The core: apply events ``x (N, ...)`` of ``stream_ids`` in order; returns ``(N, output_size)``.
+        ``host``: the same inputs on the CPU (for the fine-tuning recorder).
 
         Each wave (at most one event per stream) is one fused step: gather → step → scatter.
         """
@@ -268,18 +280,24 @@ class Engine:
         store.touch(slots, time.monotonic())
         waves = plan_waves(slots)
         if len(waves) == 1:
-            out = self._step_wave(x, torch.from_numpy(slots).to(self.device))
+            state = self._store.gather(torch.from_numpy(slots).to(self.device))
+            out = self._step_wave(x, torch.from_numpy(slots).to(self.device), state)
+            if self._recorder is not None:
+                self._recorder.record(stream_ids, host, state)
         else:
             out = torch.empty(len(stream_ids), self.model.output_size, device=self.device)
             for wave in waves:
                 idx = torch.from_numpy(wave).to(self.device)
-                y = self._step_wave(x.index_select(0, idx), torch.from_numpy(slots[wave]).to(self.device))
-                out.index_copy_(0, idx, y)
+                wave_slots = torch.from_numpy(slots[wave]).to(self.device)
+                state = self._store.gather(wave_slots)
+                out.index_copy_(0, idx, self._step_wave(x.index_select(0, idx), wave_slots, state))
+                if self._recorder is not None:
+                    self._recorder.record([stream_ids[i] for i in wave], host[wave], state)
         self._counts["steps"] += len(waves)
         return out
 
-    def _step_wave(self, x: Tensor, slots: Tensor) -> Tensor:
-        state = self._store.gather(slots)
+    def _step_wave(self, x: Tensor, slots: Tensor, state: list[Tensor]) -> Tensor:
+        """One fused step of the streams at ``slots`` from their gathered ``state``; returns outputs."""
         y, new_state = self.model.step(x, state)
         self._store.scatter(slots, new_state)
         return y
@@ -302,22 +320,72 @@ class Engine:
             return
         self._last_sweep = now
         with self._lock:
-            self._store.evict_idle(now)
+            self._evict(now)
 
     def evict_idle(self) -> int:
         """Evict idle streams now (the loop also does it every ``sweep_interval_s``); returns how many."""
         with self._lock:
-            return self._store.evict_idle()
+            return self._evict(None)
+
+    def _evict(self, now: float | None) -> int:
+        n = self._store.evict_idle(now)
+        if n and self._recorder is not None and self._store.spill is None:
+            self._recorder.forget(self._store.last_evicted)  # dropped: their state restarts
+        return n
 
     # ---- weights -------------------------------------------------------------------------------------
     def swap_weights(self, state_dict: dict[str, Tensor], version: int) -> None:
-        """Load new weights between two steps, atomically; every stream's state is kept."""
-        staged = {k: v.to(self.device, non_blocking=True) for k, v in state_dict.items()}
+        """Load new weights between two steps, atomically; every stream's state is kept.
+
+        On CUDA the host→device copy runs on a side stream while the step loop goes on; only the
+        device-to-device load into the live parameters happens under the step lock.
+        """
         if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+            side = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(side):
+                staged = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in state_dict.items()}
+            side.synchronize()
+        else:
+            staged = {k: v.to(self.device) for k, v in state_dict.items()}
         with self._lock, torch.no_grad():
             self.model.load_state_dict(staged, strict=True)
             self.model.info.version = version
+            self._weight_history.append((version, self._counts["events"], time.time()))
+
+    def weight_history(self) -> list[tuple[int, int, float]]:
+        """Every weight version the engine has served: ``(version, events applied before it, unix time)``,
+        oldest first. Event ``k`` (0-based, in the order the engine applied them) ran on the last entry
+        whose count is ``<= k``."""
+        with self._lock:
+            return list(self._weight_history)
+
+    # ---- fine-tuning ---------------------------------------------------------------------------------
+    def start_finetuning(self, settings: FineTuneSettings | None = None) -> FineTuner:
+        """Record events into a replay buffer and start the background fine-tuning worker."""
+        from engine.finetune import FineTuner, FineTuneSettings
+
+        if self.finetuner is not None:
+            raise RuntimeError("fine-tuning is already running on this engine")
+        tuner = FineTuner(self, settings or FineTuneSettings())
+        with self._lock:
+            self.finetuner, self._recorder = tuner, tuner.buffer
+        return tuner
+
+    def feedback(
+        self, stream_id: StreamId, label: Any, start: int | None = None, end: int | None = None
+    ) -> int:
+        """A label for the stream's steps ``[start, end)`` (stream-local step numbers, 0 = its first event
+        since fine-tuning started or since its last reset; default: its latest step), for the fine-tuning
+        worker. ``label``: a class id, or a target vector. Returns the number of steps labelled."""
+        check_stream_id(stream_id)
+        if self.finetuner is None or self._recorder is None:
+            raise RuntimeError("feedback needs fine-tuning: call start_finetuning(target='feedback') first")
+        if self.finetuner.settings.target != "feedback":
+            raise ValueError("this engine fine-tunes on next-step targets; feedback labels are not used")
+        value = np.asarray(label)
+        if value.dtype.kind not in "iuf" or (value.dtype.kind == "f" and not np.isfinite(value).all()):
+            raise InvalidInputError(f"feedback label for stream {stream_id!r} must be finite numbers")
+        return self._recorder.feedback(stream_id, value, start, end)
 
     # ---- snapshots -----------------------------------------------------------------------------------
     def snapshot(
@@ -346,12 +414,16 @@ class Engine:
             raise SnapshotError("snapshot was taken with a different model architecture")
         with self._lock:
             self._store.import_(snapshot.stream_ids, snapshot.states, time.monotonic(), replace=replace)
+            if self._recorder is not None:
+                self._recorder.forget(None if replace else snapshot.stream_ids)
 
     def release(self, stream_ids: Sequence[StreamId]) -> None:
         """Forget streams without output (e.g. their partition moved to another process)."""
         with self._lock:
             for sid in stream_ids:
                 self._store.release(sid)
+            if self._recorder is not None:
+                self._recorder.forget(stream_ids)
 
     def state_of(self, stream_id: StreamId) -> list[Tensor]:
         """A copy of one stream's state tensors ``[(width,), ...]`` on CPU."""
@@ -389,6 +461,7 @@ class Engine:
             model_version=self.model.info.version,
             device=str(self.device),
             errors=c["errors"],
+            finetune=self.finetuner.stats().as_dict() if self.finetuner is not None else None,
         )
 
     def reset_stats(self) -> None:

@@ -32,9 +32,7 @@ def check_features(x: Any, feature_size: int, where: str = "event") -> np.ndarra
     """
     arr = _as_array(x)
     if arr.dtype.kind != "f":
-        raise InvalidInputError(
-            f"{where}: features must be floating point, got dtype {arr.dtype}"
-        )
+        raise InvalidInputError(f"{where}: features must be floating point, got dtype {arr.dtype}")
     if arr.ndim != 1 or arr.shape[0] != feature_size:
         raise InvalidInputError(f"{where}: expected {feature_size} features, got shape {tuple(arr.shape)}")
     arr = arr.astype(np.float32, copy=False)

@@ -75,6 +75,7 @@ class StateStore:
         self.ttl_s = ttl_s
         self.spill = spill
         self.evictions = 0
+        self.last_evicted: list[StreamId] = []  # ids of the latest eviction
         self.restored_from_spill = 0
 
     # ---- sizes ---------------------------------------------------------------------------------------
@@ -201,6 +202,7 @@ class StateStore:
             idx = torch.as_tensor(victims, device=self.device)
             rows = torch.cat([t.index_select(0, idx) for t in self.tensors], dim=1).cpu().numpy()
             self.spill.put_many(ids, rows)
+        self.last_evicted = ids
         for sid in ids:
             slot = self.slot_of.pop(sid)
             self.id_at[slot] = None
@@ -209,9 +211,7 @@ class StateStore:
         return len(ids)
 
     # ---- export / import -----------------------------------------------------------------------------
-    def export(
-        self, stream_ids: Iterable[StreamId] | None = None
-    ) -> tuple[list[StreamId], list[Tensor]]:
+    def export(self, stream_ids: Iterable[StreamId] | None = None) -> tuple[list[StreamId], list[Tensor]]:
         """Streams (all, or those of ``stream_ids`` that exist; in memory or spilled) with their state:
         ``ids`` and one ``(N, width)`` CPU tensor per state tensor, rows aligned with ``ids``."""
         if stream_ids is None:

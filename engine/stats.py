@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,7 @@ class EngineStats:
     model_version: int
     device: str
     errors: int
+    finetune: dict[str, Any] | None = None  # the fine-tuning worker's progress, when it runs
 
-    def as_dict(self) -> dict[str, float | int | str]:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -70,4 +70,4 @@ class TBPTT:
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
         if torch.isfinite(loss) and torch.isfinite(norm):
             optimiser.step()
-        return float(loss), float(norm)
+        return float(loss.detach()), float(norm)

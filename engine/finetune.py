@@ -1,0 +1,598 @@
+"""Online fine-tuning: a background worker trains a copy of the serving model with TBPTT(k1, k2) on the
+replay buffer and publishes better weights to the engine, which swaps them in between two steps.
+
+Pieces, in the order data flows:
+
+- ``ReplayBuffer`` (``engine.replay``) records every applied event and cuts chunks (start state, inputs,
+  targets); one chunk in ``validation_every`` is held back.
+- ``FineTuner`` (this module, a thread in the serving process) runs *rounds*: it samples
+  ``updates_per_round`` training batches and the newest held-back batch and hands them to the worker.
+- ``WorkerCore`` (in a child process by default, so training has its own CPU budget and never holds the
+  serving process's GIL) keeps three weight sets: *serving* (what the engine runs), *previous* (what it ran
+  before the last publish) and *candidate* (being trained). A round applies the updates to the candidate,
+  then decides:
+
+  - **publish** the candidate when every update was finite, the relative update norm
+    ``‖θ_cand − θ_serving‖ / ‖θ_serving‖ ≤ max_update_norm``, and its validation loss is below the serving
+    model's by at least ``min_improvement`` (relative);
+  - **roll back** a published version while it is on probation (the first ``probation_chunks`` held-back
+    chunks that arrived after its publication) if its loss on them is worse than the previous version's
+    by more than ``rollback_tolerance``.
+
+- The ``FineTuner`` executes the decision: ``Engine.swap_weights`` (atomic, states kept) and a versioned
+  bundle in ``versions_dir`` (``v000003.safetensors``) recording what trained it.
+
+Loss over the last ``k1`` outputs of each chunk, masked to the steps that have targets:
+``mse``: mean over features of ``(y − target)²``; ``cross_entropy``: ``−log p[label]`` (the head's logits
+through log-softmax; a ``classifier`` head's probabilities through log).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from engine.replay import IGNORE_LABEL, ChunkBatch, ReplayBuffer
+from models.bundle import load_bundle, save_bundle
+from models.stream_model import ModelInfo, ModelSpec, StreamModel
+from models.tbptt import TBPTT
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+
+Weights = dict[str, np.ndarray]
+
+
+class FineTuneSettings(BaseModel):
+    """Everything the fine-tuning worker does, as it appears under ``finetune:`` in a config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k1: int = Field(8, ge=1, description="steps between updates; the loss covers a chunk's last k1 outputs")
+    k2: int = Field(32, ge=1, description="steps backpropagated through (chunk length)")
+    target: Literal["next", "feedback"] = "next"
+    loss: Literal["mse", "cross_entropy"] = "mse"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, description="sgd only")
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "exponential"] = "constant"
+    lr_schedule_updates: int = Field(10_000, ge=1, description="cosine period / exponential half-life")
+    warmup_updates: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    batch_size: int = Field(64, ge=1)
+    updates_per_round: int = Field(10, ge=1)
+    min_train_chunks: int = Field(32, ge=1, description="chunks needed before the first round")
+    min_new_chunks: int = Field(8, ge=0, description="fresh chunks needed for another round (idle: no work)")
+    validation_every: int = Field(5, ge=2, description="hold back one chunk in this many")
+    validation_size: int = Field(256, ge=1, description="most held-back chunks scored per round")
+    min_validation_chunks: int = Field(8, ge=1)
+    min_improvement: float = Field(0.01, ge=0, description="relative validation gain needed to publish")
+    max_update_norm: float = Field(0.5, gt=0, description="largest ‖Δθ‖/‖θ‖ a published candidate may have")
+    probation_chunks: int = Field(32, ge=1, description="fresh held-back chunks that judge a new version")
+    rollback_tolerance: float = Field(0.1, ge=0, description="how much worse (relative) before rollback")
+    history_steps: int = Field(256, ge=2, description="inputs kept per stream (how late feedback may come)")
+    max_streams: int = Field(10_000, ge=1)
+    max_chunks: int = Field(50_000, ge=1)
+    max_chunks_per_stream: int = Field(64, ge=1)
+    max_abs_value: float = Field(1e6, gt=0, description="chunks with larger values are quarantined")
+    isolation: Literal["process", "thread"] = "process"
+    threads: int = Field(1, ge=1, description="torch threads of the worker")
+    nice: int = Field(10, ge=0, le=19, description="worker process niceness: inference gets the CPU first")
+    min_round_interval_s: float = Field(0.0, ge=0)
+    versions_dir: str | None = Field(None, description="where versions are kept (default: a temp dir)")
+    keep_versions: int = Field(1000, ge=2, description="newest versions kept on disk (plus the serving one)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> FineTuneSettings:
+        if self.k1 > self.k2:
+            raise ValueError(f"k1 ({self.k1}) must be <= k2 ({self.k2})")
+        if self.target == "next" and self.loss != "mse":
+            raise ValueError("next-step targets need loss: mse")
+        return self
+
+
+# ---- the worker: pure training logic, run in a thread or a child process ----------------------------------
+@dataclass
+class RoundResult:
+    """What one round did and decided."""
+
+    updates: int = 0
+    skipped: int = 0
+    train_loss: float = float("nan")
+    grad_norm: float = float("nan")
+    update_norm: float = float("nan")
+    val_candidate: float = float("nan")
+    val_serving: float = float("nan")
+    live_serving: float = float("nan")
+    live_previous: float = float("nan")
+    decision: Literal["none", "publish", "rollback"] = "none"
+    reason: str = ""
+    weights: Weights | None = None
+
+
+def to_numpy_weights(model: torch.nn.Module) -> Weights:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _load(model: torch.nn.Module, weights: Weights) -> None:
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+
+
+def _flat(model: torch.nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+class WorkerCore:
+    """Serving, previous and candidate weights, the optimiser and its schedule; ``round`` trains and
+    decides. All on the CPU."""
+
+    def __init__(self, spec: dict[str, Any], weights: Weights, settings: FineTuneSettings) -> None:
+        self.settings = settings
+        self.serving = StreamModel(ModelSpec.from_dict(spec)).eval()
+        _load(self.serving, weights)
+        self.previous: StreamModel | None = None
+        self.candidate = copy.deepcopy(self.serving).train()
+        self.tbptt = TBPTT(settings.k1, settings.k2)
+        self.updates = 0
+        self._new_optimiser()
+
+    def _new_optimiser(self) -> None:
+        s = self.settings
+        params = [p for p in self.candidate.parameters() if p.requires_grad]
+        if s.optimizer == "sgd":
+            self.optimiser: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
+            )
+        elif s.optimizer == "adamw":
+            self.optimiser = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        else:
+            self.optimiser = torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimiser, self._lr_factor)
+
+    def _lr_factor(self, update: int) -> float:
+        s = self.settings
+        update += self.updates  # the schedule continues across rollbacks (which renew the optimiser)
+        warm = min(1.0, (update + 1) / s.warmup_updates) if s.warmup_updates else 1.0
+        if s.lr_schedule == "cosine":
+            phase = (update % s.lr_schedule_updates) / s.lr_schedule_updates
+            return warm * 0.5 * (1 + math.cos(math.pi * phase))
+        if s.lr_schedule == "exponential":
+            return warm * 0.5 ** (update / s.lr_schedule_updates)
+        return warm
+
+    # ---- loss ----
+    def _loss_fn(self, model: StreamModel, mask: Tensor):
+        classifier = model.head is not None and model.head.kind == "classifier"
+
+        def loss(outputs: Tensor, targets: Tensor) -> Tensor:
+            if self.settings.loss == "mse":
+                per_step = (outputs - targets).pow(2).mean(-1)
+            else:
+                logp = torch.log(outputs.clamp_min(1e-12)) if classifier else torch.log_softmax(outputs, -1)
+                per_step = -logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            weight = mask.to(per_step.dtype)
+            return (per_step * weight).sum() / weight.sum().clamp_min(1.0)
+
+        return loss
+
+    def _tensors(self, batch: ChunkBatch) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+        targets = torch.from_numpy(batch.targets)
+        if self.settings.loss == "cross_entropy":
+            targets = targets.long().masked_fill(~torch.from_numpy(batch.mask), IGNORE_LABEL)
+        return (
+            [torch.from_numpy(s) for s in batch.start_state],
+            torch.from_numpy(batch.xs),
+            targets,
+            torch.from_numpy(batch.mask),
+        )
+
+    @torch.no_grad()
+    def evaluate(self, model: StreamModel, batch: ChunkBatch) -> float:
+        state, xs, targets, mask = self._tensors(batch)
+        loss, _ = self.tbptt.loss(model, state, xs, targets, self._loss_fn(model, mask))
+        return float(loss)
+
+    # ---- a round ----
+    def round(
+        self, train: list[ChunkBatch], validation: ChunkBatch | None, live: ChunkBatch | None
+    ) -> RoundResult:
+        """Apply one update per training batch to the candidate, then publish, roll back, or neither."""
+        result = RoundResult()
+        judge = self.previous is not None and live is not None and len(live) >= self.settings.probation_chunks
+        if judge and self._judge_probation(live, result):  # type: ignore[arg-type]
+            return result
+        losses, norms = [], []
+        for batch in train:
+            state, xs, targets, mask = self._tensors(batch)
+            loss, norm = self.tbptt.step(
+                self.candidate,
+                self.optimiser,
+                state,
+                xs,
+                targets,
+                self._loss_fn(self.candidate, mask),
+                self.settings.max_grad_norm,
+            )
+            if math.isfinite(loss) and math.isfinite(norm):
+                result.updates += 1
+                self.scheduler.step()
+                losses.append(loss)
+                norms.append(norm)
+            else:
+                result.skipped += 1
+        self.updates += result.updates
+        result.train_loss = float(np.mean(losses)) if losses else float("nan")
+        result.grad_norm = float(np.mean(norms)) if norms else float("nan")
+        self._maybe_publish(validation, result)
+        return result
+
+    def _judge_probation(self, live: ChunkBatch, result: RoundResult) -> bool:
+        """Compare the serving version with the one before on chunks that arrived after its publication;
+        roll back if it got worse. Returns True when it rolled back."""
+        assert self.previous is not None
+        result.live_serving = self.evaluate(self.serving, live)
+        result.live_previous = self.evaluate(self.previous, live)
+        worse = not math.isfinite(result.live_serving) or (
+            result.live_serving > result.live_previous * (1 + self.settings.rollback_tolerance)
+        )
+        if not worse:
+            self.previous = None  # probation passed
+            return False
+        self.serving.load_state_dict(self.previous.state_dict())
+        self.candidate.load_state_dict(self.previous.state_dict())
+        self.previous = None
+        self._new_optimiser()
+        result.decision = "rollback"
+        result.reason = f"live loss {result.live_serving:.4g} > previous version's {result.live_previous:.4g}"
+        return True
+
+    def _maybe_publish(self, validation: ChunkBatch | None, result: RoundResult) -> None:
+        s = self.settings
+        if result.updates == 0:
+            result.reason = "no finite update"
+            return
+        if result.skipped:
+            result.reason = f"{result.skipped} update(s) had a non-finite loss or gradient"
+            return
+        serving_norm = float(_flat(self.serving).norm())
+        step_norm = float((_flat(self.candidate) - _flat(self.serving)).norm())
+        result.update_norm = step_norm / max(serving_norm, 1e-12)
+        if not math.isfinite(result.update_norm) or result.update_norm > s.max_update_norm:
+            result.reason = f"update norm {result.update_norm:.3g} > {s.max_update_norm}"
+            self.candidate.load_state_dict(self.serving.state_dict())  # too far: start again from serving
+            self._new_optimiser()
+            return
+        if validation is None or len(validation) < s.min_validation_chunks:
+            result.reason = "not enough validation chunks yet"
+            return
+        result.val_candidate = self.evaluate(self.candidate, validation)
+        result.val_serving = self.evaluate(self.serving, validation)
+        if not math.isfinite(result.val_candidate):
+            result.reason = "non-finite validation loss"
+            return
+        if result.val_candidate >= result.val_serving * (1 - s.min_improvement):
+            result.reason = f"validation {result.val_candidate:.4g} not better than {result.val_serving:.4g}"
+            return
+        self.previous = copy.deepcopy(self.serving)
+        self.serving.load_state_dict(self.candidate.state_dict())
+        result.decision = "publish"
+        result.weights = to_numpy_weights(self.serving)
+
+
+def _worker_process_main(fd: int) -> None:
+    """The child process (``python -m engine.finetune FD``): receive the model and settings, then answer
+    rounds until told to stop."""
+    conn = Connection(fd)
+    spec, weights, settings = conn.recv()
+    parsed = FineTuneSettings(**settings)
+    torch.set_num_threads(parsed.threads)
+    if parsed.nice and hasattr(os, "nice"):
+        os.nice(parsed.nice)
+    core = WorkerCore(spec, weights, parsed)
+    conn.send(("ready", None))
+    while True:
+        try:
+            kind, payload = conn.recv()
+        except EOFError:  # the serving process is gone
+            kind = "stop"
+        if kind == "stop":
+            conn.close()
+            # Skip interpreter teardown: torch's optimisers import triton, whose bindings print pages of
+            # "leaked" warnings at a normal exit. Nothing is left to flush.
+            os._exit(0)
+        try:
+            conn.send(("result", core.round(*payload)))
+        except Exception:  # report, keep serving
+            conn.send(("error", traceback.format_exc()))
+
+
+class _ThreadWorker:
+    def __init__(self, spec: dict[str, Any], weights: Weights, settings: FineTuneSettings) -> None:
+        self.core = WorkerCore(spec, weights, settings)
+
+    def round(self, *payload: Any) -> RoundResult:
+        return self.core.round(*payload)
+
+    def close(self) -> None:
+        pass
+
+
+class _ProcessWorker:
+    """The worker in a child interpreter, ``python -m engine.finetune FD``, talking over a socket pair.
+
+    A plain subprocess rather than ``multiprocessing``'s spawn: spawn re-imports the parent's
+    ``__main__``, which re-runs any user script that lacks an ``if __name__ == "__main__"`` guard.
+    """
+
+    def __init__(self, spec: dict[str, Any], weights: Weights, settings: FineTuneSettings) -> None:
+        parent, child = socket.socketpair()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "engine.finetune", str(child.fileno())],
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
+        )
+        child.close()
+        self.conn = Connection(parent.detach())
+        self.conn.send((spec, weights, settings.model_dump()))
+        if not self.conn.poll(120):
+            raise RuntimeError("the fine-tuning worker did not start within 120 s")
+        kind, _ = self.conn.recv()
+        if kind != "ready":
+            raise RuntimeError(f"the fine-tuning worker did not start: {kind}")
+
+    def round(self, *payload: Any) -> RoundResult:
+        self.conn.send(("round", payload))
+        kind, value = self.conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"fine-tuning worker failed:\n{value}")
+        return value
+
+    def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.conn.send(("stop", None))
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.conn.close()
+
+
+# ---- the coordinator: a thread in the serving process ---------------------------------------------------
+@dataclass
+class FineTuneStats:
+    """Progress of the fine-tuning worker (``Engine.stats().finetune``)."""
+
+    state: str = "starting"
+    rounds: int = 0
+    updates: int = 0
+    skipped_updates: int = 0
+    published: int = 0
+    rolled_back: int = 0
+    serving_version: int = 0
+    train_loss: float = float("nan")
+    val_loss_serving: float = float("nan")
+    val_loss_candidate: float = float("nan")
+    last_decision: str = ""
+    last_error: str = ""
+    updates_per_s: float = 0.0
+    buffer: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class FineTuner:
+    """Runs the fine-tuning rounds for ``engine``; see the module docstring. Start it with
+    ``Engine.start_finetuning(settings)``; ``pause``/``resume``/``stop`` at any time."""
+
+    def __init__(self, engine: Engine, settings: FineTuneSettings) -> None:
+        model = engine.model
+        if settings.target == "next" and model.output_size != model.feature_size:
+            raise ValueError(
+                f"next-step targets need the model's output ({model.output_size}) to predict its input "
+                f"({model.feature_size} features)"
+            )
+        if model.categorical and settings.target == "next":
+            raise ValueError("next-step targets need a feature model, not a categorical one")
+        self.engine = engine
+        self.settings = settings
+        self.buffer = ReplayBuffer(
+            settings.k1,
+            settings.k2,
+            () if model.categorical else (model.feature_size,),
+            target=settings.target,
+            history_steps=settings.history_steps,
+            max_streams=settings.max_streams,
+            max_chunks=settings.max_chunks,
+            max_chunks_per_stream=settings.max_chunks_per_stream,
+            validation_every=settings.validation_every,
+            max_abs_value=settings.max_abs_value,
+            input_dtype=np.int64 if model.categorical else np.float32,
+        )
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if settings.versions_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="rnnstream-versions-")
+        self.versions_dir = Path(settings.versions_dir or self._tmp.name)  # type: ignore[union-attr]
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        self._spec = model.spec.to_dict()
+        self._serving_version = model.info.version
+        self._previous_version: int | None = None
+        self._next_version = max([model.info.version, *self.versions()]) + 1
+        self._save_version(copy.deepcopy(model).cpu(), model.info.version, {"source": "initial"})
+        self._rng = random.Random(settings.seed)
+        self._stats = FineTuneStats(serving_version=model.info.version)
+        self._running = threading.Event()
+        self._running.set()
+        self._stopped = threading.Event()
+        self._probation_from_seq: int | None = None
+        self._last_round_seq = -(10**9)
+        self._started = time.monotonic()
+        self._worker: _ThreadWorker | _ProcessWorker | None = None
+        self._thread = threading.Thread(target=self._loop, name="rnnstream-finetune", daemon=True)
+        self._thread.start()
+
+    # ---- control ----
+    def pause(self) -> None:
+        """Finish the current round, then train no more until ``resume`` (events are still recorded)."""
+        self._running.clear()
+        self._stats.state = "paused"
+
+    def resume(self) -> None:
+        self._running.set()
+        if self._stats.state == "paused":
+            self._stats.state = "running"
+
+    def stop(self) -> None:
+        """Stop training for good (the serving weights stay as they are). Idempotent."""
+        self._stopped.set()
+        self._running.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join()
+        self._stats.state = "stopped"
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def stats(self) -> FineTuneStats:
+        self._stats.buffer = self.buffer.stats()
+        elapsed = time.monotonic() - self._started
+        self._stats.updates_per_s = self._stats.updates / elapsed if elapsed > 0 else 0.0
+        return copy.copy(self._stats)
+
+    # ---- versions ----
+    def versions(self) -> list[int]:
+        """Version numbers kept in ``versions_dir``, ascending."""
+        return sorted(int(p.stem[1:]) for p in self.versions_dir.glob("v*.safetensors"))
+
+    def version_path(self, version: int) -> Path:
+        return self.versions_dir / f"v{version:06d}.safetensors"
+
+    def load_version(self, version: int) -> StreamModel:
+        """A kept version as a model (CPU, eval mode)."""
+        return load_bundle(self.version_path(version))
+
+    def _save_version(self, model: StreamModel, version: int, trained_on: dict[str, Any]) -> None:
+        model.info = ModelInfo(version=version, features=dict(model.info.features), trained_on=trained_on)
+        save_bundle(model, self.version_path(version))
+        kept = self.versions()
+        for old in kept[: max(0, len(kept) - self.settings.keep_versions)]:
+            if old not in (self._serving_version, self._previous_version):
+                self.version_path(old).unlink(missing_ok=True)
+
+    # ---- the loop ----
+    def _loop(self) -> None:
+        try:
+            weights = to_numpy_weights(self.engine.model)
+            worker_cls = _ProcessWorker if self.settings.isolation == "process" else _ThreadWorker
+            self._worker = worker_cls(self._spec, weights, self.settings)
+            self._stats.state = "running" if self._running.is_set() else "paused"
+            while not self._stopped.is_set():
+                self._running.wait()
+                if self._stopped.is_set():
+                    break
+                started = time.monotonic()
+                if not self._round():
+                    self._stopped.wait(0.05)  # not enough data yet
+                rest = self.settings.min_round_interval_s - (time.monotonic() - started)
+                if rest > 0:
+                    self._stopped.wait(rest)
+        except Exception as exc:  # the worker died: serving goes on with the current weights
+            self._stats.state = "failed"
+            self._stats.last_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if self._worker is not None:
+                self._worker.close()
+            if self._tmp is not None and self._stopped.is_set():
+                pass  # versions stay readable until the FineTuner is garbage collected
+
+    def _round(self) -> bool:
+        s = self.settings
+        first_seq = self.buffer.next_seq
+        if len(self.buffer) < s.min_train_chunks or first_seq - self._last_round_seq < s.min_new_chunks:
+            return False
+        self._last_round_seq = first_seq
+        train = [self.buffer.sample(s.batch_size, self._rng) for _ in range(s.updates_per_round)]
+        validation = self.buffer.validation_batch(s.validation_size)
+        live = None
+        if self._probation_from_seq is not None:
+            live = self.buffer.validation_batch(s.validation_size, since_seq=self._probation_from_seq)
+        assert self._worker is not None
+        result = self._worker.round([b for b in train if b is not None], validation, live)
+        self._apply(result, first_seq, train)
+        return True
+
+    def _apply(self, result: RoundResult, first_seq: int, train: list[ChunkBatch | None]) -> None:
+        st = self._stats
+        st.rounds += 1
+        st.updates += result.updates
+        st.skipped_updates += result.skipped
+        st.train_loss = result.train_loss
+        if math.isfinite(result.val_serving):
+            st.val_loss_serving, st.val_loss_candidate = result.val_serving, result.val_candidate
+        if result.decision == "publish" and result.weights is not None:
+            version = self._next_version
+            self._next_version += 1
+            model = StreamModel(ModelSpec.from_dict(self._spec), copy.deepcopy(self.engine.model.info))
+            _load(model, result.weights)
+            seqs = sorted(seq for b in train if b is not None for seq in b.seqs)
+            self._save_version(
+                model,
+                version,
+                {
+                    "source": "online fine-tuning",
+                    "parent_version": self._serving_version,
+                    "updates_total": st.updates,
+                    "chunks_seq_range": [seqs[0], seqs[-1]] if seqs else [],
+                    "val_loss": result.val_candidate,
+                    "val_loss_parent": result.val_serving,
+                    "published_at": time.time(),
+                },
+            )
+            self.engine.swap_weights({k: torch.from_numpy(v) for k, v in result.weights.items()}, version)
+            self._previous_version, self._serving_version = self._serving_version, version
+            self._probation_from_seq = self.buffer.next_seq - 1  # judged on chunks cut from now on
+            st.published += 1
+            st.last_decision = f"published v{version}"
+        elif result.decision == "rollback" and self._previous_version is not None:
+            back = self._previous_version
+            weights = self.load_version(back).state_dict()
+            self.engine.swap_weights(weights, back)
+            st.rolled_back += 1
+            st.last_decision = f"rolled back v{self._serving_version} → v{back}: {result.reason}"
+            self._serving_version, self._previous_version = back, None
+            self._probation_from_seq = None
+        else:
+            if self._probation_from_seq is not None and math.isfinite(result.live_serving):
+                self._probation_from_seq = None  # probation judged and passed
+            st.last_decision = result.reason
+        st.serving_version = self._serving_version
+
+
+if __name__ == "__main__":
+    # Run through the package module, not this ``__main__`` copy, so results pickle as engine.finetune.*.
+    from engine.finetune import _worker_process_main as main
+
+    main(int(sys.argv[1]))
