@@ -209,9 +209,11 @@ class PythonKafkaClient:
                 **self.settings.consumer,
             },
         )
+        _complete_every_rejoin(self.consumer)
         for topic in topics:  # know the partitions before joining, or the first assignment may be empty
             self.consumer.partitions_for_topic(topic)
-        self.consumer.subscribe(topics, listener=_Listener(on_assigned, on_revoked))
+        listener = _Listener(on_assigned, on_revoked, self._wait_for_stable_offsets)
+        self.consumer.subscribe(topics, listener=listener)
 
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
         polled = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
@@ -276,6 +278,36 @@ class PythonKafkaClient:
         settings = librdkafka_settings(self.settings.bootstrap, self.settings.client)
         return read_changelog(settings, f"{self.settings.group_id}-restore", topic, partitions)
 
+    def _wait_for_stable_offsets(self, partitions: set) -> None:
+        """Block until no transaction still holds pending offset commits for ``partitions``.
+
+        A transaction's commit returns before its markers are written; until then the group coordinator
+        keeps its offsets pending and an OffsetFetch without ``require_stable`` (kafka-python 2.x sends
+        v5, no such flag) returns the offsets from before it, so a new owner would replay events onto a
+        state that already holds them. librdkafka sets ``require_stable`` (KIP-447) under read_committed
+        and retries until the offsets are stable; kafka-python's own fetch, which follows this callback,
+        then sees them."""
+        from confluent_kafka import Consumer
+        from confluent_kafka import TopicPartition as Tp
+
+        from connectors.kafka_confluent import librdkafka_settings
+
+        if not partitions:
+            return
+        settings = librdkafka_settings(self.settings.bootstrap, self.settings.client)
+        probe = Consumer(
+            {
+                **settings,
+                "group.id": self.settings.group_id,  # never subscribes: queries offsets, joins nothing
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
+        try:
+            probe.committed([Tp(tp.topic, tp.partition) for tp in partitions], timeout=60)
+        finally:
+            probe.close()
+
     def close(self) -> None:
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
@@ -299,16 +331,51 @@ def _partition_count(admin: Any, topic: str) -> int | None:
     return len(meta[0]["partitions"]) or None
 
 
+def _complete_every_rejoin(consumer: Any) -> None:
+    """Work around a kafka-python 2.3.3 bug that lost assignments (found with the kill -9 test).
+
+    The group leader rejoins when the topic metadata it sees differs from the metadata it assigned with
+    (``_assignment_snapshot != _metadata_snapshot``; this happens right after the first join, whose
+    snapshot predates the subscription's metadata). That condition is checked in ``need_rejoin()`` but
+    never recorded in ``rejoin_needed``. ``join_group`` calls ``on_partitions_revoked`` and sends
+    JoinGroup; when the join does not finish within one ``poll`` (the service polls for 5 ms), the
+    leader's ``_perform_assignment`` has meanwhile reset the snapshot, the next ``need_rejoin()`` is
+    False, the pending join is abandoned, ``on_partitions_assigned`` is never called, and ``poll`` goes
+    on returning records of the still-assigned partitions: the service, having dropped their streams on
+    revocation, stepped them from the initial state (every stream diverged, no error logged). Apache
+    Kafka fixed the same hole in its Java client (KAFKA-9815) by requesting the rejoin when the check
+    fires; this does the same, so the join runs to completion and the assignment callback follows."""
+    coordinator = consumer._coordinator
+    need_rejoin = coordinator.need_rejoin
+
+    def need_rejoin_recorded() -> bool:
+        if need_rejoin():
+            coordinator.rejoin_needed = True  # request_rejoin(), without its log line on every poll
+            return True
+        return False
+
+    coordinator.need_rejoin = need_rejoin_recorded
+
+
 class _Listener(ConsumerRebalanceListener):
     """kafka-python rebalance listener. kafka-python 3 calls it on its network thread, where blocking
-    consumer calls are not allowed (the service's callbacks only use the producer and other clients)."""
+    consumer calls are not allowed (the service's callbacks only use the producer and other clients).
+    ``before_assigned`` runs before kafka-python fetches the committed offsets of the new partitions."""
 
-    def __init__(self, on_assigned: PartitionCallback, on_revoked: PartitionCallback) -> None:
+    def __init__(
+        self,
+        on_assigned: PartitionCallback,
+        on_revoked: PartitionCallback,
+        before_assigned: Callable[[set], None] | None = None,
+    ) -> None:
         self.on_assigned = on_assigned
         self.on_revoked = on_revoked
+        self.before_assigned = before_assigned
 
     def on_partitions_revoked(self, revoked) -> None:
         self.on_revoked(sorted({tp.partition for tp in revoked}))
 
     def on_partitions_assigned(self, assigned) -> None:
+        if self.before_assigned is not None:
+            self.before_assigned(set(assigned))
         self.on_assigned(sorted({tp.partition for tp in assigned}))

@@ -14,8 +14,16 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    IsolationLevel,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from connectors.kafka import (
     ClientSettings,
@@ -194,10 +202,11 @@ def read_changelog(
             "enable.partition.eof": True,  # EOF comes at the last stable offset under read_committed
         }
     )
+    deadline = time.monotonic() + timeout_s
     try:
+        _wait_for_completed_transactions(settings, topic, partitions, deadline)
         reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         pending = set(partitions)
-        deadline = time.monotonic() + timeout_s
         while pending:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"changelog {topic}: restore did not reach the end in {timeout_s} s")
@@ -212,6 +221,35 @@ def read_changelog(
     finally:
         reader.close()
     return states
+
+
+def _wait_for_completed_transactions(
+    settings: dict[str, Any], topic: str, partitions: list[int], deadline: float
+) -> None:
+    """Wait until each partition's last stable offset reaches its high watermark.
+
+    A transaction's commit returns before its markers are written; until the marker lands, reading
+    under read_committed stops (EOF) before that transaction's records, so a restore right after a
+    commit (the previous owner's, or this process's own before a rebalance) would load the state from
+    before it while the consumed offsets, fetched stable, already include it. Only a partition's owner
+    writes its changelog, and nothing is written to it before its restore, so once the two offsets meet
+    every transaction that wrote there is complete (a fenced or crashed producer's open one is aborted by
+    the coordinator, at the latest after the transaction timeout)."""
+    admin = AdminClient(settings)
+    tps = [TopicPartition(topic, p) for p in partitions]
+
+    def ends(level: IsolationLevel) -> dict[int, int]:
+        specs = {tp: OffsetSpec.latest() for tp in tps}
+        futures = admin.list_offsets(specs, isolation_level=level, request_timeout=30)
+        return {tp.partition: f.result().offset for tp, f in futures.items()}
+
+    while True:
+        stable, high = ends(IsolationLevel.READ_COMMITTED), ends(IsolationLevel.READ_UNCOMMITTED)
+        if stable == high:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"changelog {topic}: transactions still open on {stable} < {high}")
+        time.sleep(0.05)
 
 
 # kafka-python setting names → librdkafka's, for the connection settings both libraries share.

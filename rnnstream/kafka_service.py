@@ -145,6 +145,7 @@ class KafkaService:
                     self._restore_tasks(sorted(self._to_restore))
                     self._to_restore.clear()
                 if records:
+                    self._restore_unowned(records)
                     self._process(records)
                 if time.monotonic() - self._last_checkpoint >= interval_s:
                     self._checkpoint()
@@ -298,6 +299,15 @@ class KafkaService:
         """Note the partitions; the loop restores their streams right after ``poll`` returns, before
         processing anything (kafka-python does not allow other clients' work inside its callbacks)."""
         self._to_restore.update(partitions)
+
+    def _restore_unowned(self, records: list[kc.Record]) -> None:
+        """Records of a partition whose streams are not loaded (revoked, or never announced as assigned)
+        mean the client broke its contract; stepping them would start their streams from scratch. Load
+        the committed state first: the consumer's position follows on from the last checkpoint."""
+        unowned = {r.partition for r in records}.difference(self._tasks)
+        if unowned:
+            log.error("records of partitions %s arrived without an assignment: restoring first", unowned)
+            self._restore_tasks(sorted(unowned))
 
     def _drop_tasks(self, partitions: set[int]) -> None:
         for p in partitions:
