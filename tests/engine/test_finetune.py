@@ -1,0 +1,360 @@
+"""Online fine-tuning beside live inference: drift recovery, poisoned data, swaps under load, versions,
+rollback, pause/resume/stop. The worker runs as it does in production (its own process) unless a test
+checks pure decision logic."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from engine import Engine, InvalidInputError
+from engine.finetune import FineTuneSettings, RoundResult, WorkerCore, to_numpy_weights
+from engine.replay import ChunkBatch, ReplayBuffer
+from models.stream_model import ModelSpec, StreamModel
+
+
+def sine_rows(step: int, phases: np.ndarray, period: float) -> np.ndarray:
+    """One event per stream: ``(N, 1) float32`` samples of unit sines at ``step``."""
+    return np.sin(2 * np.pi * step / period + phases).astype(np.float32)[:, None]
+
+
+@pytest.fixture(scope="module")
+def sine_model() -> StreamModel:
+    """An LSTM(1, 16) forecaster trained (here, in ~2 s) on sines of period 20 steps only."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = StreamModel(ModelSpec("lstm", 1, 16, head="regression", head_out=1))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):
+        phases = rng.uniform(0, 2 * np.pi, 32)
+        x = torch.from_numpy(np.stack([sine_rows(t, phases, 20) for t in range(41)]))
+        out, _ = model(x[:-1])
+        loss = (out - x[1:]).pow(2)[10:].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 1e-3
+    return model.eval()
+
+
+def _copy(model: StreamModel) -> StreamModel:
+    twin = StreamModel(model.spec)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+FAST = dict(k1=8, k2=24, lr=3e-3, batch_size=32, updates_per_round=5, probation_chunks=16)
+
+
+@pytest.mark.slow
+def test_drift_error_falls_to_half_of_the_frozen_models(sine_model):
+    """64 sine streams switch from period 20 to period 7 at step 300. Within 2,000 events per stream after
+    the change, the fine-tuned engine's next-step error is at most half the frozen model's."""
+    frozen = _copy(sine_model)
+    engine = Engine(_copy(sine_model), device="cpu")
+    tuner = engine.start_finetuning(FineTuneSettings(**FAST))
+    n = 64
+    ids = [f"sine-{i}" for i in range(n)]
+    phases = np.random.default_rng(1).uniform(0, 2 * np.pi, n)
+    frozen_state = frozen.initial_state(n)
+    errors, frozen_errors = [], []
+    predicted = frozen_predicted = None
+    change, recovered_at = 300, None
+    try:
+        for step in range(change + 2000):
+            x = sine_rows(step, phases, 20 if step < change else 7)
+            if predicted is not None:
+                errors.append(float(np.mean((predicted - x) ** 2)))
+                frozen_errors.append(float(np.mean((frozen_predicted - x) ** 2)))
+            predicted = engine.step_many(ids, x)
+            with torch.no_grad():
+                y, frozen_state = frozen.step(torch.from_numpy(x), frozen_state)
+            frozen_predicted = y.numpy()
+            time.sleep(0.002)  # a live source: events arrive over time, not all at once
+            window = slice(-100, None)
+            if step > change + 100 and np.mean(errors[window]) <= 0.5 * np.mean(frozen_errors[window]):
+                recovered_at = step - change
+                break
+    finally:
+        engine.close()
+    stats = tuner.stats()  # stopped with the engine: no round can land between these two reads
+    assert recovered_at is not None, f"error never fell to half the frozen model's: {stats}"
+    assert stats.published >= 1 and engine.model.info.version == stats.serving_version
+    assert np.mean(frozen_errors[-100:]) > 0.1, "the drift really hurt the frozen model"
+
+
+def test_poisoned_streams_publish_nothing_and_leave_serving_untouched(sine_model):
+    """Streams sending huge values: every chunk they make is quarantined, no version is published and the
+    clean streams' outputs are exactly the frozen model's."""
+    engine = Engine(_copy(sine_model), device="cpu")
+    tuner = engine.start_finetuning(FineTuneSettings(**FAST, min_train_chunks=8, max_abs_value=1e3))
+    reference = _copy(sine_model)
+    clean_state = reference.initial_state(4)
+    phases = np.linspace(0, 3, 4)
+    try:
+        for step in range(600):
+            poison = np.full((8, 1), 1e12 if step % 2 else -1e12, np.float32)
+            engine.step_many([f"poison-{i}" for i in range(8)], poison)
+            x = sine_rows(step, phases, 20)
+            out = engine.step_many([f"clean-{i}" for i in range(4)], x)
+            with torch.no_grad():
+                y, clean_state = reference.step(torch.from_numpy(x), clean_state)
+            np.testing.assert_allclose(out, y.numpy(), atol=1e-5)
+        stats = tuner.stats()
+    finally:
+        engine.close()
+    assert stats.buffer["quarantined"] > 100
+    assert stats.published == 0 and engine.model.info.version == 0
+    for name, value in engine.model.state_dict().items():
+        torch.testing.assert_close(value, sine_model.state_dict()[name], rtol=0, atol=0)
+
+
+def _batch_from_model(model: StreamModel, rng: np.random.Generator, k1: int, k2: int, b: int) -> ChunkBatch:
+    buf = ReplayBuffer(k1, k2, (1,), validation_every=10**6)
+    state = model.initial_state(b)
+    ids = list(range(b))
+    phases = rng.uniform(0, 6, b)
+    for t in range(k2 + 1):
+        x = sine_rows(t, phases, 20)
+        buf.record(ids, x, state)
+        with torch.no_grad():
+            _, state = model.step(torch.from_numpy(x), state)
+    batch = buf.sample(b, __import__("random").Random(0))
+    assert batch is not None
+    return batch
+
+
+def test_a_nan_batch_is_skipped_and_nothing_is_published(sine_model):
+    core = WorkerCore(sine_model.spec.to_dict(), to_numpy_weights(sine_model), FineTuneSettings(**FAST))
+    rng = np.random.default_rng(0)
+    good = _batch_from_model(sine_model, rng, 8, 24, 16)
+    poisoned = _batch_from_model(sine_model, rng, 8, 24, 16)
+    poisoned.xs[3, 2, 0] = np.nan
+    poisoned.targets[0, 5, 0] = np.inf
+    before = to_numpy_weights(core.serving)
+    result = core.round([good, poisoned], good, None)
+    assert result.skipped == 1 and result.decision == "none"
+    assert "non-finite" in result.reason
+    for name, value in to_numpy_weights(core.serving).items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+def test_feedback_rejects_non_finite_labels(sine_model):
+    engine = Engine(_copy(sine_model), device="cpu")
+    try:
+        with pytest.raises(RuntimeError, match="start_finetuning"):
+            engine.feedback("a", 1)
+        engine.start_finetuning(FineTuneSettings(**{**FAST, "target": "feedback"}, isolation="thread"))
+        engine.step_many(["a"], np.zeros((1, 1), np.float32))
+        with pytest.raises(InvalidInputError, match="finite"):
+            engine.feedback("a", [float("nan")])
+        assert engine.feedback("a", [0.25]) == 1
+    finally:
+        engine.close()
+
+
+def test_a_worse_version_on_probation_is_rolled_back(sine_model):
+    """The serving version does worse than the one before on fresh held-back chunks: the worker rolls
+    back, and the tuner swaps the engine back to that version's weights."""
+    settings = FineTuneSettings(**{**FAST, "probation_chunks": 4})
+    core = WorkerCore(sine_model.spec.to_dict(), to_numpy_weights(sine_model), settings)
+    damaged = _copy(sine_model)
+    with torch.no_grad():
+        for p in damaged.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    core.previous = _copy(sine_model)
+    core.serving.load_state_dict(damaged.state_dict())
+    live = _batch_from_model(sine_model, np.random.default_rng(3), 8, 24, 16)
+    result = core.round([], None, live)
+    assert result.decision == "rollback" and result.live_serving > result.live_previous
+    restored, original = to_numpy_weights(core.serving), to_numpy_weights(sine_model)
+    for name, value in original.items():
+        np.testing.assert_array_equal(restored[name], value)
+
+    # The coordinator side: a published version, then a rollback decision → the engine serves the old one.
+    engine = Engine(_copy(sine_model), device="cpu")
+    tuner = engine.start_finetuning(FineTuneSettings(**FAST, isolation="thread"))
+    try:
+        tuner.pause()
+        tuner._apply(RoundResult(decision="publish", weights=to_numpy_weights(damaged)), 0, [])
+        assert engine.model.info.version == 1
+        tuner._apply(RoundResult(decision="rollback", reason="test"), 0, [])
+        assert engine.model.info.version == 0 and tuner.stats().rolled_back == 1
+        torch.testing.assert_close(engine.model.state_dict(), sine_model.state_dict(), rtol=0, atol=0)
+        assert tuner.versions() == [0, 1]
+        assert tuner.load_version(1).info.trained_on["parent_version"] == 0
+    finally:
+        engine.close()
+
+
+def test_swaps_under_load_keep_every_streams_state_continuous():
+    """3,000 streams stepped in random batches on one thread while another swaps in random weights 40
+    times: every output equals the offline run in which each step uses the version in force then."""
+    torch.manual_seed(0)
+    spec = ModelSpec("gru", 3, 16, head="linear", head_out=2)
+    versions = {0: StreamModel(spec).eval()}
+    for v in range(1, 41):
+        versions[v] = StreamModel(spec).eval()
+    engine = Engine(_copy(versions[0]), device="cpu")
+    rng = np.random.default_rng(0)
+    n_streams, batches = 3000, 150
+    log: list[tuple[list[int], np.ndarray, np.ndarray]] = []
+
+    def swapper() -> None:
+        for v in range(1, 41):
+            engine.swap_weights(versions[v].state_dict(), v)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=swapper)
+    thread.start()
+    try:
+        for _ in range(batches):
+            ids = rng.integers(0, n_streams, size=int(rng.integers(1, 600))).tolist()
+            xs = rng.standard_normal((len(ids), 3)).astype(np.float32)
+            log.append((ids, xs, engine.step_many(ids, xs)))
+            if not thread.is_alive():
+                break
+        thread.join()
+        history = engine.weight_history()
+    finally:
+        engine.close()
+    assert len(history) == 41 and history[-1][0] == 40
+    # The reference: replay the same events one at a time, per stream, with the version in force.
+    starts = [count for _, count, _ in history]
+    states: dict[int, list[torch.Tensor]] = {}
+    k = 0
+    used = set()
+    with torch.no_grad():
+        for ids, xs, outs in log:
+            for sid, x, out in zip(ids, xs, outs, strict=True):
+                version = history[int(np.searchsorted(starts, k, side="right")) - 1][0]
+                used.add(version)
+                model = versions[version]
+                state = states.get(sid, model.initial_state(1))
+                y, states[sid] = model.step(torch.from_numpy(x)[None], state)
+                np.testing.assert_allclose(out, y[0].numpy(), atol=1e-5)
+                k += 1
+    assert len(used) >= 10, f"too few versions were live during the load ({sorted(used)})"
+
+
+@pytest.mark.slow
+def test_published_versions_are_kept_and_reproduce_the_outputs(sine_model, tmp_path):
+    """With the real worker publishing under load, every output equals the offline run of the kept
+    version that served it, and each kept bundle records what trained it."""
+    engine = Engine(_copy(sine_model), device="cpu")
+    tuner = engine.start_finetuning(FineTuneSettings(**FAST, versions_dir=str(tmp_path / "versions")))
+    n = 200
+    ids = [f"s{i}" for i in range(n)]
+    phases = np.random.default_rng(2).uniform(0, 6.3, n)
+    log = []
+    try:
+        for step in range(3000):
+            x = sine_rows(step, phases, 7)
+            log.append((x, engine.step_many(ids, x)))
+            time.sleep(0.001)
+            if tuner.stats().published >= 3 and step > 300:
+                break
+        tuner.stop()
+        history = engine.weight_history()
+    finally:
+        engine.close()
+    assert len(history) >= 4, "the worker published at least three versions"
+    kept = {v: tuner.load_version(v) for v in tuner.versions()}
+    assert {v for v, _, _ in history} <= set(kept)
+    for v, model in kept.items():
+        assert model.info.version == v
+        if v > 0:
+            trained_on = model.info.trained_on
+            assert (
+                trained_on["source"] == "online fine-tuning"
+                and trained_on["val_loss"] < trained_on["val_loss_parent"]
+            )
+    starts = [count for _, count, _ in history]
+    state = sine_model.initial_state(n)
+    with torch.no_grad():
+        for step, (x, out) in enumerate(log):
+            version = history[int(np.searchsorted(starts, step * n, side="right")) - 1][0]
+            y, state = kept[version].step(torch.from_numpy(x), state)
+            np.testing.assert_allclose(out, y.numpy(), atol=1e-5)
+
+
+def test_pause_resume_stop_and_progress_in_stats(sine_model):
+    engine = Engine(_copy(sine_model), device="cpu")
+    tuner = engine.start_finetuning(FineTuneSettings(**FAST, min_train_chunks=8, min_new_chunks=1))
+    phases = np.linspace(0, 6, 32)
+    ids = [f"s{i}" for i in range(32)]
+    done = threading.Event()
+
+    def feed() -> None:  # a live source for the whole test
+        step = 0
+        while not done.is_set():
+            engine.step_many(ids, sine_rows(step, phases, 7))
+            step += 1
+            time.sleep(0.002)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        _wait_for(lambda: tuner.stats().rounds >= 2, 60, "training rounds")
+        tuner.pause()
+        time.sleep(0.5)  # a round in flight finishes
+        paused_at = tuner.stats().rounds
+        time.sleep(0.5)
+        assert tuner.stats().rounds == paused_at and tuner.stats().state == "paused"
+        tuner.resume()
+        _wait_for(lambda: tuner.stats().rounds > paused_at, 30, "rounds after resume")
+        stats = engine.stats().finetune
+        assert stats is not None and stats["updates"] > 0 and stats["state"] == "running"
+        assert math.isfinite(stats["train_loss"]) and stats["buffer"]["chunks"] > 0
+        tuner.stop()
+        stopped_at = tuner.stats().rounds
+        time.sleep(0.5)
+        assert tuner.stats().rounds == stopped_at and tuner.stats().state == "stopped"
+    finally:
+        done.set()
+        feeder.join()
+        engine.close()
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="k1"):
+        FineTuneSettings(k1=10, k2=5)
+    with pytest.raises(ValueError, match="mse"):
+        FineTuneSettings(target="next", loss="cross_entropy")
+    with pytest.raises(ValueError, match="extra"):
+        FineTuneSettings(learning_rate=0.1)
+    engine = Engine(StreamModel(ModelSpec("gru", 3, 8, head="linear", head_out=2)), device="cpu")
+    try:
+        with pytest.raises(ValueError, match="predict its input"):
+            engine.start_finetuning(FineTuneSettings(isolation="thread"))
+    finally:
+        engine.close()
+
+
+def test_learning_rate_schedules():
+    spec = ModelSpec("rnn_tanh", 1, 4, head="linear", head_out=1)
+    model = StreamModel(spec)
+    weights = to_numpy_weights(model)
+    settings = FineTuneSettings(lr_schedule="cosine", lr_schedule_updates=100)
+    cosine = WorkerCore(spec.to_dict(), weights, settings)
+    assert cosine._lr_factor(0) == 1.0 and abs(cosine._lr_factor(50) - 0.5) < 1e-9
+    exponential = WorkerCore(
+        spec.to_dict(), weights, FineTuneSettings(lr_schedule="exponential", lr_schedule_updates=10)
+    )
+    assert abs(exponential._lr_factor(10) - 0.5) < 1e-9
+    warm = WorkerCore(spec.to_dict(), weights, FineTuneSettings(warmup_updates=4))
+    assert [warm._lr_factor(u) for u in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    sgd = WorkerCore(spec.to_dict(), weights, FineTuneSettings(optimizer="sgd", weight_decay=0.01))
+    assert isinstance(sgd.optimiser, torch.optim.SGD) and sgd.optimiser.defaults["weight_decay"] == 0.01
