@@ -22,6 +22,9 @@ Pieces, in the order data flows:
 - The ``FineTuner`` executes the decision: ``Engine.swap_weights`` (atomic, states kept) and a versioned
   bundle in ``versions_dir`` (``v000003.safetensors``) recording what trained it.
 
+Next-step targets through a ``regression`` head are the next input in the head's units,
+``x[t+1]·scale + offset`` (the head un-standardises; the inputs are standardised).
+
 Loss over the last ``k1`` outputs of each chunk, masked to the steps that have targets:
 ``mse``: mean over features of ``(y − target)²``; ``cross_entropy``: ``−log p[label]`` (the head's logits
 through log-softmax; a ``classifier`` head's probabilities through log).
@@ -198,6 +201,11 @@ class WorkerCore:
 
     def _tensors(self, batch: ChunkBatch) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
         targets = torch.from_numpy(batch.targets)
+        head = self.serving.head
+        if self.settings.target == "next" and head is not None and head.kind == "regression":
+            # The head maps standardised predictions to its units (y·scale + offset); inputs are the
+            # standardised values, so the next input in the head's units is x·scale + offset.
+            targets = torch.addcmul(head.offset, targets, head.scale)
         if self.settings.loss == "cross_entropy":
             targets = targets.long().masked_fill(~torch.from_numpy(batch.mask), IGNORE_LABEL)
         return (

@@ -18,12 +18,18 @@ app = typer.Typer(
 )
 kafka_app = typer.Typer(help="A local Apache Kafka broker for development and tests.", no_args_is_help=True)
 app.add_typer(kafka_app, name="kafka")
+finetune_app = typer.Typer(
+    help="Control the fine-tuning worker of a running process through its admin endpoint.",
+    no_args_is_help=True,
+)
+app.add_typer(finetune_app, name="finetune")
 console = Console()
 
 
 class BenchSuite(StrEnum):
     engine = "engine"
     kafka = "kafka"
+    finetune = "finetune"
 
 
 @app.command()
@@ -33,6 +39,8 @@ def demo(
     rate: Annotated[float | None, typer.Option(help="Total events/s (default: as fast as possible).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     live: Annotated[bool, typer.Option(help="Live display (off: plain progress lines).")] = True,
+    finetune: Annotated[bool, typer.Option(help="Fine-tune the model online (next-step targets).")] = False,
+    admin_port: Annotated[int | None, typer.Option(help="Serve /metrics, /stats, /finetune/* here.")] = None,
 ) -> None:
     """Run simulated sensor streams through the shipped LSTM forecaster, with a live display."""
     from rnnstream.demo import run_demo
@@ -44,6 +52,8 @@ def demo(
         device=device,
         console=console,
         live=live and console.is_terminal,
+        finetune=finetune,
+        admin_port=admin_port,
     )
 
 
@@ -62,6 +72,10 @@ def bench(
         from benchmarks import kafka_bench
 
         raise typer.Exit(kafka_bench.main(argv))
+    if suite is BenchSuite.finetune:
+        from benchmarks import finetune_bench
+
+        raise typer.Exit(finetune_bench.main(argv))
     from benchmarks import engine_bench
 
     raise typer.Exit(engine_bench.main(["--device", device, *argv]))
@@ -147,6 +161,52 @@ def kafka_status() -> None:
         console.print("no broker is running")
         raise typer.Exit(1)
     typer.echo(cluster.bootstrap)
+
+
+AdminOption = Annotated[str, typer.Option("--admin", help="HOST:PORT of the process's admin endpoint.")]
+
+
+def _finetune_call(action: str, admin: str) -> None:
+    from rnnstream.admin import call_admin
+
+    try:
+        if action == "status":
+            stats = call_admin(admin, "/stats").get("finetune")
+            if stats is None:
+                raise RuntimeError("fine-tuning is not enabled in that process")
+        else:
+            stats = call_admin(admin, f"/finetune/{action}", post=True)
+    except (RuntimeError, OSError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    table = Table(title=f"fine-tuning at {admin}", show_header=False)
+    for key, value in stats.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    console.print(table)
+
+
+@finetune_app.command("status")
+def finetune_status(admin: AdminOption = "127.0.0.1:9100") -> None:
+    """Show the worker's progress: state, updates, losses, serving version."""
+    _finetune_call("status", admin)
+
+
+@finetune_app.command("pause")
+def finetune_pause(admin: AdminOption = "127.0.0.1:9100") -> None:
+    """Pause training after the current round (inference goes on; events are still recorded)."""
+    _finetune_call("pause", admin)
+
+
+@finetune_app.command("resume")
+def finetune_resume(admin: AdminOption = "127.0.0.1:9100") -> None:
+    """Resume training."""
+    _finetune_call("resume", admin)
+
+
+@finetune_app.command("stop")
+def finetune_stop(admin: AdminOption = "127.0.0.1:9100") -> None:
+    """Stop training for good in that process (the serving weights stay)."""
+    _finetune_call("stop", admin)
 
 
 if __name__ == "__main__":

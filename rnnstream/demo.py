@@ -36,7 +36,9 @@ import models
 from connectors.base import Event
 from connectors.simulated import SimulatedSensors
 from engine.engine import Engine
+from engine.finetune import FineTuneSettings
 from engine.stats import EngineStats
+from rnnstream.admin import AdminServer
 
 ASSET = Path(models.__file__).parent / "assets" / "sensor_lstm.safetensors"
 """The demo's forecaster, trained by ``scripts/train_demo_model.py``."""
@@ -258,6 +260,8 @@ def _render(p: _Progress, title: str) -> Panel:
     grid.add_row("streams", f"{s.active_streams:,} active   {s.pending:,} queued")
     grid.add_row("forecast error", f"{t.mean_abs_error:.4f} (naive last-value {t.naive_abs_error:.4f})")
     grid.add_row("anomalies", f"{t.anomalies:,} flagged   ({t.caught:,} of {t.injected:,} injected spikes)")
+    if s.finetune is not None:
+        grid.add_row("fine-tuning", _finetune_line(s.finetune))
     parts: list[Table] = [grid]
     if t.recent:
         recent = Table("stream", "value", "forecast", "σ", title="latest anomalies", title_justify="left")
@@ -267,13 +271,22 @@ def _render(p: _Progress, title: str) -> Panel:
     return Panel(Group(*parts), title=title, expand=False)
 
 
+def _finetune_line(f: dict) -> str:
+    return (
+        f"{f['state']}: serving v{f['serving_version']}, "
+        f"{f['updates']:,} updates ({f['updates_per_s']:.1f}/s), "
+        f"{f['published']} published, {f['rolled_back']} rolled back, train loss {f['train_loss']:.4f}"
+    )
+
+
 def _plain(p: _Progress) -> str:
     s, t = p.stats, p.tracker
-    return (
+    line = (
         f"[{p.elapsed:5.1f}s] events={t.events} rate={p.rate:.0f}/s batch={s.mean_batch_size:.1f} "
         f"p50={s.latency_p50_ms:.2f}ms p99={s.latency_p99_ms:.2f}ms mae={t.mean_abs_error:.4f} "
         f"naive={t.naive_abs_error:.4f} anomalies={t.anomalies}"
     )
+    return line + (f" finetune: {_finetune_line(s.finetune)}" if s.finetune is not None else "")
 
 
 def _run_loop(run: _Run, show: Callable[[_Progress], None], every_s: float) -> None:
@@ -314,16 +327,26 @@ def run_demo(
     console: Console | None = None,
     live: bool = True,
     seed: int = 0,
+    finetune: bool = False,
+    admin_port: int | None = None,
 ) -> DemoSummary:
     """Run the demo for ``seconds`` over ``num_streams`` streams at ``rate`` total events/s (``None``:
     as fast as possible) on ``device``; ``live=False`` prints plain progress lines instead of the live
     display (for CI / no TTY). Ctrl-C ends it early. Prints a summary table and returns the
-    ``DemoSummary``."""
+    ``DemoSummary``. ``finetune``: run the online fine-tuning worker (next-step targets) beside it;
+    ``admin_port``: serve ``/metrics``, ``/stats`` and ``/finetune/*`` there (0: any free port)."""
     console = console or Console()
     model = load_demo_model()
     source = SimulatedSensors(num_streams, rate_hz=rate, seed=seed)
     with Engine(model, device=device, capacity=num_streams, max_delay_ms=MAX_DELAY_MS) as engine:
         _warm_up(engine)
+        if finetune:
+            engine.start_finetuning(FineTuneSettings())
+        admin = AdminServer(engine, admin_port) if admin_port is not None else None
+        if admin is not None:
+            console.print(
+                f"admin endpoint: http://{admin.address}/metrics, /stats, POST /finetune/pause|resume|stop"
+            )
         title = f"rnnstream demo: {num_streams:,} sensor streams → LSTM forecaster on {engine.device}"
         run = _Run(engine, ForecastTracker(num_streams), InFlight(MAX_IN_FLIGHT), threading.Event(), seconds)
         args = (run, source, model.info.features["normalisation"])
@@ -342,6 +365,8 @@ def run_demo(
             _drain(run.in_flight, run.tracker, math.inf)
             elapsed = time.monotonic() - run.start
             stats = engine.stats()
+            if admin is not None:
+                admin.close()
     if run.failures:
         raise run.failures[0]
     summary = _summarise(run.tracker, stats, elapsed, num_streams)

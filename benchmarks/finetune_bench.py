@@ -1,0 +1,259 @@
+"""Fine-tuning benchmark: does the background worker cost inference latency, how fast does it learn, and
+how soon does it recover from a drift?
+
+Run: ``rnnstream bench finetune`` (or ``python -m benchmarks.finetune_bench``). Three measurements:
+
+1. **Latency**: 1,000 sine streams submitted open-loop (``Engine.submit``, event ``i`` due at ``i / rate``)
+   at a fixed rate, p50/p99 from the due time to the result; once with fine-tuning off, once with the
+   worker training all the time. Target: p99 with the worker ≤ 1.25× without.
+2. **Updates/s** of the worker during (1), and how many versions it published.
+3. **Drift recovery**: 64 streams change from period 20 to period 7 (the model was trained on period 20
+   only); the time and events per stream until the fine-tuned engine's next-step error (rolling, 100
+   steps) is at most half the frozen model's on the same events. Target: reached.
+
+The model: an LSTM(1, 32) forecaster trained here, in a few seconds, on period-20 sines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.engine_bench import machine_info, submit_open_loop
+from engine import Engine
+from engine.finetune import FineTuneSettings
+from models.stream_model import ModelSpec, StreamModel
+
+DEFAULT_JSON = Path("benchmarks/results/finetune.json")
+TARGETS = {"p99_ratio_max": 1.25, "drift_error_ratio_max": 0.5}
+SETTINGS = dict(k1=8, k2=24, lr=3e-3, batch_size=32, updates_per_round=5, probation_chunks=16)
+"""The worker's settings in this benchmark (the rest are ``FineTuneSettings`` defaults)."""
+
+
+def sine_rows(step: int, phases: np.ndarray, period: float) -> np.ndarray:
+    """One event per stream: ``(N, 1) float32`` samples of unit sines at ``step``."""
+    return np.sin(2 * np.pi * step / period + phases).astype(np.float32)[:, None]
+
+
+def train_sine_forecaster(
+    hidden: int = 16, period: float = 20, updates: int = 150, seed: int = 0
+) -> StreamModel:
+    """An LSTM(1, hidden) next-step forecaster trained on unit sines of one ``period`` (random phases)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = StreamModel(ModelSpec("lstm", 1, hidden, head="regression", head_out=1))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(updates):
+        phases = rng.uniform(0, 2 * np.pi, 32)
+        x = torch.from_numpy(np.stack([sine_rows(t, phases, period) for t in range(41)]))
+        out, _ = model(x[:-1])
+        loss = (out - x[1:]).pow(2)[10:].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def copy_model(model: StreamModel) -> StreamModel:
+    twin = StreamModel(model.spec, model.info)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+def latency_run(
+    model: StreamModel, finetune: bool, rate: float, seconds: float, streams: int, seed: int
+) -> dict[str, Any]:
+    """Open-loop latency at ``rate`` events/s over ``streams`` period-7 sines, worker on or off."""
+    engine = Engine(copy_model(model), device="cpu")
+    tuner = engine.start_finetuning(FineTuneSettings(**SETTINGS, min_new_chunks=1)) if finetune else None
+    try:
+        phases = np.random.default_rng(seed).uniform(0, 2 * np.pi, streams)
+        warm = int(rate * 2)  # fills the replay buffer and lets the worker start before measuring
+        total = warm + int(rate * seconds)
+        steps = np.arange(total) // streams
+        ids = (np.arange(total) % streams).tolist()
+        values = np.sin(2 * np.pi * steps / 7 + phases[np.arange(total) % streams]).astype(np.float32)
+        rows = list(values[:, None])
+        submit_open_loop(engine, ids[:warm], rows[:warm], rate, 2)
+        if tuner is not None:
+            deadline = time.monotonic() + 30
+            while tuner.stats().updates == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            before = tuner.stats()
+            started = time.monotonic()
+        lat = submit_open_loop(engine, ids[warm:], rows[warm:], rate, seconds)
+        row: dict[str, Any] = {
+            "finetune": finetune,
+            "rate_eps": rate,
+            "events": len(lat),
+            "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)),
+            "max_ms": float(lat.max()),
+        }
+        if tuner is not None:
+            after = tuner.stats()
+            elapsed = time.monotonic() - started
+            row["updates_per_s"] = (after.updates - before.updates) / elapsed
+            row["chunks_per_update"] = SETTINGS["batch_size"]
+            row["published"] = after.published - before.published
+            row["rounds"] = after.rounds - before.rounds
+    finally:
+        engine.close()
+    return row
+
+
+def drift_run(model: StreamModel, streams: int, max_steps: int, seed: int) -> dict[str, Any]:
+    """Streams switch from period 20 to 7 at step 300; events arrive every 2 ms per stream. Returns the
+    time and steps until the rolling error is at most half the frozen model's (None if never)."""
+    frozen = copy_model(model)
+    engine = Engine(copy_model(model), device="cpu")
+    tuner = engine.start_finetuning(FineTuneSettings(**SETTINGS))
+    ids = [f"sine-{i}" for i in range(streams)]
+    phases = np.random.default_rng(seed).uniform(0, 2 * np.pi, streams)
+    frozen_state = frozen.initial_state(streams)
+    errors: list[float] = []
+    frozen_errors: list[float] = []
+    predicted = frozen_predicted = None
+    change, recovered_steps, recovered_s, changed_at = 300, None, None, 0.0
+    try:
+        for step in range(change + max_steps):
+            if step == change:
+                changed_at = time.monotonic()
+            x = sine_rows(step, phases, 20 if step < change else 7)
+            if predicted is not None:
+                errors.append(float(np.mean((predicted - x) ** 2)))
+                frozen_errors.append(float(np.mean((frozen_predicted - x) ** 2)))
+            predicted = engine.step_many(ids, x)
+            with torch.no_grad():
+                y, frozen_state = frozen.step(torch.from_numpy(x), frozen_state)
+            frozen_predicted = y.numpy()
+            time.sleep(0.002)
+            ratio = np.mean(errors[-100:]) / np.mean(frozen_errors[-100:]) if step > change + 100 else 1.0
+            if ratio <= TARGETS["drift_error_ratio_max"]:
+                recovered_steps, recovered_s = step - change, time.monotonic() - changed_at
+                break
+    finally:
+        engine.close()
+    stats = tuner.stats()
+    return {
+        "streams": streams,
+        "error_before_drift": float(np.mean(errors[change - 100 : change - 1])),
+        "frozen_error_after": float(np.mean(frozen_errors[-100:])),
+        "finetuned_error_at_recovery": float(np.mean(errors[-100:])),
+        "recovered_steps": recovered_steps,
+        "recovered_s": recovered_s,
+        "versions_published": stats.published,
+        "worker_updates": stats.updates,
+        "checks": {"recovered": recovered_steps is not None},
+    }
+
+
+def run_finetune_benchmarks(quick: bool = False, rate: float = 10_000.0, progress=print) -> dict[str, Any]:
+    seconds = 3.0 if quick else 10.0
+    progress("training the period-20 sine forecaster")
+    model = train_sine_forecaster(hidden=32)
+    results: dict[str, Any] = {
+        "machine": machine_info(torch.device("cpu")),
+        "settings": SETTINGS,
+        "latency": [],
+    }
+    for finetune in (False, True):
+        progress(f"latency at {rate:,.0f} events/s, worker {'on' if finetune else 'off'}")
+        results["latency"].append(latency_run(model, finetune, rate, seconds, streams=1000, seed=1))
+    off, on = results["latency"]
+    results["p99_ratio"] = on["p99_ms"] / off["p99_ms"]
+    results["p50_ratio"] = on["p50_ms"] / off["p50_ms"]
+    progress("drift recovery")
+    results["drift"] = drift_run(model, streams=64, max_steps=1000 if quick else 3000, seed=2)
+    results["checks"] = {
+        "p99_ratio": results["p99_ratio"] <= TARGETS["p99_ratio_max"],
+        "drift_recovered": results["drift"]["checks"]["recovered"],
+    }
+    return results
+
+
+def _mark(ok: bool) -> str:
+    return "[green]✓[/]" if ok else "[red]✗[/]"
+
+
+def render_tables(results: dict[str, Any]) -> list[Table]:
+    off, on = results["latency"]
+    lat = Table(
+        title=f"Inference latency with and without the fine-tuning worker ({off['rate_eps']:,.0f} ev/s)"
+    )
+    for col in ("worker", "events", "p50 ms", "p99 ms", "max ms", "updates/s", "versions published"):
+        lat.add_column(col, justify="right")
+    for row in (off, on):
+        lat.add_row(
+            "on" if row["finetune"] else "off",
+            f"{row['events']:,}",
+            f"{row['p50_ms']:.2f}",
+            f"{row['p99_ms']:.2f}",
+            f"{row['max_ms']:.1f}",
+            f"{row.get('updates_per_s', 0):.1f}" if row["finetune"] else "—",
+            str(row.get("published", "—")),
+        )
+    lat.add_row(
+        "ratio",
+        "",
+        f"{results['p50_ratio']:.2f}×",
+        f"{results['p99_ratio']:.2f}× {_mark(results['checks']['p99_ratio'])}",
+        "",
+        "",
+        "",
+    )
+    d = results["drift"]
+    drift = Table(title=f"Drift recovery ({d['streams']} streams, sine period 20 → 7)")
+    for col in (
+        "error before drift",
+        "frozen error after",
+        "fine-tuned error",
+        "steps to ≤ 0.5× frozen",
+        "seconds",
+        "versions",
+    ):
+        drift.add_column(col, justify="right")
+    drift.add_row(
+        f"{d['error_before_drift']:.5f}",
+        f"{d['frozen_error_after']:.4f}",
+        f"{d['finetuned_error_at_recovery']:.4f}",
+        f"{d['recovered_steps']} {_mark(d['checks']['recovered'])}" if d["recovered_steps"] else "never ✗",
+        f"{d['recovered_s']:.2f}" if d["recovered_s"] else "—",
+        str(d["versions_published"]),
+    )
+    return [lat, drift]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.finetune_bench", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("--quick", action="store_true", help="short run")
+    p.add_argument("--rate", type=float, default=10_000.0, help="offered events/s for the latency runs")
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
+    args = p.parse_args(argv)
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    results = run_finetune_benchmarks(
+        args.quick, args.rate, progress=lambda m: console.print(f"[dim]… {m}[/]")
+    )
+    for table in render_tables(results):
+        console.print(table)
+        console.print()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    console.print(f"[dim]results written to {args.json}[/]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The admin endpoint over real HTTP: Prometheus metrics, JSON stats, and fine-tuning control from the
+``rnnstream finetune`` commands."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
+
+from engine import Engine
+from engine.finetune import FineTuneSettings
+from models.stream_model import ModelSpec, StreamModel
+from rnnstream.admin import AdminServer, call_admin
+from rnnstream.cli import app
+
+runner = CliRunner()
+
+
+def _metrics(address: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.fixture()
+def engine():
+    model = StreamModel(ModelSpec("gru", 1, 8, head="regression", head_out=1))
+    with Engine(model, device="cpu") as eng:
+        yield eng
+
+
+def test_metrics_and_stats_come_from_the_engine(engine):
+    admin = AdminServer(engine, port=0, extra=lambda: {"dead_letters": 3.0})
+    try:
+        engine.step_many(["a", "b", "a"], np.zeros((3, 1), np.float32))
+        metrics = _metrics(admin.address)
+        assert metrics["rnnstream_events_total"] == 3.0
+        assert metrics["rnnstream_active_streams"] == 2.0
+        assert metrics["rnnstream_dead_letters_total"] == 3.0
+        assert "rnnstream_finetune_updates_total" not in metrics
+        stats = call_admin(admin.address, "/stats")
+        assert stats["events"] == 3 and stats["service"] == {"dead_letters": 3.0}
+        with pytest.raises(RuntimeError, match="not enabled"):
+            call_admin(admin.address, "/finetune/pause", post=True)
+        with pytest.raises(RuntimeError, match="no such endpoint"):
+            call_admin(admin.address, "/nothing")
+    finally:
+        admin.close()
+
+
+def test_finetune_is_paused_resumed_and_stopped_from_the_cli(engine):
+    tuner = engine.start_finetuning(FineTuneSettings(k1=2, k2=4, isolation="thread"))
+    admin = AdminServer(engine, port=0)
+    try:
+        env = {"COLUMNS": "200"}
+        result = runner.invoke(app, ["finetune", "pause", "--admin", admin.address], env=env)
+        assert result.exit_code == 0, result.output
+        assert tuner.paused and "paused" in result.output
+        assert _metrics(admin.address)["rnnstream_finetune_paused"] == 1.0
+        result = runner.invoke(app, ["finetune", "resume", "--admin", admin.address], env=env)
+        assert result.exit_code == 0 and not tuner.paused
+        result = runner.invoke(app, ["finetune", "status", "--admin", admin.address], env=env)
+        assert result.exit_code == 0 and "serving_version" in result.output
+        result = runner.invoke(app, ["finetune", "stop", "--admin", admin.address], env=env)
+        assert result.exit_code == 0 and tuner.stats().state == "stopped"
+        metrics = _metrics(admin.address)
+        assert metrics["rnnstream_finetune_updates_total"] == tuner.stats().updates
+    finally:
+        admin.close()
+    # Nothing listening: a clear error and exit status 1.
+    time.sleep(0.1)
+    result = runner.invoke(app, ["finetune", "status", "--admin", admin.address])
+    assert result.exit_code == 1
