@@ -17,6 +17,7 @@ The model: an LSTM(1, 32) forecaster trained here, in a few seconds, on period-2
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -65,7 +66,8 @@ def train_sine_forecaster(
 
 
 def copy_model(model: StreamModel) -> StreamModel:
-    twin = StreamModel(model.spec, model.info)
+    """An independent copy (weights and info: the engine bumps its model's version on a swap)."""
+    twin = StreamModel(model.spec, copy.deepcopy(model.info))
     twin.load_state_dict(model.state_dict())
     return twin.eval()
 

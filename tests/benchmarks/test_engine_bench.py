@@ -12,14 +12,34 @@ from rich.console import Console
 from benchmarks.engine_bench import render_table, run_engine_benchmarks
 
 THROUGHPUT_FIGURES = (
-    "engine_eps", "naive_eps", "window_eps", "engine_over_naive", "engine_over_window", "flops_per_event",
-    "gflops", "matmul_gflops_alongside", "pct_of_matmul",
+    "engine_eps",
+    "naive_eps",
+    "window_eps",
+    "engine_over_naive",
+    "engine_over_window",
+    "flops_per_event",
+    "gflops",
+    "matmul_gflops_alongside",
+    "pct_of_matmul",
 )
 LATENCY_FIGURES = (
-    "closed_loop_eps", "offered_eps", "events", "mean_batch_events", "p50_ms", "p99_ms", "p999_ms", "max_ms",
+    "closed_loop_eps",
+    "offered_eps",
+    "events",
+    "mean_batch_events",
+    "p50_ms",
+    "p99_ms",
+    "p999_ms",
+    "max_ms",
 )
 MEMORY_FIGURES = (
-    "streams", "capacity", "raw_bytes", "state_bytes", "state_ratio", "rss_growth_bytes", "rss_ratio",
+    "streams",
+    "capacity",
+    "raw_bytes",
+    "state_bytes",
+    "state_ratio",
+    "rss_growth_bytes",
+    "rss_ratio",
 )
 
 
@@ -70,3 +90,27 @@ def test_quick_engine_benchmark_structure() -> None:
         console.print(table)
     text = out.getvalue()
     assert "Throughput" in text and "Latency" in text and "memory" in text
+
+
+@pytest.mark.slow
+def test_finetune_bench_measures_both_latencies_and_the_drift(tmp_path):
+    """A shortened ``rnnstream bench finetune``: both latency rows, worker progress, a drift result."""
+    from benchmarks import finetune_bench as fb
+
+    model = fb.train_sine_forecaster(hidden=16, updates=30)
+    off = fb.latency_run(model, False, rate=2000, seconds=1.0, streams=100, seed=0)
+    on = fb.latency_run(model, True, rate=2000, seconds=1.0, streams=100, seed=0)
+    assert off["events"] == on["events"] == 2000
+    assert on["updates_per_s"] > 0 and "updates_per_s" not in off
+    drift = fb.drift_run(model, streams=8, max_steps=50, seed=0)
+    assert drift["frozen_error_after"] > 0 and drift["checks"]["recovered"] == (
+        drift["recovered_steps"] is not None
+    )
+    results = {
+        "latency": [off, on],
+        "p99_ratio": 1.0,
+        "p50_ratio": 1.0,
+        "drift": drift,
+        "checks": {"p99_ratio": True, "drift_recovered": False},
+    }
+    assert len(fb.render_tables(results)) == 2

@@ -12,40 +12,22 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.finetune_bench import copy_model as _copy
+from benchmarks.finetune_bench import sine_rows, train_sine_forecaster
 from engine import Engine, InvalidInputError
 from engine.finetune import FineTuneSettings, RoundResult, WorkerCore, to_numpy_weights
 from engine.replay import ChunkBatch, ReplayBuffer
 from models.stream_model import ModelSpec, StreamModel
 
 
-def sine_rows(step: int, phases: np.ndarray, period: float) -> np.ndarray:
-    """One event per stream: ``(N, 1) float32`` samples of unit sines at ``step``."""
-    return np.sin(2 * np.pi * step / period + phases).astype(np.float32)[:, None]
-
-
 @pytest.fixture(scope="module")
 def sine_model() -> StreamModel:
     """An LSTM(1, 16) forecaster trained (here, in ~2 s) on sines of period 20 steps only."""
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    model = StreamModel(ModelSpec("lstm", 1, 16, head="regression", head_out=1))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(150):
-        phases = rng.uniform(0, 2 * np.pi, 32)
-        x = torch.from_numpy(np.stack([sine_rows(t, phases, 20) for t in range(41)]))
-        out, _ = model(x[:-1])
-        loss = (out - x[1:]).pow(2)[10:].mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert float(loss.detach()) < 1e-3
-    return model.eval()
-
-
-def _copy(model: StreamModel) -> StreamModel:
-    twin = StreamModel(model.spec)
-    twin.load_state_dict(model.state_dict())
-    return twin.eval()
+    model = train_sine_forecaster(hidden=16)
+    x = torch.from_numpy(np.stack([sine_rows(t, np.linspace(0, 6, 8), 20) for t in range(41)]))
+    with torch.no_grad():
+        assert float((model(x[:-1])[0] - x[1:]).pow(2)[10:].mean()) < 1e-3, "pretraining failed"
+    return model
 
 
 def _wait_for(predicate, timeout_s: float, what: str) -> None:
