@@ -77,6 +77,39 @@ def test_drift_error_falls_to_half_of_the_frozen_models(sine_model):
     assert np.mean(frozen_errors[-100:]) > 0.1, "the drift really hurt the frozen model"
 
 
+@pytest.mark.slow
+def test_feedback_labels_train_a_classifier_online():
+    """Labels arrive later as feedback (one label per 8 steps, for the latest step): a GRU classifier that
+    starts at chance learns to tell slow from fast noisy sines, cross-entropy through TBPTT."""
+    torch.manual_seed(0)
+    engine = Engine(StreamModel(ModelSpec("gru", 1, 16, head="linear", head_out=2)), device="cpu")
+    settings = {**FAST, "target": "feedback", "loss": "cross_entropy", "k2": 16, "lr": 1e-2}
+    tuner = engine.start_finetuning(FineTuneSettings(**settings, min_train_chunks=16))
+    rng = np.random.default_rng(0)
+    n = 32
+    ids = [f"s{i}" for i in range(n)]
+    labels = np.arange(n) % 2
+    periods, phases = np.where(labels == 0, 16.0, 5.0), rng.uniform(0, 2 * np.pi, n)
+    accuracy: list[float] = []
+    try:
+        for step in range(6000):
+            x = np.sin(2 * np.pi * step / periods + phases) + 0.1 * rng.standard_normal(n)
+            out = engine.step_many(ids, x.astype(np.float32)[:, None])
+            accuracy.append(float((out.argmax(1) == labels).mean()))
+            if step % 8 == 7:
+                for sid, label in zip(ids, labels, strict=True):
+                    engine.feedback(sid, int(label))
+            time.sleep(0.002)
+            if step > 300 and np.mean(accuracy[-200:]) >= 0.95:
+                break
+    finally:
+        engine.close()
+    stats = tuner.stats()
+    assert np.mean(accuracy[16:200]) < 0.8, "the untrained model is not already good"
+    assert np.mean(accuracy[-200:]) >= 0.95, stats
+    assert stats.published >= 1 and stats.buffer["labels"] > 0
+
+
 def test_poisoned_streams_publish_nothing_and_leave_serving_untouched(sine_model):
     """Streams sending huge values: every chunk they make is quarantined, no version is published and the
     clean streams' outputs are exactly the frozen model's."""
