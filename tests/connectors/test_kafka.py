@@ -155,17 +155,9 @@ def test_sigterm_drains_checkpoints_and_exits_zero(service, kafka_helpers):
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_loses_nothing(service, kafka_helpers, request):
+def test_kill_9_at_random_moments_loses_nothing(service, kafka_helpers):
     """kill -9 the service at random moments (6 times) while 100,000 events over 1,000 streams arrive
     live (about 3,000 per second); restart it each time."""
-    if service.library == "kafka-python":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="known defect, open: with kafka-python 2.3.3 some streams' states diverge after "
-                "kill -9 (no error logged); confluent-kafka, the default, passes",
-            )
-        )
     h = kafka_helpers
     rng = np.random.default_rng(4)
     events = h.random_events(rng, streams=1000, events=100_000, features=3)
