@@ -27,7 +27,9 @@ Next-step targets through a ``regression`` head are the next input in the head's
 
 Loss over the last ``k1`` outputs of each chunk, masked to the steps that have targets:
 ``mse``: mean over features of ``(y − target)²``; ``cross_entropy``: ``−log p[label]`` (the head's logits
-through log-softmax; a ``classifier`` head's probabilities through log).
+through log-softmax; a ``classifier`` head's probabilities through log). ``ctc``: a span chunk's outputs
+over its labelled span against the unaligned label sequence, ``−log Σ_alignments Π p`` (torch's
+``ctc_loss``, blank ``ctc_blank``, impossible alignments count 0), from the chunk's start state.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from torch import Tensor
 from engine.replay import IGNORE_LABEL, ChunkBatch, ReplayBuffer
 from models.bundle import load_bundle, save_bundle
 from models.stream_model import ModelInfo, ModelSpec, StreamModel
-from models.tbptt import TBPTT
+from models.tbptt import TBPTT, apply_update
 
 if TYPE_CHECKING:
     from engine.engine import Engine
@@ -73,7 +75,8 @@ class FineTuneSettings(BaseModel):
     k1: int = Field(8, ge=1, description="steps between updates; the loss covers a chunk's last k1 outputs")
     k2: int = Field(32, ge=1, description="steps backpropagated through (chunk length)")
     target: Literal["next", "feedback"] = "next"
-    loss: Literal["mse", "cross_entropy"] = "mse"
+    loss: Literal["mse", "cross_entropy", "ctc"] = "mse"
+    ctc_blank: int = Field(0, ge=0, description="the class id CTC uses as blank")
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, description="sgd only")
@@ -112,6 +115,8 @@ class FineTuneSettings(BaseModel):
             raise ValueError(f"k1 ({self.k1}) must be <= k2 ({self.k2})")
         if self.target == "next" and self.loss != "mse":
             raise ValueError("next-step targets need loss: mse")
+        if self.loss == "ctc" and self.target != "feedback":
+            raise ValueError("loss: ctc learns from feedback label sequences: set target: feedback")
         return self
 
 
@@ -186,13 +191,11 @@ class WorkerCore:
 
     # ---- loss ----
     def _loss_fn(self, model: StreamModel, mask: Tensor):
-        classifier = model.head is not None and model.head.kind == "classifier"
-
         def loss(outputs: Tensor, targets: Tensor) -> Tensor:
             if self.settings.loss == "mse":
                 per_step = (outputs - targets).pow(2).mean(-1)
             else:
-                logp = torch.log(outputs.clamp_min(1e-12)) if classifier else torch.log_softmax(outputs, -1)
+                logp = self._log_probs(model, outputs)
                 per_step = -logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
             weight = mask.to(per_step.dtype)
             return (per_step * weight).sum() / weight.sum().clamp_min(1.0)
@@ -208,6 +211,8 @@ class WorkerCore:
             targets = torch.addcmul(head.offset, targets, head.scale)
         if self.settings.loss == "cross_entropy":
             targets = targets.long().masked_fill(~torch.from_numpy(batch.mask), IGNORE_LABEL)
+        elif self.settings.loss == "ctc":
+            targets = targets.long()
         return (
             [torch.from_numpy(s) for s in batch.start_state],
             torch.from_numpy(batch.xs),
@@ -215,11 +220,33 @@ class WorkerCore:
             torch.from_numpy(batch.mask),
         )
 
+    def _log_probs(self, model: StreamModel, outputs: Tensor) -> Tensor:
+        if model.head is not None and model.head.kind == "classifier":
+            return torch.log(outputs.clamp_min(1e-12))
+        return torch.log_softmax(outputs, -1)
+
+    def batch_loss(self, model: StreamModel, batch: ChunkBatch) -> Tensor:
+        """The loss of ``batch`` under ``model`` (differentiable in its parameters)."""
+        state, xs, targets, mask = self._tensors(batch)
+        if batch.target_lengths is None:
+            loss, _ = self.tbptt.loss(model, state, xs, targets, self._loss_fn(model, mask))
+            return loss
+        # CTC span chunks: run from each chunk's (detached) start state, keep the labelled span's outputs.
+        outputs, _ = model(xs, [s.detach() for s in state])
+        logp = self._log_probs(model, outputs)
+        spans = [logp[mask[:, b], b] for b in range(logp.shape[1])]
+        return torch.nn.functional.ctc_loss(
+            torch.nn.utils.rnn.pad_sequence(spans),
+            targets,
+            input_lengths=mask.sum(0),
+            target_lengths=torch.from_numpy(batch.target_lengths),
+            blank=self.settings.ctc_blank,
+            zero_infinity=True,
+        )
+
     @torch.no_grad()
     def evaluate(self, model: StreamModel, batch: ChunkBatch) -> float:
-        state, xs, targets, mask = self._tensors(batch)
-        loss, _ = self.tbptt.loss(model, state, xs, targets, self._loss_fn(model, mask))
-        return float(loss)
+        return float(self.batch_loss(model, batch))
 
     # ---- a round ----
     def round(
@@ -232,16 +259,9 @@ class WorkerCore:
             return result
         losses, norms = [], []
         for batch in train:
-            state, xs, targets, mask = self._tensors(batch)
-            loss, norm = self.tbptt.step(
-                self.candidate,
-                self.optimiser,
-                state,
-                xs,
-                targets,
-                self._loss_fn(self.candidate, mask),
-                self.settings.max_grad_norm,
-            )
+            self.optimiser.zero_grad(set_to_none=True)
+            loss_value = self.batch_loss(self.candidate, batch)
+            loss, norm = apply_update(self.candidate, self.optimiser, loss_value, self.settings.max_grad_norm)
             if math.isfinite(loss) and math.isfinite(norm):
                 result.updates += 1
                 self.scheduler.step()
@@ -438,6 +458,7 @@ class FineTuner:
             validation_every=settings.validation_every,
             max_abs_value=settings.max_abs_value,
             input_dtype=np.int64 if model.categorical else np.float32,
+            sequence_labels=settings.loss == "ctc",
         )
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if settings.versions_dir is None:

@@ -9,7 +9,10 @@ state at that step (detached, on the CPU). From those it cuts TBPTT chunks:
   (``s+k2-k1 .. s+k2-1``), so the chunks of one stream tile its timeline with stride ``k1``;
 - targets are either the **next input** (self-supervised: the output of step ``t`` should predict
   ``x[t+1]``; a chunk is ready once ``x[s+k2]`` has arrived), or **labels** given later through
-  ``feedback`` for a step span (the chunk's steps without a label are masked out of the loss).
+  ``feedback`` for a step span (the chunk's steps without a label are masked out of the loss);
+- with ``sequence_labels`` (for CTC), a feedback label is an unaligned sequence of class ids for a span
+  ``[start, end)``: its chunk runs from the newest kept state at or before ``start`` to ``end`` (variable
+  length), and the loss covers the span's outputs.
 
 One chunk in ``validation_every`` is held back for validation and never trained on. Memory is bounded:
 at most ``max_streams`` streams are tracked (later ones are not), and chunks are kept oldest-first-out
@@ -52,29 +55,42 @@ class Chunk:
     xs: np.ndarray
     targets: np.ndarray
     mask: np.ndarray
+    sequence: bool = False  # a span chunk for CTC: ``xs (T, F)``, ``mask (T,)``, ``targets (L,)`` class ids
 
 
 @dataclass
 class ChunkBatch:
     """``B`` chunks stacked time-major for ``TBPTT``: ``start_state`` ``[(B, width)]``, ``xs (k2, B, ...)``,
-    ``targets (k1, B, ...)``, ``mask (k1, B)``; ``seqs``: the chunks' arrival numbers."""
+    ``targets (k1, B, ...)``, ``mask (k1, B)``; ``seqs``: the chunks' arrival numbers.
+
+    Span chunks (CTC) are padded at the end: ``xs (T_max, B, ...)``, ``mask (T_max, B)`` (False on padding),
+    ``targets (B, L_max)`` with ``target_lengths (B,)``.
+    """
 
     start_state: list[np.ndarray]
     xs: np.ndarray
     targets: np.ndarray
     mask: np.ndarray
     seqs: list[int]
+    target_lengths: np.ndarray | None = None
 
     @classmethod
     def stack(cls, chunks: Sequence[Chunk]) -> ChunkBatch:
         widths = len(chunks[0].start_state)
-        return cls(
-            start_state=[np.stack([c.start_state[j] for c in chunks]) for j in range(widths)],
-            xs=np.stack([c.xs for c in chunks], axis=1),
-            targets=np.stack([c.targets for c in chunks], axis=1),
-            mask=np.stack([c.mask for c in chunks], axis=1),
-            seqs=[c.seq for c in chunks],
-        )
+        start_state = [np.stack([c.start_state[j] for c in chunks]) for j in range(widths)]
+        seqs = [c.seq for c in chunks]
+        if not chunks[0].sequence:
+            xs = np.stack([c.xs for c in chunks], axis=1)
+            targets = np.stack([c.targets for c in chunks], axis=1)
+            return cls(start_state, xs, targets, np.stack([c.mask for c in chunks], axis=1), seqs)
+        steps, length = max(len(c.xs) for c in chunks), max(len(c.targets) for c in chunks)
+        xs = np.zeros((steps, len(chunks), *chunks[0].xs.shape[1:]), chunks[0].xs.dtype)
+        mask = np.zeros((steps, len(chunks)), bool)
+        targets = np.zeros((len(chunks), length), np.int64)
+        for b, c in enumerate(chunks):
+            xs[: len(c.xs), b], mask[: len(c.mask), b], targets[b, : len(c.targets)] = c.xs, c.mask, c.targets
+        lengths = np.array([len(c.targets) for c in chunks], np.int64)
+        return cls(start_state, xs, targets, mask, seqs, lengths)
 
     def __len__(self) -> int:
         return self.xs.shape[1]
@@ -100,7 +116,8 @@ class ReplayBuffer:
     - ``history_steps``: inputs kept per stream (how late feedback may arrive), at least ``k2 + 1``;
     - ``max_streams``, ``max_chunks``, ``max_chunks_per_stream``: the memory caps;
     - ``validation_every``: one chunk in this many is held back for validation;
-    - ``max_abs_value``: inputs/targets beyond this magnitude quarantine their chunk.
+    - ``max_abs_value``: inputs/targets beyond this magnitude quarantine their chunk;
+    - ``sequence_labels``: feedback labels are unaligned class-id sequences for a span (CTC).
     """
 
     def __init__(
@@ -116,6 +133,7 @@ class ReplayBuffer:
         validation_every: int = 5,
         max_abs_value: float = 1e6,
         input_dtype: type = np.float32,
+        sequence_labels: bool = False,
     ) -> None:
         if not 1 <= k1 <= k2:
             raise ValueError(f"need 1 <= k1 <= k2, got k1={k1}, k2={k2}")
@@ -131,6 +149,7 @@ class ReplayBuffer:
         self.max_chunks_per_stream = max_chunks_per_stream
         self.validation_every = max(validation_every, 2)
         self.max_abs_value = max_abs_value
+        self.sequence_labels = sequence_labels
         self._tracks: dict[StreamId, _Track] = {}
         self._train: OrderedDict[int, Chunk] = OrderedDict()
         self._validation: deque[Chunk] = deque(maxlen=max(64, max_chunks // self.validation_every))
@@ -201,7 +220,24 @@ class ReplayBuffer:
             if not any(labelled):
                 return
             targets, mask = self._label_targets(track, loss_steps, labelled)
-        chunk = Chunk(sid, self._seq, start, [s.copy() for s in state], xs, targets, mask)
+        self._keep(track, Chunk(sid, self._seq, start, [s.copy() for s in state], xs, targets, mask))
+
+    def _cut_span(self, sid: StreamId, track: _Track, start: int, end: int, labels: np.ndarray) -> bool:
+        """A CTC chunk from the newest kept state at or before ``start`` to ``end``; loss on the span."""
+        kept = [s for s in track.states if track.steps - self.history <= s <= start]
+        if not kept or end > track.steps:
+            return False
+        first = max(kept)
+        xs = track.inputs[np.arange(first, end) % self.history].copy()
+        mask = np.arange(first, end) >= start
+        state = [s.copy() for s in track.states[first]]
+        self._keep(
+            track, Chunk(sid, self._seq, first, state, xs, labels.astype(np.int64), mask, sequence=True)
+        )
+        return True
+
+    def _keep(self, track: _Track, chunk: Chunk) -> None:
+        """File a new chunk: quarantined, held back for validation, or kept for training."""
         self._seq += 1
         if not self._is_sane(chunk):
             self.counts["quarantined"] += 1
@@ -260,6 +296,8 @@ class ReplayBuffer:
             track = self._tracks.get(stream_id)
             if track is None:
                 return 0
+            if self.sequence_labels:
+                return self._sequence_feedback(stream_id, track, label, start, end)
             end = track.steps if end is None else min(end, track.steps)
             start = end - 1 if start is None else start
             start = max(start, track.steps - self.history, 0)
@@ -277,6 +315,22 @@ class ReplayBuffer:
                 if s + self.k2 <= track.steps:
                     self._cut(stream_id, track, s, new_steps)
             return end - start
+
+    def _sequence_feedback(
+        self, sid: StreamId, track: _Track, label: object, start: int | None, end: int | None
+    ) -> int:
+        labels = np.asarray(label)
+        if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) == 0:
+            raise ValueError("a CTC label is a non-empty sequence of class ids")
+        if start is None:
+            raise ValueError("a CTC label needs the span it transcribes: start (and end, default: now)")
+        end = track.steps if end is None else end
+        if not 0 <= start < end <= track.steps:
+            raise ValueError(f"span [{start}, {end}) is not within the stream's {track.steps} steps")
+        if not self._cut_span(sid, track, start, end, labels):
+            return 0  # fell out of history
+        self.counts["labels"] += end - start
+        return end - start
 
     def steps_of(self, stream_id: StreamId) -> int:
         """How many events of the stream were recorded (its next step's number); 0 if not tracked."""

@@ -65,9 +65,17 @@ class TBPTT:
         before clipping)``; a non-finite loss or gradient skips the optimiser step."""
         optimiser.zero_grad(set_to_none=True)
         loss, _ = self.loss(model, start_state, xs, targets, loss_fn)
-        loss.backward()
-        params = [p for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
-        if torch.isfinite(loss) and torch.isfinite(norm):
-            optimiser.step()
-        return float(loss.detach()), float(norm)
+        return apply_update(model, optimiser, loss, max_grad_norm)
+
+
+def apply_update(
+    model: torch.nn.Module, optimiser: torch.optim.Optimizer, loss: Tensor, max_grad_norm: float | None
+) -> tuple[float, float]:
+    """Backward ``loss`` (grads zeroed by the caller), clip by norm, optimiser step. Returns ``(loss, grad
+    norm before clipping)``; a non-finite loss or gradient skips the optimiser step."""
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    if torch.isfinite(loss) and torch.isfinite(norm):
+        optimiser.step()
+    return float(loss.detach()), float(norm)

@@ -110,6 +110,65 @@ def test_feedback_labels_train_a_classifier_online():
     assert stats.published >= 1 and stats.buffer["labels"] > 0
 
 
+def _collapse(path: list[int]) -> list[int]:
+    """CTC's greedy reading: merge repeats, drop blanks (0)."""
+    return [c for i, c in enumerate(path) if c != 0 and (i == 0 or path[i - 1] != c)]
+
+
+def _symbol_events(rng: np.random.Generator):
+    """Endless ``(x (3,), symbol)``: bursts of 2-4 steps of a noisy one-hot symbol 1..3, then 1-3 steps of
+    noise (symbol 0). The transcript of a span is the collapsed symbol path: unaligned labels."""
+    while True:
+        symbol = int(rng.integers(1, 4))
+        for _ in range(int(rng.integers(2, 5))):
+            yield (
+                np.eye(3, dtype=np.float32)[symbol - 1] + 0.1 * rng.standard_normal(3).astype(np.float32),
+                symbol,
+            )
+        for _ in range(int(rng.integers(1, 4))):
+            yield 0.1 * rng.standard_normal(3).astype(np.float32), 0
+
+
+@pytest.mark.slow
+def test_ctc_learns_from_unaligned_transcripts():
+    """Every 20 steps each stream gets the transcript of its last 20 steps (symbols, no alignment) as
+    feedback; with CTC the engine's greedy transcripts become right for >= 95% of the spans."""
+    torch.manual_seed(0)
+    engine = Engine(StreamModel(ModelSpec("gru", 3, 24, head="linear", head_out=4)), device="cpu")
+    settings = {**FAST, "target": "feedback", "loss": "ctc", "k2": 16, "lr": 1e-2, "batch_size": 16}
+    tuner = engine.start_finetuning(
+        FineTuneSettings(**settings, min_train_chunks=16, min_validation_chunks=4)
+    )
+    n, span = 16, 20
+    ids = [f"s{i}" for i in range(n)]
+    sources = [_symbol_events(np.random.default_rng(i)) for i in range(n)]
+    truth: list[list[int]] = [[] for _ in range(n)]
+    greedy: list[list[int]] = [[] for _ in range(n)]
+    correct: list[bool] = []
+    try:
+        for step in range(8000):
+            events = [next(src) for src in sources]
+            out = engine.step_many(ids, np.stack([x for x, _ in events]))
+            for i, (_, symbol) in enumerate(events):
+                truth[i].append(symbol)
+                greedy[i].append(int(out[i].argmax()))
+            if step % span == span - 1:
+                for i, sid in enumerate(ids):
+                    transcript = _collapse(truth[i][-span:])
+                    correct.append(_collapse(greedy[i][-span:]) == transcript)
+                    if transcript:
+                        engine.feedback(sid, transcript, start=step - span + 1, end=step + 1)
+            time.sleep(0.002)
+            if len(correct) > 320 and np.mean(correct[-160:]) >= 0.95:
+                break
+    finally:
+        engine.close()
+    stats = tuner.stats()
+    assert np.mean(correct[:160]) < 0.5, "the untrained model already transcribes"
+    assert np.mean(correct[-160:]) >= 0.95, stats
+    assert stats.published >= 1
+
+
 def test_poisoned_streams_publish_nothing_and_leave_serving_untouched(sine_model):
     """Streams sending huge values: every chunk they make is quarantined, no version is published and the
     clean streams' outputs are exactly the frozen model's."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from engine.replay import IGNORE_LABEL, ReplayBuffer
@@ -155,3 +156,26 @@ def test_feedback_labels_cut_masked_chunks_whenever_they_arrive():
     targets = np.stack([c.targets for c in buf2._train.values()])
     np.testing.assert_array_equal(targets, np.tile([0.5, -0.5], (2, 2, 1)))
     assert buf2.feedback("unknown", 1) == 0
+
+
+def test_ctc_feedback_cuts_a_span_chunk_from_the_newest_state_before_it():
+    buf = ReplayBuffer(
+        k1=4, k2=8, feature_shape=(1,), target="feedback", validation_every=10**6, sequence_labels=True
+    )
+    for t in range(30):
+        buf.record(["a"], np.array([[float(t)]], np.float32), [torch.tensor([[float(t)]])])
+    assert buf.feedback("a", [2, 1, 2], start=10, end=17) == 7
+    (chunk,) = buf._train.values()
+    assert chunk.sequence and chunk.start_step == 8 and chunk.start_state[0][0] == 8.0
+    np.testing.assert_array_equal(chunk.xs[:, 0], np.arange(8, 17))
+    np.testing.assert_array_equal(chunk.mask, np.arange(8, 17) >= 10)
+    np.testing.assert_array_equal(chunk.targets, [2, 1, 2])
+    buf.feedback("a", [1], start=20, end=22)
+    batch = buf.sample(2, random.Random(0))
+    assert batch.target_lengths is not None and sorted(batch.target_lengths.tolist()) == [1, 3]
+    assert batch.xs.shape == (9, 2, 1) and batch.targets.shape == (2, 3)
+    assert sorted(batch.mask.sum(0).tolist()) == [2, 7]
+    with pytest.raises(ValueError, match="span"):
+        buf.feedback("a", [1], start=25, end=40)  # the future
+    with pytest.raises(ValueError, match="class ids"):
+        buf.feedback("a", [0.5], start=20, end=22)
