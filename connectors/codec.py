@@ -143,6 +143,64 @@ class Decoder:
         return ids
 
 
+def check_label(label: Any) -> Any:
+    """A label as feedback takes it: a class id (int), or a non-empty list of finite numbers (a target
+    vector, or a CTC transcript of class ids). Raises ``DecodeError`` otherwise."""
+    if isinstance(label, bool) or not isinstance(label, int | list):
+        raise DecodeError(f"label must be a class id or a list of numbers, got {type(label).__name__}")
+    if isinstance(label, list) and (
+        not label or not all(_is_number(v) and -FLOAT32_MAX <= v <= FLOAT32_MAX for v in label)
+    ):
+        raise DecodeError("label list must hold finite numbers")
+    return label
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """A feedback record: ``label`` for a span of one stream's steps, addressed by stream-local steps
+    (``start``/``end``, negative = back from now), the ``last`` n steps, or the input ``offsets``
+    ``[first, last]`` (inclusive) of the messages it labels, in the stream's input partition."""
+
+    label: Any
+    start: int | None = None
+    end: int | None = None
+    last: int | None = None
+    offsets: tuple[int, int] | None = None
+
+
+def decode_feedback(payload: bytes | None) -> Feedback:
+    """``{"label": L}`` (the latest step), with at most one of ``"last": n``, ``"start"``/``"end"``, or
+    ``"offsets": [first, last]``. JSON."""
+    if payload is None:
+        raise DecodeError("empty payload (tombstone)")
+    doc = _parse_json(payload)
+    if type(doc) is not dict or "label" not in doc:
+        raise DecodeError("feedback must be an object with key 'label'")
+    unknown = set(doc) - {"label", "start", "end", "last", "offsets"}
+    if unknown:
+        raise DecodeError(f"unknown feedback keys {sorted(unknown)}")
+    ints = {k: doc[k] for k in ("start", "end", "last") if k in doc}
+    for k, v in ints.items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise DecodeError(f"feedback '{k}' must be an integer")
+    if "last" in ints and ints["last"] < 1:
+        raise DecodeError("feedback 'last' must be >= 1")
+    offsets = doc.get("offsets")
+    if offsets is not None:
+        ok = type(offsets) is list and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+        if not ok or offsets[0] > offsets[1]:
+            raise DecodeError("feedback 'offsets' must be [first, last] input offsets, first <= last")
+    if sum(("last" in ints, "start" in ints or "end" in ints, offsets is not None)) > 1:
+        raise DecodeError("feedback addresses its span one way: 'last', 'start'/'end' or 'offsets'")
+    return Feedback(
+        check_label(doc["label"]),
+        ints.get("start"),
+        ints.get("end"),
+        ints.get("last"),
+        tuple(offsets) if offsets is not None else None,
+    )
+
+
 def encode_output(
     y: np.ndarray, source: dict[str, Any], model_version: int, encoding: Encoding = "json"
 ) -> bytes:

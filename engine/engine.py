@@ -375,8 +375,10 @@ class Engine:
         self, stream_id: StreamId, label: Any, start: int | None = None, end: int | None = None
     ) -> int:
         """A label for the stream's steps ``[start, end)`` (stream-local step numbers, 0 = its first event
-        since fine-tuning started or since its last reset; default: its latest step), for the fine-tuning
-        worker. ``label``: a class id, or a target vector. Returns the number of steps labelled."""
+        since fine-tuning started or since its last reset; negative ones count back from now: ``start=-5``
+        labels the last 5 steps; default: its latest step), for the fine-tuning worker. ``label``: a class
+        id, a target vector, or (``loss: ctc``) a sequence of class ids for the span. Returns the number
+        of steps labelled."""
         check_stream_id(stream_id)
         if self.finetuner is None or self._recorder is None:
             raise RuntimeError("feedback needs fine-tuning: call start_finetuning(target='feedback') first")

@@ -65,6 +65,17 @@ if TYPE_CHECKING:
     from engine.engine import Engine
 
 Weights = dict[str, np.ndarray]
+SERVING_FILE = "SERVING"
+
+
+def serving_bundle(versions_dir: str | Path) -> Path | None:
+    """The bundle a fine-tuner in ``versions_dir`` served last (``None`` if there is none): what a
+    restarted process should load to go on where it stopped."""
+    pointer = Path(versions_dir) / SERVING_FILE
+    if not pointer.exists():
+        return None
+    path = Path(versions_dir) / f"v{int(pointer.read_text().strip()):06d}.safetensors"
+    return path if path.exists() else None
 
 
 class FineTuneSettings(BaseModel):
@@ -523,6 +534,13 @@ class FineTuner:
         """A kept version as a model (CPU, eval mode)."""
         return load_bundle(self.version_path(version))
 
+    def _mark_serving(self, version: int) -> None:
+        """Record which version serves now (``versions_dir/SERVING``), for a restarted process."""
+        pointer = self.versions_dir / SERVING_FILE
+        tmp = pointer.with_suffix(".tmp")
+        tmp.write_text(f"{version}\n")
+        tmp.replace(pointer)
+
     def _save_version(self, model: StreamModel, version: int, trained_on: dict[str, Any]) -> None:
         model.info = ModelInfo(version=version, features=dict(model.info.features), trained_on=trained_on)
         save_bundle(model, self.version_path(version))
@@ -601,6 +619,7 @@ class FineTuner:
                 },
             )
             self.engine.swap_weights({k: torch.from_numpy(v) for k, v in result.weights.items()}, version)
+            self._mark_serving(version)
             self._previous_version, self._serving_version = self._serving_version, version
             self._probation_from_seq = self.buffer.next_seq - 1  # judged on chunks cut from now on
             st.published += 1
@@ -609,6 +628,7 @@ class FineTuner:
             back = self._previous_version
             weights = self.load_version(back).state_dict()
             self.engine.swap_weights(weights, back)
+            self._mark_serving(back)
             st.rolled_back += 1
             st.last_decision = f"rolled back v{self._serving_version} → v{back}: {result.reason}"
             self._serving_version, self._previous_version = back, None

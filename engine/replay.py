@@ -290,12 +290,17 @@ class ReplayBuffer:
         end: int | None = None,
     ) -> int:
         """Label the stream's steps ``[start, end)`` (stream-local step numbers, counted from the first
-        recorded event; default: the latest step). Returns how many steps were labelled (0 when the
+        recorded event; negative ones count back from the next step, like Python slices: ``start=-3`` is
+        the last 3 steps; default: the latest step). Returns how many steps were labelled (0 when the
         stream is not tracked or the span fell out of history)."""
         with self._lock:
             track = self._tracks.get(stream_id)
             if track is None:
                 return 0
+            if start is not None and start < 0:
+                start += track.steps
+            if end is not None and end < 0:
+                end += track.steps
             if self.sequence_labels:
                 return self._sequence_feedback(stream_id, track, label, start, end)
             end = track.steps if end is None else min(end, track.steps)

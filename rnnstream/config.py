@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from engine.finetune import FineTuneSettings
+
 
 class ConfigError(ValueError):
     """The configuration file is missing, not YAML, or fails validation; the message names the key."""
@@ -81,7 +83,8 @@ class ServiceConfig(Strict):
     kafka: KafkaConfig
     engine: EngineConfig = EngineConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
-    metrics_port: int | None = Field(None, ge=0, le=65535)
+    finetune: FineTuneSettings | None = None  # online fine-tuning (off when absent)
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # admin endpoint: /metrics, /stats, /finetune/*
 
     @property
     def changelog_topic(self) -> str:
@@ -115,6 +118,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
         raise ConfigError(f"{path}: {_format_errors(exc)}") from exc
     if not config.model.is_absolute():
         config = config.model_copy(update={"model": (path.parent / config.model).resolve()})
+    ft = config.finetune
+    if ft is not None and ft.versions_dir is not None and not Path(ft.versions_dir).is_absolute():
+        ft = ft.model_copy(update={"versions_dir": str((path.parent / ft.versions_dir).resolve())})
+        config = config.model_copy(update={"finetune": ft})
     return config
 
 

@@ -17,6 +17,11 @@ One thread runs the loop ``poll → process → (every interval) checkpoint``:
 
 Backpressure: the loop is synchronous; when the producer's buffer is full ``send`` blocks, so polling
 (and with it consumption) pauses instead of memory growing.
+
+Fine-tuning (``finetune:`` in the config): the engine's background worker learns from the events it
+serves; labels come inline (``"label"`` in an input message, for that message's timesteps) or from the
+``feedback_topic`` (co-partitioned with the inputs, keyed by stream id; ``connectors.codec.Feedback``).
+Published versions go to ``finetune.versions_dir``; a restarted process loads the one it served last.
 """
 
 from __future__ import annotations
@@ -25,17 +30,20 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import asdict, dataclass, field
 from itertools import chain
 
 import numpy as np
 import torch
 
 from connectors import kafka as kc
-from connectors.codec import Decoded, DecodeError, Decoder, encode_output
+from connectors.codec import Decoded, DecodeError, Decoder, check_label, decode_feedback, encode_output
 from engine import Engine, EngineSnapshot, UnknownStreamError
+from engine.finetune import serving_bundle
 from engine.runtime import freeze_startup_objects
 from models import load_bundle
+from rnnstream.admin import AdminServer
 from rnnstream.config import ServiceConfig
 
 log = logging.getLogger("rnnstream.kafka")
@@ -51,6 +59,7 @@ class ServiceCounters:
     restored_streams: int = 0
     rebalances: int = 0
     aborts: int = 0
+    labels: int = 0  # feedback labels applied (inline or from the feedback topic)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -89,7 +98,11 @@ class KafkaService:
         self.config = config
         kcfg = config.kafka
         self.instance_id = kcfg.instance_id
-        model = load_bundle(config.model)
+        ft = config.finetune
+        resumed = serving_bundle(ft.versions_dir) if ft is not None and ft.versions_dir else None
+        model = load_bundle(resumed or config.model)
+        if resumed is not None:
+            log.info("fine-tuning: resuming with %s (version %d)", resumed.name, model.info.version)
         e = config.engine
         self.engine = Engine(
             model,
@@ -123,6 +136,12 @@ class KafkaService:
         self._last_checkpoint = time.monotonic()
         self._max_bytes = kcfg.max_message_bytes
         self._to_restore: set[int] = set()  # partitions assigned but not restored yet
+        if ft is not None:
+            self.engine.start_finetuning(ft)
+        self._labels_wanted = ft is not None and ft.target == "feedback"
+        # stream → recent (input offset, first step, timesteps), to address feedback by input offsets
+        self._steps_at: dict[str, deque[tuple[int, int, int]]] = {}
+        self.admin: AdminServer | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -130,11 +149,15 @@ class KafkaService:
 
     def run(self) -> None:
         kcfg = self.config.kafka
+        inputs = kcfg.input_topics + ([kcfg.feedback_topic] if kcfg.feedback_topic else [])
         self.client.ensure_topics(
-            kcfg.input_topics, [kcfg.output_topic, kcfg.dead_letter_topic], self.config.changelog_topic
+            inputs, [kcfg.output_topic, kcfg.dead_letter_topic], self.config.changelog_topic
         )
         self._install_signal_handlers()
-        self.client.start(kcfg.input_topics, self._on_assigned, self._on_revoked)
+        if self.config.metrics_port is not None:
+            self.admin = AdminServer(self.engine, self.config.metrics_port, extra=self._service_counters)
+            log.info("admin endpoint on http://%s (/metrics, /stats, /finetune/*)", self.admin.address)
+        self.client.start(inputs, self._on_assigned, self._on_revoked)
         freeze_startup_objects()  # the clients too (see engine.runtime)
         log.info("instance %s consuming %s with %s", self.instance_id, kcfg.input_topics, kcfg.client_library)
         interval_s = self.config.checkpoint.interval_ms / 1e3
@@ -153,6 +176,13 @@ class KafkaService:
         finally:
             self.client.close()
             self.engine.close()
+            if self.admin is not None:
+                self.admin.close()
+
+    def _service_counters(self) -> dict[str, float]:
+        counts = asdict(self.counters)
+        counts.pop("started")
+        return {k: float(v) for k, v in counts.items()}
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -165,10 +195,26 @@ class KafkaService:
         """Decode, step and answer ``records`` (each stream's records are in offset order)."""
         batch = _Batch()
         next_offsets = self._next_offsets
+        feedback_topic = self.config.kafka.feedback_topic
+        feedback: list[kc.Record] = []
         for rec in records:
             next_offsets[(rec.topic, rec.partition)] = rec.offset + 1
+            if rec.topic == feedback_topic:
+                feedback.append(rec)  # applied after this poll's events
+                continue
             sid, decoded = self._decode(rec)
             if decoded is None:
+                continue
+            if decoded.label is not None and self._labels_wanted:  # labels this message's timesteps
+                try:
+                    check_label(decoded.label)
+                except DecodeError as exc:
+                    self._dead_letter(rec, f"label: {exc}")
+                    continue
+                batch.add(rec, sid, decoded.xs)
+                self._flush(batch)
+                batch = _Batch()
+                self._apply_label(rec, sid, decoded.label, start=-len(decoded.xs), end=None)
                 continue
             if decoded.control in ("start", "reset"):
                 self._flush(batch)
@@ -182,7 +228,67 @@ class KafkaService:
                 batch = _Batch()
                 self._end(rec, sid)
         self._flush(batch)
+        for rec in feedback:
+            self._feedback(rec)
         self.counters.messages += len(records)
+
+    def _feedback(self, rec: kc.Record) -> None:
+        """A feedback-topic record: a label for a span of one stream's steps (bad ones: dead letter)."""
+        try:
+            if rec.key is None:
+                raise DecodeError("missing key: the record key is the stream id")
+            sid = rec.key.decode(errors="strict")
+            fb = decode_feedback(rec.value)
+        except (DecodeError, UnicodeDecodeError) as exc:
+            self._dead_letter(rec, f"feedback: {exc}")
+            return
+        if not self._labels_wanted:
+            self._dead_letter(rec, "feedback: this service does not fine-tune on labels (finetune.target)")
+            return
+        start, end = fb.start, fb.end
+        if fb.last is not None:
+            start, end = -fb.last, None
+        elif fb.offsets is not None:
+            span = self._steps_of_offsets(sid, *fb.offsets)
+            if span is None:
+                self._dead_letter(
+                    rec, f"feedback: offsets {list(fb.offsets)} of {sid!r} are not in recent history"
+                )
+                return
+            start, end = span
+        self._apply_label(rec, sid, fb.label, start, end)
+
+    def _apply_label(
+        self, rec: kc.Record, sid: str, label: object, start: int | None, end: int | None
+    ) -> None:
+        try:
+            labelled = self.engine.feedback(sid, check_label(label), start, end)
+        except (DecodeError, ValueError) as exc:  # InvalidInputError is a ValueError
+            self._dead_letter(rec, f"label: {exc}")
+            return
+        self.counters.labels += labelled
+
+    def _steps_of_offsets(self, sid: str, first: int, last: int) -> tuple[int, int] | None:
+        """The stream-local step span of the input messages at offsets ``first..last`` (inclusive)."""
+        steps = [(s, s + n) for off, s, n in self._steps_at.get(sid, ()) if first <= off <= last]
+        if not steps:
+            return None
+        return min(s for s, _ in steps), max(e for _, e in steps)
+
+    def _note_steps(self, batch: _Batch) -> None:
+        """Remember which stream-local steps each message of ``batch`` is about to take (feedback mode)."""
+        tuner = self.engine.finetuner
+        assert tuner is not None
+        next_step: dict[str, int] = {}
+        for rec, sid, n in batch.records:
+            step = next_step.get(sid)
+            if step is None:
+                step = tuner.buffer.steps_of(sid)
+            ring = self._steps_at.get(sid)
+            if ring is None:
+                ring = self._steps_at[sid] = deque(maxlen=256)
+            ring.append((rec.offset, step, n))
+            next_step[sid] = step + n
 
     def _decode(self, rec: kc.Record) -> tuple[str, Decoded | None]:
         """The record's stream id and content, or ``("", None)`` after sending it to the dead-letter
@@ -211,6 +317,8 @@ class KafkaService:
         if not batch:
             return
         xs = batch.inputs(np.int64 if self.engine.model.categorical else np.float32)
+        if self._labels_wanted:
+            self._note_steps(batch)
         outputs = self.engine.step_many(batch.ids, xs)
         self.counters.events += len(xs)
         version = self.engine.model.info.version
@@ -313,6 +421,8 @@ class KafkaService:
         for p in partitions:
             sids = self._tasks.pop(p, set())
             self.engine.release(list(sids))
+            for sid in sids:
+                self._steps_at.pop(sid, None)
 
     def _restore_tasks(self, partitions: list[int]) -> None:
         """Load the committed states of ``partitions`` not held yet."""

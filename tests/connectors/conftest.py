@@ -64,6 +64,7 @@ class ServiceRun:
     interval_ms: int = 200
     library: str = "kafka-python"
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # merged into the config (one level deep)
 
     @property
     def outputs_topic(self) -> str:
@@ -96,6 +97,8 @@ class ServiceRun:
             "engine": {"device": "cpu"},
             "checkpoint": {"interval_ms": self.interval_ms, "transaction_timeout_ms": 8000},
         }
+        for key, value in self.extra.items():
+            cfg[key] = {**cfg[key], **value} if isinstance(cfg.get(key), dict) else value
         path = self.workdir / f"service-{instance}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         return path

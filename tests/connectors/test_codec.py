@@ -9,7 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from connectors.codec import DecodeError, Decoder, encode_output
+from connectors.codec import DecodeError, Decoder, Feedback, check_label, decode_feedback, encode_output
 
 F = 3
 
@@ -96,3 +96,41 @@ def test_bad_binary_payloads():
 def test_output_carries_its_input_position():
     doc = json.loads(encode_output(np.ones((2, 1), np.float32), {"partition": 3, "offset": 17}, 5))
     assert doc == {"y": [[1.0], [1.0]], "partition": 3, "offset": 17, "model_version": 5}
+
+
+def test_feedback_records_decode_every_addressing_form():
+    assert decode_feedback(b'{"label": 2}') == Feedback(2)
+    assert decode_feedback(b'{"label": [0.5, 1], "last": 4}') == Feedback([0.5, 1], last=4)
+    assert decode_feedback(b'{"label": 1, "start": -6, "end": -2}') == Feedback(1, start=-6, end=-2)
+    assert decode_feedback(b'{"label": [1, 2, 1], "offsets": [10, 12]}') == Feedback(
+        [1, 2, 1], offsets=(10, 12)
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (None, "tombstone"),
+        (b"[1, 2]", "key 'label'"),
+        (b'{"x": [1]}', "key 'label'"),
+        (b'{"label": true}', "class id"),
+        (b'{"label": []}', "finite numbers"),
+        (b'{"label": [1, "a"]}', "finite numbers"),
+        (b'{"label": 1, "last": 0}', "'last' must be >= 1"),
+        (b'{"label": 1, "start": 1.5}', "integer"),
+        (b'{"label": 1, "offsets": [5, 2]}', "first <= last"),
+        (b'{"label": 1, "offsets": [1]}', "first <= last"),
+        (b'{"label": 1, "last": 1, "start": 0}', "one way"),
+        (b'{"label": 1, "extra": 0}', "unknown feedback keys"),
+    ],
+)
+def test_bad_feedback_is_refused_with_a_reason(payload, reason):
+    with pytest.raises(DecodeError, match=reason):
+        decode_feedback(payload)
+
+
+def test_inline_labels_are_checked():
+    assert check_label(3) == 3 and check_label([0.1, 2]) == [0.1, 2]
+    for bad in ("x", 1.5, None, [float("nan")], [1e39]):
+        with pytest.raises(DecodeError):
+            check_label(bad)

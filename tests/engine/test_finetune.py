@@ -15,7 +15,7 @@ import torch
 from benchmarks.finetune_bench import copy_model as _copy
 from benchmarks.finetune_bench import sine_rows, train_sine_forecaster
 from engine import Engine, InvalidInputError
-from engine.finetune import FineTuneSettings, RoundResult, WorkerCore, to_numpy_weights
+from engine.finetune import FineTuneSettings, RoundResult, WorkerCore, serving_bundle, to_numpy_weights
 from engine.replay import ChunkBatch, ReplayBuffer
 from models.stream_model import ModelSpec, StreamModel
 
@@ -264,8 +264,10 @@ def test_a_worse_version_on_probation_is_rolled_back(sine_model):
         tuner.pause()
         tuner._apply(RoundResult(decision="publish", weights=to_numpy_weights(damaged)), 0, [])
         assert engine.model.info.version == 1
+        assert serving_bundle(tuner.versions_dir) == tuner.version_path(1)  # what a restart loads
         tuner._apply(RoundResult(decision="rollback", reason="test"), 0, [])
         assert engine.model.info.version == 0 and tuner.stats().rolled_back == 1
+        assert serving_bundle(tuner.versions_dir) == tuner.version_path(0)
         torch.testing.assert_close(engine.model.state_dict(), sine_model.state_dict(), rtol=0, atol=0)
         assert tuner.versions() == [0, 1]
         assert tuner.load_version(1).info.trained_on["parent_version"] == 0
