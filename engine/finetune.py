@@ -114,7 +114,10 @@ class FineTuneSettings(BaseModel):
     max_abs_value: float = Field(1e6, gt=0, description="chunks with larger values are quarantined")
     isolation: Literal["process", "thread"] = "process"
     threads: int = Field(1, ge=1, description="torch threads of the worker")
-    nice: int = Field(10, ge=0, le=19, description="worker process niceness: inference gets the CPU first")
+    priority: Literal["idle", "nice"] = Field(
+        "idle", description="idle: SCHED_IDLE, the worker only uses CPU time inference leaves; nice: `nice`"
+    )
+    nice: int = Field(10, ge=0, le=19, description="worker process niceness when priority is 'nice'")
     min_round_interval_s: float = Field(0.0, ge=0)
     versions_dir: str | None = Field(None, description="where versions are kept (default: a temp dir)")
     keep_versions: int = Field(1000, ge=2, description="newest versions kept on disk (plus the serving one)")
@@ -339,6 +342,19 @@ class WorkerCore:
         result.weights = to_numpy_weights(self.serving)
 
 
+def _lower_priority(settings: FineTuneSettings) -> None:
+    """Make the worker yield the CPU to inference: ``SCHED_IDLE`` (Linux; runs only on otherwise idle
+    CPU time and is preempted at once when a serving thread wakes up), else ``nice``."""
+    if settings.priority == "idle" and hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return
+        except OSError:
+            pass
+    if settings.nice and hasattr(os, "nice"):
+        os.nice(settings.nice)
+
+
 def _worker_process_main(fd: int) -> None:
     """The child process (``python -m engine.finetune FD``): receive the model and settings, then answer
     rounds until told to stop."""
@@ -346,8 +362,7 @@ def _worker_process_main(fd: int) -> None:
     spec, weights, settings = conn.recv()
     parsed = FineTuneSettings(**settings)
     torch.set_num_threads(parsed.threads)
-    if parsed.nice and hasattr(os, "nice"):
-        os.nice(parsed.nice)
+    _lower_priority(parsed)
     core = WorkerCore(spec, weights, parsed)
     conn.send(("ready", None))
     while True:
