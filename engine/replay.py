@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from engine.state import StreamId
@@ -103,6 +104,7 @@ class _Track:
 
     inputs: np.ndarray
     steps: int = 0
+    last_bad: int = -(10**18)  # the latest step whose input was non-finite or out of range
     states: dict[int, list[np.ndarray]] = field(default_factory=dict)
     labels: dict[int, np.ndarray | int] = field(default_factory=dict)
     chunk_seqs: deque[int] = field(default_factory=deque)
@@ -161,6 +163,7 @@ class ReplayBuffer:
     def record(self, stream_ids: Sequence[StreamId], xs: np.ndarray, state_before: list[Tensor]) -> None:
         """Events just applied: ``xs (N, ...)`` of ``stream_ids`` (each at most once), and the streams'
         state before them, ``[(N, width)]`` (rows are read only at chunk starts)."""
+        bad = self._bad_rows(xs)
         with self._lock:
             tracked: list[tuple[StreamId, _Track]] = []
             boundary_rows: list[int] = []
@@ -175,10 +178,16 @@ class ReplayBuffer:
                     boundary_rows.append(i)
                 tracked.append((sid, track))
                 track.inputs[track.steps % self.history] = xs[i]
+                if bad is not None and bad[i]:
+                    track.last_bad = track.steps
             if boundary_rows:
-                rows = [s[boundary_rows].detach().cpu().numpy() for s in state_before]
+                idx = torch.tensor(boundary_rows, device=state_before[0].device)
+                rows = [s.index_select(0, idx).cpu().numpy() for s in state_before]
+                bad_state = self._bad_rows(np.concatenate(rows, axis=1))
                 for j, i in enumerate(boundary_rows):
                     track = self._tracks[stream_ids[i]]
+                    if bad_state is not None and bad_state[j]:
+                        track.last_bad = track.steps  # no chunk may start from (or span) this state
                     track.states[track.steps] = [r[j].copy() for r in rows]
             self.counts["events"] += len(tracked)
             for sid, track in tracked:
@@ -198,22 +207,27 @@ class ReplayBuffer:
                 self._cut(sid, track, start, None)
         if n % self.k1:
             return
+        # Forget what fell out of history since the previous boundary (states sit at multiples of k1).
         oldest = n - self.history
-        for step in [s for s in track.states if s < oldest]:
-            del track.states[step]
-        for step in [s for s in track.labels if s < oldest]:
-            del track.labels[step]
+        track.states.pop((oldest - 1) // self.k1 * self.k1, None)
+        if track.labels:
+            for step in range(oldest - self.k1, oldest):
+                track.labels.pop(step, None)
 
     def _cut(self, sid: StreamId, track: _Track, start: int, only_steps: set[int] | None) -> None:
         state = track.states.get(start)
         if state is None or start < track.steps - self.history:
             return  # out of history
-        idx = np.arange(start, start + self.k2) % self.history
-        xs = track.inputs[idx].copy()
+        last = start + self.k2 + (self.target == "next")  # the next-step target of the last output
+        if start <= track.last_bad < last:
+            self._seq += 1
+            self.counts["quarantined"] += 1
+            return
+        window = self._window(track, start, last)
+        xs = window[: self.k2]
         loss_steps = range(start + self.k2 - self.k1, start + self.k2)
         if self.target == "next":
-            targets = track.inputs[(np.arange(loss_steps.start, loss_steps.stop) + 1) % self.history]
-            targets = targets.astype(np.float32)
+            targets = window[self.k2 - self.k1 + 1 :].astype(np.float32, copy=False)
             mask = np.ones(self.k1, dtype=bool)
         else:
             labelled = [t in track.labels and (only_steps is None or t in only_steps) for t in loss_steps]
@@ -228,7 +242,10 @@ class ReplayBuffer:
         if not kept or end > track.steps:
             return False
         first = max(kept)
-        xs = track.inputs[np.arange(first, end) % self.history].copy()
+        if first <= track.last_bad < end:
+            self.counts["quarantined"] += 1
+            return False
+        xs = self._window(track, first, end)
         mask = np.arange(first, end) >= start
         state = [s.copy() for s in track.states[first]]
         self._keep(
@@ -237,11 +254,8 @@ class ReplayBuffer:
         return True
 
     def _keep(self, track: _Track, chunk: Chunk) -> None:
-        """File a new chunk: quarantined, held back for validation, or kept for training."""
+        """File a new (sane) chunk: held back for validation, or kept for training."""
         self._seq += 1
-        if not self._is_sane(chunk):
-            self.counts["quarantined"] += 1
-            return
         if chunk.seq % self.validation_every == self.validation_every - 1:
             self._validation.append(chunk)
             self.counts["validation_chunks"] += 1
@@ -261,13 +275,21 @@ class ReplayBuffer:
                 targets[j] = track.labels[t]
         return targets, np.array(labelled, dtype=bool)
 
-    def _is_sane(self, chunk: Chunk) -> bool:
-        for arr in (chunk.xs, chunk.targets, *chunk.start_state):
-            if arr.dtype.kind != "f":
-                continue
-            if not (np.isfinite(arr).all() and np.abs(arr).max() <= self.max_abs_value):
-                return False
-        return True
+    def _window(self, track: _Track, first: int, end: int) -> np.ndarray:
+        """A copy of the inputs of steps ``[first, end)`` from the ring."""
+        i0, n = first % self.history, end - first
+        if i0 + n <= self.history:
+            return track.inputs[i0 : i0 + n].copy()
+        return track.inputs[np.arange(first, end) % self.history]
+
+    def _bad_rows(self, rows: np.ndarray) -> np.ndarray | None:
+        """Which rows hold a non-finite or out-of-range value (``None`` for integer ids)."""
+        if rows.dtype.kind != "f":
+            return None
+        flat = np.abs(rows.reshape(len(rows), -1))
+        if flat.max(initial=0.0) <= self.max_abs_value:  # the common case, one reduction (NaN fails it)
+            return None
+        return ~(flat <= self.max_abs_value).all(axis=1)
 
     def _add_train(self, track: _Track, chunk: Chunk) -> None:
         self._train[chunk.seq] = chunk
