@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,12 @@ import torch
 from torch import nn
 
 from models import StreamModel, from_torch
+
+# torch's optimisers import torch._dynamo, which imports triton if it is installed (the CUDA wheels bring
+# it); triton's bindings then print pages of "nanobind: leaked ..." at interpreter exit, after pytest's
+# summary. Nothing here uses triton: make it unimportable on machines without CUDA.
+if not torch.cuda.is_available():
+    sys.modules.setdefault("triton", None)  # type: ignore[arg-type]
 
 TORCH_CLASSES = {"rnn_tanh": nn.RNN, "rnn_relu": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
