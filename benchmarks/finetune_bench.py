@@ -35,7 +35,7 @@ from engine import Engine
 from engine.finetune import FineTuneSettings
 from models.stream_model import ModelSpec, StreamModel
 
-DEFAULT_JSON = Path("benchmarks/results/finetune.json")
+DEFAULT_JSON = Path("results/finetune_bench.json")
 TARGETS = {"p99_ratio_max": 1.25, "drift_error_ratio_max": 0.5}
 SETTINGS = dict(k1=8, k2=24, lr=3e-3, batch_size=32, updates_per_round=5, probation_chunks=16)
 """The worker's settings in this benchmark (the rest are ``FineTuneSettings`` defaults)."""

@@ -28,6 +28,21 @@ def test_shipped_kafka_config_is_valid():
     assert cfg.model == ASSET.resolve() and cfg.kafka.input_topics == ["sensor-events"]
 
 
+def test_shipped_finetune_config_is_valid():
+    cfg = load_config(REPO / "configs" / "kafka-finetune.yaml")
+    assert cfg.finetune is not None and cfg.finetune.k2 == 32 and cfg.metrics_port == 9100
+    assert cfg.finetune.versions_dir == str((REPO / ".rnnstream" / "versions").resolve())
+
+
+def test_finetune_config_errors_name_the_key(tmp_path):
+    doc = yaml.safe_load((REPO / "configs" / "kafka-finetune.yaml").read_text())
+    doc["finetune"]["learning_rate"] = 0.1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match="finetune.learning_rate"):
+        load_config(path)
+
+
 @pytest.mark.parametrize(
     "change,where",
     [
