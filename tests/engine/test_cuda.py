@@ -46,3 +46,25 @@ def test_cuda_matches_cpu_reference(ref_factory, kind):
     with Engine(ref.model.cpu(), device="cpu") as cpu_engine:  # a CUDA snapshot restores on CPU
         cpu_engine.restore(EngineSnapshot(snap.stream_ids, snap.states, model_spec=snap.model_spec))
         assert cpu_engine.active_streams == 50
+
+
+def test_cuda_weight_swap_keeps_states_and_uses_the_new_weights():
+    """A swap staged from CPU weights (side-stream copy) between two steps: each stream continues from
+    its state with the new weights, exactly as a CPU model stepping the same sequence would."""
+    from models.stream_model import ModelSpec, StreamModel
+
+    torch.manual_seed(0)
+    spec = ModelSpec("lstm", 4, 32, head="linear", head_out=2)
+    first, second = StreamModel(spec).eval(), StreamModel(spec).eval()
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((2, 64, 4)).astype(np.float32)
+    with Engine(StreamModel(spec).eval(), device="cuda") as engine:
+        engine.swap_weights(first.state_dict(), 1)
+        engine.step_many(list(range(64)), xs[0])
+        engine.swap_weights({k: v.cpu() for k, v in second.state_dict().items()}, 2)
+        out = engine.step_many(list(range(64)), xs[1])
+        assert engine.model.info.version == 2 and [v for v, _, _ in engine.weight_history()] == [0, 1, 2]
+    with torch.no_grad():
+        _, state = first.step(torch.from_numpy(xs[0]), first.initial_state(64))
+        expected, _ = second.step(torch.from_numpy(xs[1]), state)
+    np.testing.assert_allclose(out, expected.numpy(), atol=ATOL, rtol=ATOL)

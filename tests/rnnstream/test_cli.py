@@ -39,7 +39,7 @@ def test_finetune_config_errors_name_the_key(tmp_path):
     doc["finetune"]["learning_rate"] = 0.1
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(doc))
-    with pytest.raises(ConfigError, match="finetune.learning_rate"):
+    with pytest.raises(ConfigError, match=r"finetune\.learning_rate"):
         load_config(path)
 
 
