@@ -191,7 +191,14 @@ class PythonKafkaClient:
             transactional_id=self.settings.member_id,
             transaction_timeout_ms=self.settings.transaction_timeout_ms,
             acks="all",
-            **{"linger_ms": 2, "batch_size": 256 * 1024, **self.settings.client, **self.settings.producer},
+            **{
+                "linger_ms": 2,
+                "batch_size": 256 * 1024,
+                # retries of CONCURRENT_TRANSACTIONS right after a commit (see kafka_confluent.py)
+                "retry_backoff_ms": 10,
+                **self.settings.client,
+                **self.settings.producer,
+            },
         )
         self.producer.init_transactions()
         self.producer.begin_transaction()
