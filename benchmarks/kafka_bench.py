@@ -280,7 +280,8 @@ def latency_at_rate(
 
 
 def _percentiles(name: str, ms: np.ndarray) -> dict[str, float]:
-    return {f"{name}_p{q}_ms": float(np.percentile(ms, q)) for q in (50, 99)} | {
+    # nearest rank at or above (no interpolation: an unanswered message, inf, must not become nan)
+    return {f"{name}_p{q}_ms": float(np.percentile(ms, q, method="higher")) for q in (50, 99)} | {
         f"{name}_max_ms": float(ms.max())
     }
 
