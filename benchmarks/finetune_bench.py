@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=160)
     results = run_finetune_benchmarks(
-        args.quick, args.rate, progress=lambda m: console.print(f"[dim]… {m}[/]")
+        args.quick, args.rates, progress=lambda m: console.print(f"[dim]… {m}[/]")
     )
     for table in render_tables(results):
         console.print(table)
