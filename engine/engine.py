@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -340,6 +341,9 @@ class Engine:
         On CUDA the host→device copy runs on a side stream while the step loop goes on; only the
         device-to-device load into the live parameters happens under the step lock.
         """
+        live = self.model.state_dict(keep_vars=True)
+        if set(state_dict) != set(live):
+            raise KeyError(f"weights do not match the model: {sorted(set(state_dict) ^ set(live))}")
         if self.device.type == "cuda":
             side = torch.cuda.Stream(self.device)
             with torch.cuda.stream(side):
@@ -347,8 +351,13 @@ class Engine:
             side.synchronize()
         else:
             staged = {k: v.to(self.device) for k, v in state_dict.items()}
-        with self._lock, torch.no_grad():
-            self.model.load_state_dict(staged, strict=True)
+        pairs = [(live[k], staged[k]) for k in live]
+        for dst, src in pairs:
+            if dst.shape != src.shape:
+                raise ValueError(f"weight shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
+        with self._lock, torch.no_grad():  # the swap itself: one copy per tensor between two steps
+            for dst, src in pairs:
+                dst.copy_(src)
             self.model.info.version = version
             self._weight_history.append((version, self._counts["events"], time.time()))
 
@@ -366,6 +375,9 @@ class Engine:
 
         if self.finetuner is not None:
             raise RuntimeError("fine-tuning is already running on this engine")
+        # A thread holding the GIL makes the step loop wait up to the switch interval (5 ms by default);
+        # the fine-tuning coordinator is such a thread: let it be interrupted after 1 ms.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         tuner = FineTuner(self, settings or FineTuneSettings())
         with self._lock:
             self.finetuner, self._recorder = tuner, tuner.buffer

@@ -57,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from engine.replay import IGNORE_LABEL, ChunkBatch, ReplayBuffer
-from models.bundle import load_bundle, save_bundle
+from models.bundle import load_bundle, save_weights
 from models.stream_model import ModelInfo, ModelSpec, StreamModel
 from models.tbptt import TBPTT, apply_update
 
@@ -494,8 +494,9 @@ class FineTuner:
         self._spec = model.spec.to_dict()
         self._serving_version = model.info.version
         self._previous_version: int | None = None
-        self._next_version = max([model.info.version, *self.versions()]) + 1
-        self._save_version(copy.deepcopy(model).cpu(), model.info.version, {"source": "initial"})
+        self._kept = self.versions()
+        self._next_version = max([model.info.version, *self._kept]) + 1
+        self._save_version(model.state_dict(), model.info.version, {"source": "initial"})
         self._rng = random.Random(settings.seed)
         self._stats = FineTuneStats(serving_version=model.info.version)
         self._running = threading.Event()
@@ -556,13 +557,17 @@ class FineTuner:
         tmp.write_text(f"{version}\n")
         tmp.replace(pointer)
 
-    def _save_version(self, model: StreamModel, version: int, trained_on: dict[str, Any]) -> None:
-        model.info = ModelInfo(version=version, features=dict(model.info.features), trained_on=trained_on)
-        save_bundle(model, self.version_path(version))
-        kept = self.versions()
-        for old in kept[: max(0, len(kept) - self.settings.keep_versions)]:
-            if old not in (self._serving_version, self._previous_version):
-                self.version_path(old).unlink(missing_ok=True)
+    def _save_version(self, weights: dict[str, Tensor], version: int, trained_on: dict[str, Any]) -> None:
+        info = ModelInfo(
+            version=version, features=dict(self.engine.model.info.features), trained_on=trained_on
+        )
+        save_weights(ModelSpec.from_dict(self._spec), info, weights, self.version_path(version))
+        if version not in self._kept:
+            self._kept.append(version)
+        while len(self._kept) > self.settings.keep_versions:
+            old = next(v for v in self._kept if v not in (self._serving_version, self._previous_version))
+            self._kept.remove(old)
+            self.version_path(old).unlink(missing_ok=True)
 
     # ---- the loop ----
     def _loop(self) -> None:
@@ -617,23 +622,22 @@ class FineTuner:
         if result.decision == "publish" and result.weights is not None:
             version = self._next_version
             self._next_version += 1
-            model = StreamModel(ModelSpec.from_dict(self._spec), copy.deepcopy(self.engine.model.info))
-            _load(model, result.weights)
-            seqs = sorted(seq for b in train if b is not None for seq in b.seqs)
+            weights = {k: torch.from_numpy(v) for k, v in result.weights.items()}
+            seqs = [seq for b in train if b is not None for seq in b.seqs]
+            self.engine.swap_weights(weights, version)  # serve first, then write the bundle
             self._save_version(
-                model,
+                weights,
                 version,
                 {
                     "source": "online fine-tuning",
                     "parent_version": self._serving_version,
                     "updates_total": st.updates,
-                    "chunks_seq_range": [seqs[0], seqs[-1]] if seqs else [],
+                    "chunks_seq_range": [min(seqs), max(seqs)] if seqs else [],
                     "val_loss": result.val_candidate,
                     "val_loss_parent": result.val_serving,
                     "published_at": time.time(),
                 },
             )
-            self.engine.swap_weights({k: torch.from_numpy(v) for k, v in result.weights.items()}, version)
             self._mark_serving(version)
             self._previous_version, self._serving_version = self._serving_version, version
             self._probation_from_seq = self.buffer.next_seq - 1  # judged on chunks cut from now on

@@ -22,6 +22,7 @@ under a per-stream cap and a global cap. A chunk with a non-finite or out-of-ran
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 from collections import OrderedDict, deque
@@ -382,13 +383,32 @@ class ReplayBuffer:
         with self._lock:
             if not self._train:
                 return None
-            chunks = rng.sample(list(self._train.values()), min(batch_size, len(self._train)))
+            want = min(batch_size, len(self._train))
+            # Draw arrival numbers between the oldest and newest kept chunk: O(batch), not O(buffer) (this
+            # runs beside the step loop, under the GIL). Gaps (held back, evicted) are redrawn.
+            low, high = next(iter(self._train)), self._seq - 1
+            picked: dict[int, Chunk] = {}
+            for _ in range(8 * want):
+                seq = rng.randint(low, high)
+                chunk = self._train.get(seq)
+                if chunk is not None:
+                    picked[seq] = chunk
+                    if len(picked) == want:
+                        break
+            chunks = list(picked.values())
+            if len(chunks) < want:  # sparse: fall back to a full draw
+                chunks = rng.sample(list(self._train.values()), want)
         return ChunkBatch.stack(chunks)
 
     def validation_batch(self, max_size: int, since_seq: int = -1) -> ChunkBatch | None:
         """The newest held-back chunks (at most ``max_size``) that arrived after ``since_seq``."""
         with self._lock:
-            chunks = [c for c in self._validation if c.seq > since_seq][-max_size:]
+            chunks = list(
+                itertools.takewhile(
+                    lambda c: c.seq > since_seq, itertools.islice(reversed(self._validation), max_size)
+                )
+            )
+        chunks.reverse()
         return ChunkBatch.stack(chunks) if chunks else None
 
     @property

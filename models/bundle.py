@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from models.stream_model import ModelInfo, ModelSpec, StreamModel
 
@@ -19,15 +20,20 @@ class BundleError(ValueError):
 
 def save_bundle(model: StreamModel, path: str | Path) -> Path:
     """Write ``model`` (weights, spec, info) to ``path`` atomically; returns the path."""
+    return save_weights(model.spec, model.info, model.state_dict(), path)
+
+
+def save_weights(spec: ModelSpec, info: ModelInfo, state_dict: dict[str, Tensor], path: str | Path) -> Path:
+    """``save_bundle`` from a state dict (no model object needed), atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     metadata = {
         "format": BUNDLE_FORMAT,
-        "spec": json.dumps(model.spec.to_dict()),
-        "version": str(model.info.version),
-        "features": json.dumps(model.info.features),
-        "trained_on": json.dumps(model.info.trained_on),
+        "spec": json.dumps(spec.to_dict()),
+        "version": str(info.version),
+        "features": json.dumps(info.features),
+        "trained_on": json.dumps(info.trained_on),
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
