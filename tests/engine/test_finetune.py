@@ -285,23 +285,21 @@ def test_swaps_under_load_keep_every_streams_state_continuous():
         versions[v] = StreamModel(spec).eval()
     engine = Engine(_copy(versions[0]), device="cpu")
     rng = np.random.default_rng(0)
-    n_streams, batches = 3000, 150
+    n_streams, max_batches = 3000, 2000
     log: list[tuple[list[int], np.ndarray, np.ndarray]] = []
 
     def swapper() -> None:
         for v in range(1, 41):
             engine.swap_weights(versions[v].state_dict(), v)
-            time.sleep(0.005)
+            time.sleep(0.002)
 
     thread = threading.Thread(target=swapper)
     thread.start()
     try:
-        for _ in range(batches):
+        while thread.is_alive() and len(log) < max_batches:  # load for as long as swaps happen
             ids = rng.integers(0, n_streams, size=int(rng.integers(1, 600))).tolist()
             xs = rng.standard_normal((len(ids), 3)).astype(np.float32)
             log.append((ids, xs, engine.step_many(ids, xs)))
-            if not thread.is_alive():
-                break
         thread.join()
         history = engine.weight_history()
     finally:
