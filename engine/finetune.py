@@ -591,9 +591,7 @@ class FineTuner:
             self._stats.last_error = f"{type(exc).__name__}: {exc}"
         finally:
             if self._worker is not None:
-                self._worker.close()
-            if self._tmp is not None and self._stopped.is_set():
-                pass  # versions stay readable until the FineTuner is garbage collected
+                self._worker.close()  # a default (temporary) versions_dir stays readable until GC
 
     def _round(self) -> bool:
         s = self.settings
