@@ -47,10 +47,10 @@ from typing import Any
 import numpy as np
 import psutil
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from benchmarks.report import bench_console, publish
 from engine.engine import Engine, resolve_device
 from models.convert import from_torch
 
@@ -794,17 +794,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.memory_child is not None:
         print(json.dumps(measure_memory(args.memory_child, resolve_device(args.device))))
         return 0
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = bench_console()
     results = run_engine_benchmarks(
         args.device, args.quick, progress=lambda msg: console.print(f"[dim]… {msg}[/]"), threads=args.threads
     )
-    for table in render_table(results):
-        console.print(table)
-        console.print()
+    publish(console, render_table(results), results, args.json)
     console.print(f"[dim]{machine_line(results)}[/]")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    console.print(f"[dim]results written to {args.json}[/]")
     return 0
 
 

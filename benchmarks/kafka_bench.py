@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 import models
+from benchmarks.report import publish
 from rnnstream import kafka_broker as kb
 
 MODEL = Path(models.__file__).parent / "assets" / "sensor_lstm.safetensors"
@@ -525,11 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console(width=max(Console().width, 120))
     results = run_kafka_benchmarks(args.quick, progress=lambda m: console.print(f"[dim]{m}[/]"))
-    for table in render_tables(results):
-        console.print(table)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
-    console.print(f"results written to {args.json}")
+    publish(console, render_tables(results), results, args.json)
     return 0
 
 
