@@ -34,19 +34,27 @@ def _is_number(v: Any) -> bool:
 
 
 class DecodeError(ValueError):
-    """The payload is not a valid event; ``str(error)`` is the dead-letter reason."""
+    """The payload is not a valid event; ``str(error)`` is the dead-letter reason and ``kind`` its
+    category for the counters (``malformed``, ``missing_value``, ``non_numeric``, ``out_of_range``,
+    ``unknown_channel``, ``missing_channel``, ``bad_timestamp``, ``oversized``...)."""
+
+    def __init__(self, reason: str, kind: str = "malformed") -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 @dataclass(frozen=True, slots=True)
 class Decoded:
     """One message's content: ``xs`` holds ``T >= 0`` timesteps, ``(T, F)`` features (a list of rows from
     JSON/msgpack, a float32 array from frames) or ``T`` category ids;
-    ``control`` runs *after* the message's timesteps (``start``/``reset`` run before them)."""
+    ``control`` runs *after* the message's timesteps (``start``/``reset`` run before them);
+    ``stream_id``: whose event it is."""
 
     xs: list | np.ndarray
     control: str | None = None
     label: Any = None
     ts: float | None = None
+    stream_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,15 +73,16 @@ class Decoder:
         if self.encoding == "float32" and self.num_embeddings:
             raise ValueError("float32 frames carry features; a categorical model needs json or msgpack")
 
-    def decode(self, payload: bytes | None) -> Decoded:
+    def decode(self, payload: bytes | None, stream_id: str = "") -> Decoded:
+        """``payload`` of stream ``stream_id`` as an event; raises ``DecodeError``."""
         if payload is None:
             raise DecodeError("empty payload (tombstone)")
         if self.encoding == "float32":
-            return Decoded(self._frames(payload))
+            return Decoded(self._frames(payload), stream_id=stream_id)
         doc = _parse_json(payload) if self.encoding == "json" else _parse_msgpack(payload)
         if type(doc) is not dict:
             raise DecodeError(f"payload must be an object with key 'x', got {type(doc).__name__}")
-        return self._document(doc)
+        return self._document(doc, stream_id)
 
     def _frames(self, payload: bytes) -> np.ndarray:
         frame = 4 * self.feature_size
@@ -85,9 +94,10 @@ class Decoder:
         xs = np.frombuffer(payload, dtype="<f4").reshape(-1, self.feature_size)
         return self._checked_features(xs)
 
-    def _document(self, doc: dict[str, Any]) -> Decoded:
+    def _document(self, doc: dict[str, Any], stream_id: str) -> Decoded:
         if len(doc) == 1 and "x" in doc:  # the common case: data only
-            return Decoded(self._categories(doc["x"]) if self.num_embeddings else self._features(doc["x"]))
+            xs = self._categories(doc["x"]) if self.num_embeddings else self._features(doc["x"])
+            return Decoded(xs, stream_id=stream_id)
         unknown = set(doc) - {"x", "ts", "label", "control"}
         if unknown:
             raise DecodeError(f"unknown keys {sorted(unknown)}")
@@ -103,7 +113,7 @@ class Decoder:
             xs = np.zeros((0,) if self.num_embeddings else (0, self.feature_size), np.float32)
         else:
             xs = self._categories(doc["x"]) if self.num_embeddings else self._features(doc["x"])
-        return Decoded(xs, control, doc.get("label"), ts)
+        return Decoded(xs, control, doc.get("label"), ts, stream_id)
 
     def _features(self, x: Any) -> np.ndarray:
         """Checked in plain Python (cheaper than numpy for a few values): each value a number within
@@ -141,6 +151,29 @@ class Decoder:
                     f"timestep {i}: category id must be an integer in [0, {self.num_embeddings})"
                 )
         return ids
+
+
+@dataclass(frozen=True)
+class KeyedDecoder:
+    """Messages whose key is the stream id (Kafka): the key must be UTF-8, the payload at most
+    ``max_bytes`` and valid for ``decoder``."""
+
+    decoder: Decoder
+    max_bytes: int = 1_048_576
+
+    def decode(self, message: Any) -> Decoded:
+        """``message``: a ``connectors.base.Message`` with ``key`` and ``payload`` bytes."""
+        key = message.key
+        if key is None:
+            raise DecodeError("missing key: the record key is the stream id")
+        try:
+            sid = key if isinstance(key, str) else key.decode()
+        except UnicodeDecodeError as exc:
+            raise DecodeError("key is not UTF-8") from exc
+        payload = message.payload
+        if payload is not None and len(payload) > self.max_bytes:
+            raise DecodeError(f"oversized: {len(payload)} bytes > max {self.max_bytes}")
+        return self.decoder.decode(payload, sid)
 
 
 def check_label(label: Any) -> Any:
@@ -201,14 +234,18 @@ def decode_feedback(payload: bytes | None) -> Feedback:
     )
 
 
-def encode_output(
-    y: np.ndarray, source: dict[str, Any], model_version: int, encoding: Encoding = "json"
-) -> bytes:
-    """An output record's value: ``y`` ``(T, out)`` (one row per input timestep) and the input position
-    ``source`` (e.g. ``{"topic": ..., "partition": ..., "offset": ...}``) so consumers can de-duplicate."""
+def encode_document(doc: dict[str, Any], encoding: Encoding = "json") -> bytes:
+    """An output's value: ``doc`` as JSON (numpy arrays and scalars as numbers) or msgpack."""
     if encoding == "msgpack":
-        return msgpack.packb({"y": y.tolist(), **source, "model_version": model_version})
-    return orjson.dumps({"y": y, **source, "model_version": model_version}, option=orjson.OPT_SERIALIZE_NUMPY)
+        return msgpack.packb(doc, default=_plain)
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _plain(value: Any) -> Any:
+    """msgpack's fallback for numpy values."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"cannot encode {type(value).__name__}")
 
 
 def _parse_json(payload: bytes) -> Any:

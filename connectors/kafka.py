@@ -8,6 +8,12 @@
   the stream ended). Changelog records, outputs and consumed offsets of one checkpoint interval commit in
   one Kafka transaction, so after any crash the committed state and the committed offsets agree.
 
+In the pipeline (``rnnstream.pipeline``) Kafka is one source/sink pair behind the common contracts
+(``connectors.base``), all sharing one transactional client: ``KafkaSource`` (exactly-once; its ``commit``
+commits the transaction), ``KafkaSink`` and ``KafkaDeadLetters`` (sent inside the transaction), and
+``KafkaChangelog`` (the state backend). A Kafka sink or dead-letter topic fed by another source uses a plain
+idempotent producer instead (``KafkaProducer``), flushed at each checkpoint: at-least-once.
+
 Two client libraries implement ``KafkaClient``: kafka-python (default, pure Python, here) and
 confluent-kafka (librdkafka, much faster; ``connectors.kafka_confluent``), chosen by
 ``kafka.client_library`` in the service config.
@@ -16,12 +22,15 @@ confluent-kafka (librdkafka, much faster; ``connectors.kafka_confluent``), chose
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-import numpy as np
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+from connectors.base import Assignment, CheckpointFailed, DeadLetter, Guarantee, Message, Output
+from connectors.codec import Encoding, encode_document
 
 log = logging.getLogger(__name__)
 
@@ -90,33 +99,30 @@ class KafkaClient(Protocol):
 
     def assigned_partitions(self) -> list[int]: ...
 
-    def read_changelog(self, topic: str, partitions: Iterable[int]) -> dict[int, dict[StreamId, np.ndarray]]:
-        """Committed state per changelog partition, ``{p: {stream_id: row float32}}``: last write wins,
+    def read_changelog(self, topic: str, partitions: Iterable[int]) -> dict[int, dict[StreamId, bytes]]:
+        """Committed state rows per changelog partition, ``{p: {stream_id: row}}``: last write wins,
         tombstones remove."""
         ...
 
     def close(self) -> None: ...
 
 
-def dead_letter_headers(reason: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+def dead_letter_headers(reason: str, topic: str, partition: int, offset: Any) -> list[tuple[str, bytes]]:
     return [
-        ("reason", reason.encode()),
-        ("source.topic", topic.encode()),
+        ("reason", reason.encode(errors="backslashreplace")),
+        ("source.topic", topic.encode(errors="backslashreplace")),
         ("source.partition", str(partition).encode()),
         ("source.offset", str(offset).encode()),
     ]
 
 
-def encode_state_row(row: np.ndarray) -> bytes:
-    return np.ascontiguousarray(row, dtype="<f4").tobytes()
-
-
-def apply_changelog_record(table: dict[StreamId, np.ndarray], key: bytes, value: bytes | None) -> None:
+def apply_changelog_record(table: dict[StreamId, bytes], key: bytes, value: bytes | None) -> None:
+    """Last write wins; a tombstone (``None``) removes the stream."""
     sid = key.decode()
     if value is None:
         table.pop(sid, None)
     else:
-        table[sid] = np.frombuffer(value, dtype="<f4")
+        table[sid] = value
 
 
 @dataclass(frozen=True)
@@ -277,7 +283,7 @@ class PythonKafkaClient:
     def assigned_partitions(self) -> list[int]:
         return sorted({tp.partition for tp in self.consumer.assignment()})
 
-    def read_changelog(self, topic: str, partitions: Iterable[int]) -> dict[int, dict[StreamId, np.ndarray]]:
+    def read_changelog(self, topic: str, partitions: Iterable[int]) -> dict[int, dict[StreamId, bytes]]:
         """Read with a librdkafka consumer: with kafka-python 3.0, a second kafka-python consumer in the
         process intermittently stalls the group consumer's fetches (reproduced; see README)."""
         from connectors.kafka_confluent import librdkafka_settings, read_changelog
@@ -386,3 +392,185 @@ class _Listener(ConsumerRebalanceListener):
         if self.before_assigned is not None:
             self.before_assigned(set(assigned))
         self.on_assigned(sorted({tp.partition for tp in assigned}))
+
+
+# ---- the pipeline's contracts ----------------------------------------------------------------------------
+
+
+class Sender(Protocol):
+    """What sinks need from a producer: the transactional ``KafkaClient`` or a plain ``KafkaProducer``."""
+
+    def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
+    ) -> None: ...
+
+    def send_many(self, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None: ...
+
+
+class KafkaSource:
+    """Input topics (and an optional feedback topic) read by a consumer group, exactly-once: ``commit``
+    adds the offsets of everything polled to the open transaction and commits it, together with every
+    output, dead letter and changelog record sent since the last commit."""
+
+    guarantee: Guarantee = "exactly-once"
+
+    def __init__(
+        self, client: KafkaClient, topics: list[str], feedback_topic: str | None, max_poll_records: int
+    ) -> None:
+        self.client = client
+        self.topics = topics + ([feedback_topic] if feedback_topic else [])
+        self.feedback_topic = feedback_topic
+        self.max_poll_records = max_poll_records
+        self._next: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset to read
+
+    def open(self, assignment: Assignment, resume: Mapping[str, Any]) -> None:
+        """Init transactions (fencing a crashed predecessor) and join the group; ``resume`` is unused:
+        the offsets are committed in Kafka."""
+        self.client.start(self.topics, assignment.assigned, assignment.revoked)
+
+    def poll(self, timeout_s: float) -> list[Message]:
+        records = self.client.poll(timeout_s, self.max_poll_records)
+        if not records:
+            return []
+        now = time.monotonic()
+        feedback = self.feedback_topic
+        nxt = self._next
+        out = []
+        for r in records:
+            nxt[(r.topic, r.partition)] = r.offset + 1
+            out.append(Message(r.value, r.key, r.partition, r.offset, r.topic, now, r.topic == feedback))
+        return out
+
+    @property
+    def exhausted(self) -> bool:
+        return False
+
+    def positions(self) -> dict[str, Any]:
+        return {}
+
+    def commit(self) -> None:
+        offsets, self._next = self._next, {}
+        try:
+            self.client.commit(offsets)
+        except TransactionFailed as exc:
+            raise CheckpointFailed(str(exc)) from exc
+
+    def rollback(self) -> list[int]:
+        """Abort the open transaction and seek back to the committed offsets."""
+        self._next = {}
+        self.client.abort()
+        self.client.rewind_to_committed()
+        return self.client.assigned_partitions()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class KafkaSink:
+    """Outputs to ``topic``, keyed by stream id, encoded as ``encoding``."""
+
+    def __init__(self, sender: Sender, topic: str, encoding: Encoding = "json", owns: bool = False) -> None:
+        self.sender = sender
+        self.topic = topic
+        self.encoding: Encoding = encoding
+        self._owns = owns  # a plain producer of its own: flushed and closed here
+
+    def write(self, outputs: list[Output]) -> None:
+        enc = self.encoding
+        self.sender.send_many(
+            self.topic, [(o.stream_id.encode(), encode_document(o.doc, enc)) for o in outputs]
+        )
+
+    def flush(self) -> None:
+        if self._owns:
+            self.sender.flush()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if self._owns:
+            self.sender.close()  # type: ignore[attr-defined]
+
+
+class KafkaDeadLetters:
+    """Rejected input to ``topic`` with its original key and bytes and the reason in headers (``reason``,
+    ``source.topic``, ``source.partition``, ``source.offset``)."""
+
+    def __init__(self, sender: Sender, topic: str, owns: bool = False) -> None:
+        self.sender = sender
+        self.topic = topic
+        self._owns = owns
+
+    def write(self, letter: DeadLetter) -> None:
+        key = letter.key.encode() if isinstance(letter.key, str) else letter.key
+        headers = dead_letter_headers(letter.reason, letter.topic, letter.partition, letter.position)
+        self.sender.send(self.topic, key, raw_bytes(letter.raw), headers)
+
+    def flush(self) -> None:
+        if self._owns:
+            self.sender.flush()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if self._owns:
+            self.sender.close()  # type: ignore[attr-defined]
+
+
+def raw_bytes(raw: Any) -> bytes | None:
+    """What a dead letter carries as its value: bytes as received; text as UTF-8; anything else (a CSV
+    row) as JSON."""
+    if raw is None or isinstance(raw, bytes):
+        return raw
+    if isinstance(raw, str):
+        return raw.encode(errors="backslashreplace")
+    return encode_document({"row": raw}) if isinstance(raw, dict) else repr(raw).encode()
+
+
+class KafkaChangelog:
+    """The state backend of a Kafka source: partition ``p`` of a compacted topic holds the rows of the
+    streams of input partition ``p``. Writes go into the source's open transaction."""
+
+    def __init__(self, client: KafkaClient, topic: str) -> None:
+        self.client = client
+        self.topic = topic
+
+    def read(self, partitions: list[int]) -> dict[int, dict[str, bytes]]:
+        return self.client.read_changelog(self.topic, partitions) if partitions else {}
+
+    def write(self, partition: int, stream_id: str, row: bytes | None) -> None:
+        self.client.send(self.topic, stream_id.encode(), row, partition=partition)
+
+    def save(self, positions: Mapping[str, Any]) -> None:
+        """Nothing to do: ``KafkaSource.commit`` commits the transaction holding the rows."""
+
+    def positions(self) -> dict[str, Any]:
+        return {}
+
+
+class KafkaProducer:
+    """A plain idempotent kafka-python producer (``Sender``) for Kafka sinks fed by other sources."""
+
+    def __init__(self, settings: ClientSettings) -> None:
+        from kafka import KafkaProducer as Producer
+
+        self._producer = Producer(
+            bootstrap_servers=settings.bootstrap,
+            acks="all",
+            **{"linger_ms": 2, "batch_size": 256 * 1024, **settings.client, **settings.producer},
+        )
+
+    def send(self, topic, key, value, headers=None, partition=None) -> None:
+        self._producer.send(topic, key=key, value=value, headers=headers, partition=partition)
+
+    def send_many(self, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+        send = self._producer.send
+        for key, value in messages:
+            send(topic, key=key, value=value)
+
+    def flush(self) -> None:
+        self._producer.flush(60)
+
+    def close(self) -> None:
+        self._producer.close()

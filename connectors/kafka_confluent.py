@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
@@ -183,7 +182,7 @@ class ConfluentKafkaClient:
     def assigned_partitions(self) -> list[int]:
         return sorted({p for _, p in self._assigned})
 
-    def read_changelog(self, topic: str, partitions: Iterable[int]) -> dict[int, dict[StreamId, np.ndarray]]:
+    def read_changelog(self, topic: str, partitions: Iterable[int]) -> dict[int, dict[StreamId, bytes]]:
         return read_changelog(self.base, f"{self.settings.group_id}-restore", topic, partitions)
 
     def close(self) -> None:
@@ -199,11 +198,11 @@ class ConfluentKafkaClient:
 
 def read_changelog(
     settings: dict[str, Any], group_prefix: str, topic: str, partitions: Iterable[int], timeout_s: float = 60
-) -> dict[int, dict[StreamId, np.ndarray]]:
+) -> dict[int, dict[StreamId, bytes]]:
     """Committed state per changelog partition (``KafkaClient.read_changelog``), read with a librdkafka
     consumer up to each partition's last stable offset. ``settings``: librdkafka connection settings."""
     partitions = list(partitions)
-    states: dict[int, dict[StreamId, np.ndarray]] = {p: {} for p in partitions}
+    states: dict[int, dict[StreamId, bytes]] = {p: {} for p in partitions}
     if not partitions:
         return states
     reader = Consumer(

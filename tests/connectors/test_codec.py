@@ -9,7 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from connectors.codec import DecodeError, Decoder, Feedback, check_label, decode_feedback, encode_output
+from connectors.codec import DecodeError, Decoder, Feedback, check_label, decode_feedback, encode_document
 
 F = 3
 
@@ -94,7 +94,8 @@ def test_bad_binary_payloads():
 
 
 def test_output_carries_its_input_position():
-    doc = json.loads(encode_output(np.ones((2, 1), np.float32), {"partition": 3, "offset": 17}, 5))
+    out = {"y": np.ones((2, 1), np.float32), "partition": 3, "offset": 17, "model_version": 5}
+    doc = json.loads(encode_document(out))
     assert doc == {"y": [[1.0], [1.0]], "partition": 3, "offset": 17, "model_version": 5}
 
 

@@ -1,0 +1,440 @@
+"""Local Eclipse Mosquitto (MQTT) broker launcher for development and integration tests.
+
+Standard library only; needs the ``mosquitto`` binary (Debian package ``mosquitto``, 2.0.x; see
+``scripts/system_deps.sh``).  It is looked up on ``PATH`` and then at ``/usr/sbin/mosquitto``,
+which is not on a non-root ``PATH`` on Debian.
+
+Two levels of API, as in :mod:`rnnstream.kafka_broker`:
+
+* :func:`start_broker` writes a config under ``base_dir``, starts one broker on a 127.0.0.1 port
+  and returns a :class:`Broker` (``kill`` / ``restart`` / ``stop``; also a context manager).
+* :func:`up` / :func:`down` / :func:`status` record the broker in a JSON state file (default
+  ``~/.cache/rnnstream/mqtt-run/broker.json``, override the directory with
+  ``RNNSTREAM_MQTT_RUN_DIR``) so separate processes (``rnnstream mqtt up`` / ``down``) can share
+  one long-lived broker.
+
+The generated ``mosquitto.conf`` contains, and why:
+
+* ``listener PORT 127.0.0.1`` and ``allow_anonymous true``: a loopback-only development broker
+  without authentication (mosquitto 2.0 refuses anonymous clients unless told otherwise).
+* ``user <current user>``: started as root, mosquitto otherwise drops to the ``mosquitto`` user,
+  which cannot write a log or database under a root-owned (e.g. pytest ``tmp_path``, mode 0700)
+  directory; it then keeps running *without* a log and without persistence.  For a non-root user
+  the option has no effect.
+* ``persistence true`` with ``persistence_location BASE_DIR/data/`` and ``autosave_interval 1``
+  (``autosave_on_changes false``: every 1 s): sessions, subscriptions and queued messages are
+  written to ``mosquitto.db`` every second, so a broker killed with SIGKILL (``kill -9``) and
+  restarted loses at most the last second.  Without the autosave only a clean shutdown writes the
+  database.
+* ``max_inflight_messages 0``, ``max_queued_messages 0``, ``max_queued_bytes 0`` and no
+  ``persistent_client_expiration``: no per-client limit on in-flight or queued QoS 1/2 messages
+  (mosquitto's default queue is 1000 messages, silently dropping the rest), so an offline
+  persistent session keeps e.g. 100k queued messages.  The price is unbounded broker memory for a
+  session that never comes back; this is a development broker.
+* ``log_dest file BASE_DIR/mosquitto.log`` with timestamps; the process's stdout/stderr go to the
+  same file (errors printed before the config is read).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+MOSQUITTO_FALLBACK = Path("/usr/sbin/mosquitto")
+"""Where Debian installs the broker (``/usr/sbin`` is often missing from a non-root ``PATH``)."""
+AUTOSAVE_INTERVAL_S = 1
+"""Seconds between two writes of the persistence database (the data a SIGKILL can lose)."""
+CONFIG_NAME = "mosquitto.conf"
+LOG_NAME = "mosquitto.log"
+DATA_DIR_NAME = "data"
+STATE_FILE_NAME = "broker.json"
+RUNNING_LINE = " running"
+"""Logged (``mosquitto version X running``) once the listeners are open."""
+ADDRESS_IN_USE = "Address already in use"
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+"""Brokers started by this process, kept so they can be reaped (no zombies, no ResourceWarning)."""
+
+
+class MqttBrokerError(RuntimeError):
+    """Raised when the mosquitto binary is missing or a broker fails to start."""
+
+
+class _StartupExit(MqttBrokerError):
+    """The broker process exited during start-up (carries whether the port was taken)."""
+
+    def __init__(self, message: str, port_in_use: bool) -> None:
+        super().__init__(message)
+        self.port_in_use = port_in_use
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def run_dir() -> Path:
+    """Directory for the ``up``/``down`` state file and broker data (``$RNNSTREAM_MQTT_RUN_DIR``)."""
+    env = os.environ.get("RNNSTREAM_MQTT_RUN_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "rnnstream" / "mqtt-run"
+
+
+def state_file() -> Path:
+    """Path of the JSON file describing the broker started by :func:`up`."""
+    return run_dir() / STATE_FILE_NAME
+
+
+def mosquitto_binary() -> str:
+    """Path of the ``mosquitto`` executable: ``PATH`` first, then ``/usr/sbin/mosquitto``."""
+    path = shutil.which("mosquitto")
+    if path is not None:
+        return path
+    if os.access(MOSQUITTO_FALLBACK, os.X_OK):
+        return str(MOSQUITTO_FALLBACK)
+    raise MqttBrokerError(
+        "'mosquitto' not found on PATH nor at /usr/sbin/mosquitto; install it with "
+        "scripts/system_deps.sh (apt-get install -y mosquitto mosquitto-clients)"
+    )
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie (reaping it if it is our exited child)."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _CHILDREN[pid]
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _is_our_broker(pid: int, config: Path) -> bool:
+    """Guard against pid reuse: the process must be a mosquitto running ``config``."""
+    if not _pid_alive(pid):
+        return False
+    if pid in _CHILDREN:
+        return True
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc (non-Linux): trust the pid
+    return bool(argv) and argv[0].endswith(b"mosquitto") and str(config).encode() in argv
+
+
+def _signal(pid: int, sig: int) -> None:
+    with suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``pid`` to exit; True if it is gone."""
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "<no log>"
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (the OS may hand it out again before it is bound)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) == 0
+
+
+# --------------------------------------------------------------------------- broker
+
+
+@dataclass
+class Broker:
+    """One local mosquitto; files live in ``base_dir`` (config, log, ``data/mosquitto.db``)."""
+
+    port: int
+    base_dir: Path
+    pid: int = 0
+    host: str = HOST
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` for clients."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def config(self) -> Path:
+        """The generated ``mosquitto.conf``."""
+        return self.base_dir / CONFIG_NAME
+
+    @property
+    def log_file(self) -> Path:
+        """Broker log (mosquitto's own log plus the process's stdout/stderr)."""
+        return self.base_dir / LOG_NAME
+
+    @property
+    def data_dir(self) -> Path:
+        """Persistence directory holding ``mosquitto.db``."""
+        return self.base_dir / DATA_DIR_NAME
+
+    def alive(self) -> bool:
+        """True while this broker's process is running."""
+        return self.pid > 0 and _is_our_broker(self.pid, self.config)
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL the broker (hard failure: only the last autosave survives) and wait for it."""
+        if self.alive():
+            _signal(self.pid, signal.SIGKILL)
+            _wait_gone(self.pid, timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (mosquitto saves its database), wait up to ``timeout`` seconds, then SIGKILL."""
+        if not self.alive():
+            return
+        _signal(self.pid, signal.SIGTERM)
+        if not _wait_gone(self.pid, timeout):
+            self.kill()
+
+    def restart(self, timeout: float = 15.0) -> None:
+        """Start the broker again on the same port and persistence dir and wait until it is ready.
+
+        Works right after :meth:`kill`: a start that fails with "address in use" (the old socket
+        still closing) is retried until ``timeout`` seconds have passed.  A running broker is
+        stopped first.
+        """
+        self.stop()
+        _start(self, timeout, retry_same_port=True)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serialisable description (used by the ``up``/``down`` state file)."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "address": self.address,
+            "base_dir": str(self.base_dir),
+            "pid": self.pid,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Broker:
+        """Inverse of :meth:`to_json`."""
+        return cls(port=data["port"], base_dir=Path(data["base_dir"]), pid=data["pid"], host=data["host"])
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def broker_config(port: int, data_dir: Path, log_file: Path) -> str:
+    """The ``mosquitto.conf`` text (see the module docstring for why each line is there)."""
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    lines = [
+        "# written by rnnstream.mqtt_broker; rewritten by every start_broker() call",
+        f"user {user}",
+        f"listener {port} {HOST}",
+        "allow_anonymous true",
+        "persistence true",
+        f"persistence_location {data_dir}/",
+        f"autosave_interval {AUTOSAVE_INTERVAL_S}",
+        "autosave_on_changes false",
+        "max_inflight_messages 0",
+        "max_queued_messages 0",
+        "max_queued_bytes 0",
+        f"log_dest file {log_file}",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "log_timestamp true",
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _launch(broker: Broker) -> int:
+    """Start the mosquitto process; return the log size before it (readiness reads only after it)."""
+    offset = broker.log_file.stat().st_size if broker.log_file.exists() else 0
+    with open(broker.log_file, "ab") as log:
+        proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(broker.config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=broker.base_dir,
+            start_new_session=True,  # outlives the caller (``rnnstream mqtt up``) and its Ctrl-C
+        )
+    _CHILDREN[proc.pid] = proc
+    broker.pid = proc.pid
+    return offset
+
+
+def _log_since(broker: Broker, offset: int) -> str:
+    try:
+        with open(broker.log_file, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _wait_ready(broker: Broker, offset: int, timeout: float) -> None:
+    """Wait until this run logged "running" and the port accepts TCP connections."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not broker.alive():
+            log = _log_since(broker, offset)
+            raise _StartupExit(
+                f"mosquitto on port {broker.port} exited during startup; log {broker.log_file}:\n"
+                f"{_tail(broker.log_file)}",
+                port_in_use=ADDRESS_IN_USE in log,
+            )
+        if RUNNING_LINE in _log_since(broker, offset) and _port_open(broker.port):
+            return
+        if time.monotonic() > deadline:
+            broker.kill()
+            raise MqttBrokerError(
+                f"mosquitto on port {broker.port} not ready after {timeout:.0f}s; "
+                f"log {broker.log_file}:\n{_tail(broker.log_file)}"
+            )
+        time.sleep(0.02)
+
+
+def _start(broker: Broker, timeout: float, retry_same_port: bool) -> None:
+    """Launch and wait; on "address in use" retry the same port or move to a fresh free one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        offset = _launch(broker)
+        try:
+            _wait_ready(broker, offset, max(deadline - time.monotonic(), 1.0))
+            return
+        except _StartupExit as exc:
+            if not exc.port_in_use or time.monotonic() > deadline:
+                raise MqttBrokerError(str(exc)) from None
+        if retry_same_port:
+            time.sleep(0.2)
+        else:
+            broker.port = free_port()
+            broker.config.write_text(broker_config(broker.port, broker.data_dir, broker.log_file))
+
+
+def start_broker(base_dir: Path, port: int | None = None, timeout: float = 15.0) -> Broker:
+    """Start a fresh mosquitto on 127.0.0.1:``port`` (default: a free port) and wait until ready.
+
+    ``base_dir`` receives ``mosquitto.conf``, ``mosquitto.log`` and ``data/`` (the persistence
+    database).  An existing database there is removed, so the broker starts empty (use
+    :meth:`Broker.restart` to keep it); an existing log is kept as ``mosquitto.log.1``.  The broker
+    runs in its own session, so it outlives the calling process until :meth:`Broker.stop`.  Raises
+    :class:`MqttBrokerError` (with the log tail) when it does not accept connections within
+    ``timeout`` seconds.
+    """
+    base = Path(base_dir).resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    broker = Broker(port=port if port is not None else free_port(), base_dir=base)
+    shutil.rmtree(broker.data_dir, ignore_errors=True)
+    broker.data_dir.mkdir()
+    if broker.log_file.exists():
+        broker.log_file.replace(broker.log_file.with_name(LOG_NAME + ".1"))
+    broker.config.write_text(broker_config(broker.port, broker.data_dir, broker.log_file))
+    try:
+        _start(broker, timeout, retry_same_port=port is not None)
+    except BaseException:
+        broker.kill()
+        raise
+    return broker
+
+
+# --------------------------------------------------------------------------- up / down / status
+
+
+@contextmanager
+def _state_lock() -> Iterator[None]:
+    run_dir().mkdir(parents=True, exist_ok=True)
+    with open(run_dir() / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _read_state() -> Broker | None:
+    try:
+        return Broker.from_json(json.loads(state_file().read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def status() -> Broker | None:
+    """The broker recorded by :func:`up` if it is still running, else ``None``."""
+    broker = _read_state()
+    return broker if broker is not None and broker.alive() else None
+
+
+def up(port: int | None = None, timeout: float = 15.0) -> Broker:
+    """Start a broker under :func:`run_dir` and record it, or return the live recorded one.
+
+    Asking for a ``port`` other than the live recorded broker's raises :class:`MqttBrokerError`.
+    """
+    with _state_lock():
+        current = _read_state()
+        if current is not None and current.alive():
+            if port is not None and port != current.port:
+                raise MqttBrokerError(
+                    f"a broker is already running at {current.address}; run 'rnnstream mqtt down' first"
+                )
+            return current
+        broker = start_broker(run_dir() / "broker", port=port, timeout=timeout)
+        tmp = state_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps(broker.to_json(), indent=2) + "\n")
+        tmp.replace(state_file())
+        return broker
+
+
+def down(timeout: float = 10.0) -> bool:
+    """Stop the broker recorded by :func:`up` and forget it; True if it was running."""
+    with _state_lock():
+        current = _read_state()
+        if current is None:
+            return False
+        was_running = current.alive()
+        current.stop(timeout=timeout)
+        state_file().unlink(missing_ok=True)
+        return was_running

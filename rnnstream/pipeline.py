@@ -1,0 +1,579 @@
+"""The pipeline behind ``rnnstream run``: source → decode → engine → sink, with checkpointed state.
+
+One thread runs ``poll → process → (every interval) checkpoint``; it knows no transport:
+
+- *process*: each message is decoded (any exception → dead letter with the reason; nothing else is
+  touched), checked by the optional reading checks (order, duplicates, gaps, flat lines), and stepped
+  through the engine in batches (``Engine.step_many``); ``scoring`` turns each message's outputs into
+  the document the sink writes (``RawOutputs`` by default: the model's outputs and the input position).
+- *checkpoint*: ``Sink.flush`` → ``DeadLetters.flush`` → the changed streams' state rows to the
+  ``StateBackend`` → ``StateBackend.save(source positions)`` → ``Source.commit``. For Kafka the rows go
+  to a changelog topic and the commit is one transaction holding outputs, dead letters, state and
+  offsets (exactly-once); elsewhere the rows and positions go to one local file written atomically,
+  then the source is acknowledged (MQTT acks, so unacknowledged readings are redelivered after a crash
+  and dropped if the restored state already holds them).
+- *partitions*: a partition's streams are restored from the backend before any of its messages is
+  processed, and checkpointed and dropped when it is revoked (Kafka rebalances). Sources other than
+  Kafka have one partition, 0, assigned when they open.
+
+A stream's checkpointed row is its engine state (float32) followed by the stages' bookkeeping (float64,
+``StreamTable``s): ``StateCodec``.
+
+Backpressure: the loop is synchronous; a sink that blocks pauses polling instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import chain
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from connectors.base import (
+    CheckpointFailed,
+    DeadLetter,
+    DeadLetters,
+    Message,
+    Output,
+    Sink,
+    Source,
+    StateBackend,
+)
+from connectors.codec import Decoded, DecodeError, check_label, decode_feedback
+from engine import Engine, EngineSnapshot, UnknownStreamError
+from rnnstream.stream_table import StreamTable
+
+log = logging.getLogger("rnnstream.pipeline")
+
+
+class MessageDecoder(Protocol):
+    """Turns one ``Message`` into a ``Decoded`` event with its stream id, or raises (any exception is a
+    dead letter; ``DecodeError``'s text is the reason as it stands)."""
+
+    def decode(self, message: Message) -> Decoded: ...
+
+
+class Stage(Protocol):
+    """A per-stream step of the pipeline with bookkeeping that is checkpointed with the stream."""
+
+    table: StreamTable
+
+
+class Scoring(Protocol):
+    """What the sink receives for a batch of messages.
+
+    - ``inputs(ids, xs)``: the model's inputs for events ``xs (N, F) float32`` of ``ids`` (identity, or
+      an online normalisation).
+    - ``documents(batch, xs, ys, version)``: one document per message of ``batch`` from the inputs as
+      decoded ``xs (N, F)`` and the model's outputs ``ys (N, out)``, rows in the batch's order.
+    - ``table``: per-stream bookkeeping, or ``None``.
+    """
+
+    table: StreamTable | None
+
+    def inputs(self, ids: list[str], xs: np.ndarray) -> np.ndarray: ...
+
+    def documents(self, batch: Batch, xs: np.ndarray, ys: np.ndarray, version: int) -> list[dict]: ...
+
+
+class ReadingChecks(Protocol):
+    """Checks of timestamped readings (``rnnstream.sensors.ReadingGuard``).
+
+    ``check(stream_id, decoded)`` returns ``(accepted, notices)``: a rejected reading goes to the dead
+    letters with the first notice as reason; an accepted one may carry notices (a gap, a flat line), sent
+    to the dead letters as ``accepted: ...``. ``reset_wanted`` says the stream's state must restart
+    before this reading (a gap, with ``on_gap: reset``)."""
+
+    table: StreamTable
+
+    def check(self, stream_id: str, decoded: Decoded) -> tuple[bool, list[str], bool]: ...
+
+    def counters(self) -> dict[str, int]: ...
+
+
+@dataclass
+class PipelineCounters:
+    messages: int = 0
+    events: int = 0
+    dead_letters: int = 0
+    notices: int = 0  # accepted readings reported to the dead letters (gaps, flat lines)
+    outputs: int = 0
+    checkpoints: int = 0
+    restored_streams: int = 0
+    rebalances: int = 0
+    aborts: int = 0
+    labels: int = 0  # feedback labels applied (inline or from a feedback source)
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Batch:
+    """Data messages waiting to be stepped together. ``chunks`` holds each message's timesteps (a list of
+    rows, or an array); ``ids`` the stream id once per timestep; ``items`` ``(message, stream, timesteps,
+    decoded)`` per message."""
+
+    ids: list[str] = field(default_factory=list)
+    chunks: list[list | np.ndarray] = field(default_factory=list)
+    items: list[tuple[Message, str, int, Decoded]] = field(default_factory=list)
+
+    def add(self, message: Message, sid: str, decoded: Decoded) -> None:
+        xs = decoded.xs
+        n = len(xs)
+        if n == 1:
+            self.ids.append(sid)
+        else:
+            self.ids.extend([sid] * n)
+        self.chunks.append(xs)
+        self.items.append((message, sid, n, decoded))
+
+    def inputs(self, dtype: type) -> np.ndarray:
+        """All timesteps stacked: ``(N, F)`` (or ``(N,) int64`` ids)."""
+        if all(type(c) is list for c in self.chunks):
+            return np.array(list(chain.from_iterable(self.chunks)), dtype=dtype)
+        return np.concatenate([np.asarray(c, dtype=dtype) for c in self.chunks])
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+class RawOutputs:
+    """The default scoring: the model's inputs as decoded, and per message ``{"y": (T, out), "topic",
+    "partition", "offset" (the input's position), "model_version"}``."""
+
+    table = None
+
+    def inputs(self, ids: list[str], xs: np.ndarray) -> np.ndarray:
+        return xs
+
+    def documents(self, batch: Batch, xs: np.ndarray, ys: np.ndarray, version: int) -> list[dict]:
+        docs = []
+        row = 0
+        for msg, _sid, n, _dec in batch.items:
+            docs.append(
+                {
+                    "y": ys[row : row + n],
+                    "topic": msg.topic,
+                    "partition": msg.partition,
+                    "offset": msg.position,
+                    "model_version": version,
+                }
+            )
+            row += n
+        return docs
+
+
+class StateCodec:
+    """A stream's checkpoint row: engine state ``sum(engine_widths)`` float32 little-endian, then each
+    stage table's row (float64 little-endian). A row holding the engine state only (written before the
+    stages existed) restores the stages' initial rows."""
+
+    def __init__(self, engine_widths: Sequence[int], tables: Sequence[StreamTable]) -> None:
+        self.engine_width = sum(engine_widths)
+        self.tables = list(tables)
+        self.extra_width = sum(t.width for t in self.tables)
+        self.initial_extra = np.concatenate([t.initial for t in self.tables]) if self.tables else np.zeros(0)
+
+    def encode(self, engine_rows: np.ndarray, stream_ids: Sequence[str]) -> list[bytes]:
+        """Rows of ``engine_rows (N, W) float32`` and the tables' rows of ``stream_ids``."""
+        head = np.ascontiguousarray(engine_rows, dtype="<f4")
+        if not self.tables:
+            return [r.tobytes() for r in head]
+        tail = np.ascontiguousarray(np.hstack([t.export(stream_ids) for t in self.tables]), dtype="<f8")
+        return [h.tobytes() + t.tobytes() for h, t in zip(head, tail, strict=True)]
+
+    def decode(self, rows: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """``(engine (N, W) float32, extra (N, E) float64)``; raises ``ValueError`` on a bad length."""
+        engine = np.zeros((len(rows), self.engine_width), np.float32)
+        extra = np.tile(self.initial_extra, (len(rows), 1))
+        e_bytes, x_bytes = 4 * self.engine_width, 8 * self.extra_width
+        for i, row in enumerate(rows):
+            if len(row) not in (e_bytes, e_bytes + x_bytes):
+                raise ValueError(f"state row of {len(row)} bytes; expected {e_bytes} or {e_bytes + x_bytes}")
+            engine[i] = np.frombuffer(row, "<f4", self.engine_width)
+            if len(row) > e_bytes and self.extra_width:
+                extra[i] = np.frombuffer(row, "<f8", self.extra_width, offset=e_bytes)
+        return engine, extra
+
+    def load_extra(self, stream_ids: Sequence[str], extra: np.ndarray) -> None:
+        col = 0
+        for t in self.tables:
+            t.load(stream_ids, extra[:, col : col + t.width])
+            col += t.width
+
+
+class Pipeline:
+    """Runs ``source`` through ``engine`` into ``sink`` until ``stop()``, SIGTERM/SIGINT, or the end of a
+    finite source. ``run()`` closes every part when it returns."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        source: Source,
+        decoder: MessageDecoder,
+        sink: Sink,
+        dead_letters: DeadLetters,
+        backend: StateBackend,
+        scoring: Scoring | None = None,
+        checks: ReadingChecks | None = None,
+        checkpoint_interval_s: float = 0.2,
+        labels_wanted: bool = False,
+        on_close: Sequence[Callable[[], None]] = (),
+    ) -> None:
+        self.engine = engine
+        self.source = source
+        self.decoder = decoder
+        self.sink = sink
+        self.dead_letters = dead_letters
+        self.backend = backend
+        self.scoring: Scoring = scoring or RawOutputs()
+        self.checks = checks
+        self.interval_s = checkpoint_interval_s
+        self.labels_wanted = labels_wanted
+        self._on_close = list(on_close)
+        tables = [t for t in (checks.table if checks else None, self.scoring.table) if t is not None]
+        self.codec = StateCodec(engine.model.state_widths(), tables)
+        self.counters = PipelineCounters()
+        self._stop = threading.Event()
+        self._tasks: dict[int, set[str]] = {}  # partition → streams held
+        self._dirty: dict[int, set[str]] = {}  # partition → streams changed since the last checkpoint
+        self._ended: dict[int, set[str]] = {}  # partition → streams ended since the last checkpoint
+        self._pending = 0  # messages processed since the last checkpoint
+        self._last_checkpoint = time.monotonic()
+        self._to_restore: set[int] = set()
+        # stream → recent (input position, first step, timesteps), to address feedback by positions
+        self._steps_at: dict[str, deque[tuple[int, int, int]]] = {}
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        self._install_signal_handlers()
+        try:
+            self.source.open(self, self.backend.positions())
+            while not self._stop.is_set():
+                messages = self.source.poll(0.005)
+                if self._to_restore:  # before any message of a newly assigned partition is processed
+                    self._restore_tasks(sorted(self._to_restore))
+                    self._to_restore.clear()
+                if messages:
+                    self._restore_unowned(messages)
+                    self._process(messages)
+                elif self.source.exhausted:
+                    break
+                if time.monotonic() - self._last_checkpoint >= self.interval_s:
+                    self.checkpoint()
+            self.checkpoint()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        for close in (self.source.close, self.sink.close, self.dead_letters.close, *self._on_close):
+            try:
+                close()
+            except Exception:
+                log.exception("while closing")
+        self.engine.close()
+
+    def service_counters(self) -> dict[str, float]:
+        """Counters for ``/metrics`` and ``/stats``: the pipeline's and the reading checks'."""
+        counts = asdict(self.counters)
+        counts.pop("started")
+        if self.checks is not None:
+            counts.update({f"readings_{k}": v for k, v in self.checks.counters().items()})
+        return {k: float(v) for k, v in counts.items()}
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+
+    # ---- processing ----------------------------------------------------------------------------------
+    def _process(self, messages: list[Message]) -> None:
+        """Decode, step and answer ``messages`` (each stream's messages in order)."""
+        batch = Batch()
+        feedback: list[Message] = []
+        for msg in messages:
+            if msg.feedback:
+                feedback.append(msg)  # applied after this poll's events
+                continue
+            decoded = self._decode(msg)
+            if decoded is None:
+                continue
+            sid = decoded.stream_id
+            if self.checks is not None and len(decoded.xs):
+                accepted, notices, reset = self.checks.check(sid, decoded)
+                if not accepted:
+                    self._dead_letter(msg, notices[0])
+                    continue
+                for note in notices:
+                    self._notice(msg, note)
+                if reset:
+                    batch = self._flush(batch)
+                    self._start(msg, sid)
+            if decoded.label is not None and self.labels_wanted:  # labels this message's timesteps
+                try:
+                    check_label(decoded.label)
+                except DecodeError as exc:
+                    self._dead_letter(msg, f"label: {exc}")
+                    continue
+                batch.add(msg, sid, decoded)
+                batch = self._flush(batch)
+                self._apply_label(msg, sid, decoded.label, start=-len(decoded.xs), end=None)
+                continue
+            if decoded.control in ("start", "reset"):
+                batch = self._flush(batch)
+                self._start(msg, sid)
+            if len(decoded.xs):
+                batch.add(msg, sid, decoded)
+            if decoded.control == "end":
+                batch = self._flush(batch)
+                self._end(msg, sid)
+        self._flush(batch)
+        for msg in feedback:
+            self._feedback(msg)
+        self.counters.messages += len(messages)
+        self._pending += len(messages)
+
+    def _decode(self, msg: Message) -> Decoded | None:
+        """The message's event, or ``None`` after sending it to the dead letters. No exception of any
+        type escapes: the reason names it."""
+        try:
+            return self.decoder.decode(msg)
+        except DecodeError as exc:
+            self._dead_letter(msg, str(exc))
+        except Exception as exc:
+            self._dead_letter(msg, f"undecodable ({type(exc).__name__}: {exc})"[:1000])
+        return None
+
+    def _dead_letter(self, msg: Message, reason: str) -> None:
+        self.counters.dead_letters += 1
+        self.dead_letters.write(DeadLetter.of(msg, reason))
+
+    def _notice(self, msg: Message, note: str) -> None:
+        self.counters.notices += 1
+        self.dead_letters.write(DeadLetter.of(msg, f"accepted: {note}"))
+
+    def _mark_dirty(self, partition: int, sid: str) -> None:
+        changed = self._dirty.get(partition)
+        if changed is None:
+            changed = self._dirty[partition] = set()
+        changed.add(sid)
+
+    def _flush(self, batch: Batch) -> Batch:
+        """Step the batch's events through the engine and write one output per message; returns a new
+        empty batch."""
+        if not batch:
+            return batch
+        engine = self.engine
+        decoded = batch.inputs(np.int64 if engine.model.categorical else np.float32)
+        xs = self.scoring.inputs(batch.ids, decoded)
+        if self.labels_wanted:
+            self._note_steps(batch)
+        ys = engine.step_many(batch.ids, xs)
+        self.counters.events += len(xs)
+        docs = self.scoring.documents(batch, decoded, ys, engine.model.info.version)
+        outputs = []
+        for (msg, sid, _n, _dec), doc in zip(batch.items, docs, strict=True):
+            self._mark_dirty(msg.partition, sid)
+            outputs.append(Output(sid, doc, msg.partition, msg.position))
+        self.sink.write(outputs)
+        self.counters.outputs += len(outputs)
+        return Batch()
+
+    def _start(self, msg: Message, sid: str) -> None:
+        self.engine.start(sid)
+        if self.scoring.table is not None:
+            self.scoring.table.reset([sid])
+        self._mark_dirty(msg.partition, sid)
+
+    def _end(self, msg: Message, sid: str) -> None:
+        try:
+            final = self.engine.end(sid)
+        except UnknownStreamError as exc:
+            self._dead_letter(msg, f"control 'end': {exc}")
+            return
+        self._forget_stream(sid)
+        self._tasks.get(msg.partition, set()).discard(sid)
+        self._dirty.get(msg.partition, set()).discard(sid)
+        self._ended.setdefault(msg.partition, set()).add(sid)
+        doc = {
+            "y": final[None, :],
+            "topic": msg.topic,
+            "partition": msg.partition,
+            "offset": msg.position,
+            "control": "end",
+            "model_version": self.engine.model.info.version,
+        }
+        self.sink.write([Output(sid, doc, msg.partition, msg.position)])
+        self.counters.outputs += 1
+
+    def _forget_stream(self, sid: str) -> None:
+        for table in self.codec.tables:
+            table.drop([sid])
+        self._steps_at.pop(sid, None)
+
+    # ---- fine-tuning labels --------------------------------------------------------------------------
+    def _feedback(self, msg: Message) -> None:
+        """A feedback record: a label for a span of one stream's steps (bad ones: dead letter)."""
+        try:
+            sid = msg.key_text()
+            if sid is None:
+                raise DecodeError("missing key: the record key is the stream id")
+            fb = decode_feedback(msg.payload)
+        except (DecodeError, UnicodeDecodeError) as exc:
+            self._dead_letter(msg, f"feedback: {exc}")
+            return
+        except Exception as exc:
+            self._dead_letter(msg, f"feedback: undecodable ({type(exc).__name__}: {exc})"[:1000])
+            return
+        if not self.labels_wanted:
+            self._dead_letter(msg, "feedback: this service does not fine-tune on labels (finetune.target)")
+            return
+        start, end = fb.start, fb.end
+        if fb.last is not None:
+            start, end = -fb.last, None
+        elif fb.offsets is not None:
+            span = self._steps_of_positions(sid, *fb.offsets)
+            if span is None:
+                self._dead_letter(
+                    msg, f"feedback: offsets {list(fb.offsets)} of {sid!r} are not in recent history"
+                )
+                return
+            start, end = span
+        self._apply_label(msg, sid, fb.label, start, end)
+
+    def _apply_label(self, msg: Message, sid: str, label: object, start: int | None, end: int | None) -> None:
+        try:
+            labelled = self.engine.feedback(sid, check_label(label), start, end)
+        except (DecodeError, ValueError) as exc:  # InvalidInputError is a ValueError
+            self._dead_letter(msg, f"label: {exc}")
+            return
+        self.counters.labels += labelled
+
+    def _steps_of_positions(self, sid: str, first: int, last: int) -> tuple[int, int] | None:
+        """The stream-local step span of the input messages at positions ``first..last`` (inclusive)."""
+        steps = [(s, s + n) for pos, s, n in self._steps_at.get(sid, ()) if first <= pos <= last]
+        if not steps:
+            return None
+        return min(s for s, _ in steps), max(e for _, e in steps)
+
+    def _note_steps(self, batch: Batch) -> None:
+        """Remember which stream-local steps each message of ``batch`` is about to take (feedback mode)."""
+        tuner = self.engine.finetuner
+        assert tuner is not None
+        next_step: dict[str, int] = {}
+        for msg, sid, n, _dec in batch.items:
+            step = next_step.get(sid)
+            if step is None:
+                step = tuner.buffer.steps_of(sid)
+            ring = self._steps_at.get(sid)
+            if ring is None:
+                ring = self._steps_at[sid] = deque(maxlen=256)
+            ring.append((msg.position, step, n))
+            next_step[sid] = step + n
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Outputs, dead letters, changed states and source positions made durable together."""
+        self._last_checkpoint = time.monotonic()
+        if not self._pending and not self._dirty and not self._ended:
+            return
+        self.sink.flush()
+        self.dead_letters.flush()
+        for partition, sids in self._dirty.items():
+            self._tasks.setdefault(partition, set()).update(sids)
+            self._ended.get(partition, set()).difference_update(sids)  # ended, then started again
+            snap = self.engine.snapshot(stream_ids=list(sids))
+            if not len(snap):
+                continue
+            engine_rows = torch.cat(snap.states, dim=1).numpy()
+            ids = [str(s) for s in snap.stream_ids]
+            for sid, row in zip(ids, self.codec.encode(engine_rows, ids), strict=True):
+                self.backend.write(partition, sid, row)
+        for partition, sids in self._ended.items():
+            for sid in sids:
+                self.backend.write(partition, sid, None)
+        self._dirty, self._ended, self._pending = {}, {}, 0
+        try:
+            self.backend.save(self.source.positions())
+            self.source.commit()
+        except CheckpointFailed as exc:
+            log.warning("checkpoint failed (%s): rolling back to the last one", exc)
+            self._rollback()
+            return
+        self.counters.checkpoints += 1
+
+    def _rollback(self) -> None:
+        """After a failed checkpoint: drop every stream, go back to the committed positions, restore the
+        committed state."""
+        self.counters.aborts += 1
+        self._drop_tasks(set(self._tasks))
+        assigned = self.source.rollback()
+        self._restore_tasks(assigned)
+
+    # ---- partitions ----------------------------------------------------------------------------------
+    def revoked(self, partitions: list[int]) -> None:
+        """Commit everything so far while the partitions are still ours (called inside ``poll``)."""
+        self.counters.rebalances += 1
+        self._to_restore.difference_update(partitions)
+        try:
+            self.checkpoint()
+            self._drop_tasks(set(partitions))
+        except Exception:
+            log.exception("while partitions were revoked")
+            raise
+
+    def assigned(self, partitions: list[int]) -> None:
+        """Note the partitions; the loop restores their streams right after ``poll`` returns, before
+        processing anything (Kafka clients allow no other client's work inside their callbacks)."""
+        self._to_restore.update(partitions)
+
+    def _restore_unowned(self, messages: list[Message]) -> None:
+        """Messages of a partition whose streams are not loaded (revoked, or never announced) mean the
+        source broke its contract; stepping them would start their streams from scratch. Load the
+        committed state first: the source's position follows on from the last checkpoint."""
+        unowned = {m.partition for m in messages}.difference(self._tasks)
+        if unowned:
+            log.error("messages of partitions %s arrived without an assignment: restoring first", unowned)
+            self._restore_tasks(sorted(unowned))
+
+    def _drop_tasks(self, partitions: set[int]) -> None:
+        for p in partitions:
+            sids = self._tasks.pop(p, set())
+            self.engine.release(list(sids))
+            for sid in sids:
+                self._forget_stream(sid)
+
+    def _restore_tasks(self, partitions: list[int]) -> None:
+        """Load the committed states of ``partitions`` not held yet."""
+        wanted = sorted(set(partitions) - set(self._tasks))
+        tables = self.backend.read(wanted)
+        widths = self.engine.model.state_widths()
+        restored = 0
+        for p in wanted:
+            table = tables.get(p, {})
+            ids = list(table)
+            engine_rows, extra = self.codec.decode([table[s] for s in ids])
+            states = list(torch.split(torch.from_numpy(engine_rows), widths, dim=1))
+            self.engine.restore(EngineSnapshot(ids, states), replace=False)
+            self.codec.load_extra(ids, extra)
+            self._tasks[p] = set(ids)
+            restored += len(ids)
+        self.counters.restored_streams += restored
+        log.info("assigned partitions %s: restored %d streams", wanted, restored)
+
+
+def run_forever(pipeline: Pipeline) -> dict[str, Any]:
+    """``pipeline.run()``; returns its counters."""
+    pipeline.run()
+    return pipeline.service_counters()
