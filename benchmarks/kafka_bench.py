@@ -115,15 +115,10 @@ def service_config(
 ) -> Path:
     cfg = {
         "model": str(MODEL),
-        "kafka": {
-            "bootstrap_servers": bootstrap,
-            "input_topics": [topic],
-            "output_topic": f"{topic}-out",
-            "dead_letter_topic": f"{topic}-dlq",
-            "group_id": f"bench-{topic}",
-            "client_library": library,
-            "encoding": encoding,
-        },
+        "kafka": {"bootstrap_servers": bootstrap, "client_library": library},
+        "source": {"type": "kafka", "topics": [topic], "group_id": f"bench-{topic}", "format": encoding},
+        "sink": {"type": "kafka", "topic": f"{topic}-out"},
+        "dead_letters": {"type": "kafka", "topic": f"{topic}-dlq"},
         "engine": {"device": "cpu"},
         "checkpoint": {"interval_ms": interval_ms},
     }
@@ -357,18 +352,19 @@ def _timestamps(bootstrap: str, topic: str, key_of, committed: bool = True, valu
 def stage_profile(bootstrap: str, topic: str, library: str, messages, workdir: Path) -> dict:
     """Run the service in this process with timers around each stage of its loop."""
     from rnnstream.config import load_config
-    from rnnstream.kafka_service import KafkaService
+    from rnnstream.service import build_pipeline
 
     create_topic(bootstrap, topic)
     produce_all(bootstrap, topic, messages)
-    service = KafkaService(load_config(service_config(bootstrap, topic, library, "json", workdir)))
+    service = build_pipeline(load_config(service_config(bootstrap, topic, library, "json", workdir)))
+    client = service.source.client  # type: ignore[attr-defined]
     timers: dict[str, float] = {}
-    _time(service.client, "poll", timers, "client: poll")
-    _time(service.client, "send_many", timers, "client: produce")
-    _time(service.client, "commit", timers, "client: commit transaction")
+    _time(client, "poll", timers, "client: poll")
+    _time(client, "send_many", timers, "client: produce")
+    _time(client, "commit", timers, "client: commit transaction")
     _time(service.engine, "step_many", timers, "engine: step_many")
     _time(service, "_process", timers, "service: process")
-    _time(service, "_checkpoint", timers, "service: checkpoint")
+    _time(service, "checkpoint", timers, "service: checkpoint")
     thread = threading.Thread(target=service.run)
     thread.start()
     while service.counters.messages == 0:

@@ -43,7 +43,7 @@ class DecodeError(ValueError):
         self.kind = kind
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decoded:
     """One message's content: ``xs`` holds ``T >= 0`` timesteps, ``(T, F)`` features (a list of rows from
     JSON/msgpack, a float32 array from frames) or ``T`` category ids;

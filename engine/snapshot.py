@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from engine.errors import SnapshotError
+from models.bundle import write_safetensors
 
 SNAPSHOT_FORMAT = "rnnstream.snapshot/1"
 StreamId = str | int
@@ -46,9 +47,7 @@ class EngineSnapshot:
         return [t[i] for t in self.states]
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically (temp file + rename) so a crash never leaves half a snapshot."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write atomically (``models.bundle.write_safetensors``): a crash never leaves half a snapshot."""
         tensors = {f"state_{k}": t.contiguous() for k, t in enumerate(self.states)}
         meta = {
             "format": SNAPSHOT_FORMAT,
@@ -59,10 +58,7 @@ class EngineSnapshot:
             "created_at": repr(self.created_at),
             "num_states": str(len(self.states)),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        return write_safetensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> EngineSnapshot:

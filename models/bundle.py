@@ -4,6 +4,7 @@ and the version. Loading never unpickles anything: safetensors stores raw tensor
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -35,8 +36,19 @@ def save_weights(spec: ModelSpec, info: ModelInfo, state_dict: dict[str, Tensor]
         "features": json.dumps(info.features),
         "trained_on": json.dumps(info.trained_on),
     }
+    return write_safetensors(path, tensors, metadata)
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
+    """The one atomic file write of the project: ``tensors`` and ``metadata`` to a temporary file beside
+    ``path``, synced, then renamed over ``path``. A crash (kill -9, power loss) leaves the old file or the
+    new one, never half of one. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     tmp.replace(path)
     return path
 

@@ -83,35 +83,40 @@ def bench(
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="Service configuration (YAML), e.g. configs/kafka.yaml.")],
+    config: Annotated[Path, typer.Argument(help="Pipeline configuration (YAML), e.g. configs/kafka.yaml.")],
     bootstrap: Annotated[str | None, typer.Option(help="Override kafka.bootstrap_servers.")] = None,
+    broker: Annotated[str | None, typer.Option(help="Override mqtt.broker (HOST:PORT).")] = None,
     instance_id: Annotated[str | None, typer.Option(help="Override kafka.instance_id.")] = None,
     log_level: Annotated[str, typer.Option(help="Python logging level.")] = "INFO",
 ) -> None:
-    """Run the Kafka service: consume, infer, produce; checkpointed state; stops cleanly on SIGTERM."""
+    """Run a pipeline: source → decode → engine → sink, with checkpointed state; stops cleanly on
+    SIGTERM/SIGINT (or at the end of a finite source)."""
     import logging
 
     from rnnstream.config import ConfigError, load_config
-    from rnnstream.kafka_service import KafkaService
+    from rnnstream.service import build_pipeline
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     overrides = {}
     if bootstrap:
         overrides["kafka.bootstrap_servers"] = bootstrap
+    if broker:
+        overrides["mqtt.broker"] = broker
     if instance_id:
         overrides["kafka.instance_id"] = instance_id
     try:
         cfg = load_config(config, overrides)
     except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc}")
+        console.print(f"[red]config error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from exc
-    service = KafkaService(cfg)
-    service.run()
-    counters = service.counters
-    console.print(
-        f"stopped: {counters.messages} messages, {counters.events} events, "
-        f"{counters.dead_letters} dead letters, {counters.checkpoints} checkpoints"
+    pipeline = build_pipeline(cfg)
+    pipeline.run()
+    c = pipeline.counters
+    typer.echo(
+        f"stopped: {c.messages} messages, {c.events} events, {c.dead_letters} dead letters, "
+        f"{c.checkpoints} checkpoints",
+        err=True,
     )
 
 

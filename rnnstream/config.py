@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.finetune import FineTuneSettings
 
@@ -33,34 +33,26 @@ class EngineConfig(Strict):
 
 
 class CheckpointConfig(Strict):
-    """How often state and input positions are made durable together (one Kafka transaction)."""
+    """How often state, outputs and source positions are made durable together: one Kafka transaction
+    for a Kafka source; one local file (``dir``) for the others (none: nothing survives a restart)."""
 
     interval_ms: int = Field(200, ge=10)
     transaction_timeout_ms: int = Field(10_000, ge=1000)
-    changelog_topic: str | None = None  # default: "<group_id>-state-changelog"
+    changelog_topic: str | None = None  # Kafka source; default: "<group_id>-state-changelog"
+    dir: Path | None = None  # other sources: where state.safetensors is kept
 
 
-class KafkaConfig(Strict):
-    """Kafka connection and topics. ``client`` is passed through to every kafka-python client (security
-    settings: ``security_protocol``, ``sasl_mechanism``, ``sasl_plain_username``, ``ssl_cafile``, ...);
-    ``consumer`` and ``producer`` only to the consumer (``session_timeout_ms``, ...) or the producer
-    (``linger_ms``, ``compression_type``, ...)."""
+class KafkaConnection(Strict):
+    """How to reach Kafka, for every Kafka source, sink and dead-letter topic of the pipeline. ``client``
+    is passed to every client of the chosen library (security settings: ``security_protocol``,
+    ``sasl_mechanism``, ``ssl_cafile``, ...); ``consumer`` and ``producer`` only to that one
+    (``session_timeout_ms``, ``linger_ms``, ``compression_type``, ...)."""
 
     bootstrap_servers: str
-    input_topics: list[str] = Field(min_length=1)
-    output_topic: str
-    dead_letter_topic: str
-    feedback_topic: str | None = None
-    group_id: str
     # kafka-python by default (pure Python); confluent-kafka (librdkafka) is several times faster on
     # small messages (README, "Kafka client libraries").
     client_library: Literal["kafka-python", "confluent-kafka"] = "kafka-python"
-    instance_id: str = "0"  # one per process of the group; a restart must reuse its predecessor's
-    encoding: Literal["json", "msgpack", "float32"] = "json"
-    output_encoding: Literal["json", "msgpack"] = "json"
-    max_message_bytes: int = Field(1_048_576, ge=64)
-    max_timesteps_per_message: int = Field(4096, ge=1)
-    max_poll_records: int = Field(5000, ge=1)
+    instance_id: str = "0"  # one per process of a consumer group; a restart must reuse its predecessor's
     client: dict[str, Any] = Field(default_factory=dict)
     consumer: dict[str, Any] = Field(default_factory=dict)
     producer: dict[str, Any] = Field(default_factory=dict)
@@ -76,19 +68,186 @@ class KafkaConfig(Strict):
         return client
 
 
+class MqttConnection(Strict):
+    """How to reach the MQTT broker, for every MQTT source, sink and dead-letter topic. Each gets the
+    stable client id ``<client_id>``, ``<client_id>-out`` or ``<client_id>-dlq`` and a persistent session."""
+
+    broker: str = "127.0.0.1:1883"  # host:port
+    client_id: str = "rnnstream"
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = Field(30, ge=5)
+    session_expiry_s: int = Field(86_400, ge=0)
+
+
+class KafkaSourceConfig(Strict):
+    """Kafka input topics read by a consumer group; exactly-once. Record key = stream id."""
+
+    type: Literal["kafka"]
+    topics: list[str] = Field(min_length=1)
+    group_id: str
+    feedback_topic: str | None = None
+    format: Literal["json", "msgpack", "float32"] = "json"
+    max_message_bytes: int = Field(1_048_576, ge=64)
+    max_timesteps_per_message: int = Field(4096, ge=1)
+    max_poll_records: int = Field(5000, ge=1)
+
+
+class ReadingFormat(Strict):
+    """Sensor readings (``connectors.readings``): which channels a reading carries, in the model's order."""
+
+    channels: list[str] = Field(default_factory=lambda: ["value"], min_length=1)
+    extra_channels: Literal["reject", "ignore"] = "reject"
+    max_abs_value: float = Field(1e15, gt=0)
+    max_bytes: int = Field(65_536, ge=64)
+
+
+class MqttSourceConfig(ReadingFormat):
+    """Readings from an MQTT topic pattern; the wildcard levels name the stream (``sensors/+``:
+    ``sensors/dev1`` → ``dev1``). QoS 1: at-least-once, redeliveries dropped by (stream, timestamp)."""
+
+    type: Literal["mqtt"]
+    topic: str = "sensors/+"
+    qos: Literal[0, 1] = 1
+
+
+class SerialSourceConfig(ReadingFormat):
+    """Readings from a serial line: ``timestamp,value[,value...]`` or JSON lines; best-effort."""
+
+    type: Literal["serial"]
+    port: str
+    baudrate: int = Field(115_200, ge=50)
+    stream_id: str | None = None  # default: the port's name
+
+
+class CsvSourceConfig(ReadingFormat):
+    """Readings replayed from CSV files (NAB's ``timestamp,value``, or any header with a column mapping:
+    ``timestamp_column``, ``channels``, ``stream_column``); replayable from a row."""
+
+    type: Literal["csv"]
+    paths: list[str] = Field(min_length=1)  # files or glob patterns; each file is a stream...
+    stream_column: str | None = None  # ... unless a column names the stream
+    timestamp_column: str = "timestamp"
+    speed: float | None = Field(None, gt=0)  # None: as fast as possible; 1: real pace; 60: an hour a minute
+
+
+SourceConfig = Annotated[
+    KafkaSourceConfig | MqttSourceConfig | SerialSourceConfig | CsvSourceConfig, Field(discriminator="type")
+]
+
+
+class KafkaSinkConfig(Strict):
+    type: Literal["kafka"]
+    topic: str
+    format: Literal["json", "msgpack"] = "json"
+
+
+class MqttSinkConfig(Strict):
+    type: Literal["mqtt"]
+    topic: str = "scores/{stream}"  # {stream}: the stream id
+    qos: Literal[0, 1] = 1
+    retain: bool = False
+
+
+class StdoutSinkConfig(Strict):
+    type: Literal["stdout"]
+
+
+class CsvSinkConfig(Strict):
+    type: Literal["csv"]
+    path: Path
+    columns: list[str] | None = None  # default: stream + the first output's keys
+
+
+class JsonLinesSinkConfig(Strict):
+    type: Literal["jsonl"]
+    path: Path
+
+
+class NullSinkConfig(Strict):
+    type: Literal["null"]
+
+
+SinkConfig = Annotated[
+    KafkaSinkConfig
+    | MqttSinkConfig
+    | StdoutSinkConfig
+    | CsvSinkConfig
+    | JsonLinesSinkConfig
+    | NullSinkConfig,
+    Field(discriminator="type"),
+]
+
+
+class KafkaDeadLettersConfig(Strict):
+    type: Literal["kafka"]
+    topic: str
+
+
+class MqttDeadLettersConfig(Strict):
+    type: Literal["mqtt"]
+    topic: str = "deadletters/{stream}"
+
+
+class FileDeadLettersConfig(Strict):
+    type: Literal["file"]
+    path: Path  # JSON lines; "-" for standard error
+
+
+DeadLettersConfig = Annotated[
+    KafkaDeadLettersConfig | MqttDeadLettersConfig | FileDeadLettersConfig, Field(discriminator="type")
+]
+
+
+class ReadingsConfig(Strict):
+    """Checks of timestamped readings (``rnnstream.sensors.ReadingGuard``)."""
+
+    max_gap_s: float | None = Field(None, gt=0)
+    on_gap: Literal["keep", "reset"] = "keep"
+    flatline_after: int | None = Field(100, ge=2)
+
+
+class ScoringConfig(Strict):
+    """What the sink receives: ``raw`` model outputs with the input position, or ``forecast`` anomaly
+    scores from a next-value forecaster (``rnnstream.sensors.ForecastScoring``)."""
+
+    kind: Literal["raw", "forecast"] = "raw"
+    window: int = Field(1000, ge=2)
+    warmup: int = Field(20, ge=0)
+    short_window: int = Field(5, ge=1)
+    long_window: int = Field(2000, ge=2)
+    threshold: float = Field(0.999, gt=0, le=1)
+    refractory: int = Field(50, ge=0)
+
+
 class ServiceConfig(Strict):
-    """The whole ``rnnstream run`` configuration."""
+    """The whole ``rnnstream run`` configuration: source → decode → engine → sink."""
 
     model: Path
-    kafka: KafkaConfig
+    source: SourceConfig
+    sink: SinkConfig
+    dead_letters: DeadLettersConfig | None = None  # default: a file beside the checkpoint, else stderr
+    kafka: KafkaConnection | None = None  # needed when a part is Kafka
+    mqtt: MqttConnection = MqttConnection()  # for MQTT parts
+    readings: ReadingsConfig | None = None  # checks of timestamped readings (default on for sensors)
+    scoring: ScoringConfig = ScoringConfig()
     engine: EngineConfig = EngineConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     finetune: FineTuneSettings | None = None  # online fine-tuning (off when absent)
     metrics_port: int | None = Field(None, ge=0, le=65535)  # admin endpoint: /metrics, /stats, /finetune/*
 
+    @model_validator(mode="after")
+    def _connections_present(self) -> ServiceConfig:
+        parts = [self.source, self.sink, self.dead_letters]
+        kinds = {getattr(p, "type", None) for p in parts}
+        if "kafka" in kinds and self.kafka is None:
+            raise ValueError("kafka: a Kafka source, sink or dead-letter topic needs a 'kafka' section")
+        return self
+
     @property
     def changelog_topic(self) -> str:
-        return self.checkpoint.changelog_topic or f"{self.kafka.group_id}-state-changelog"
+        group = self.source.group_id if isinstance(self.source, KafkaSourceConfig) else "rnnstream"
+        return self.checkpoint.changelog_topic or f"{group}-state-changelog"
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -100,7 +259,8 @@ def _format_errors(err: ValidationError) -> str:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ServiceConfig:
-    """Read and validate a YAML config. Relative paths in it (``model``) are relative to the file."""
+    """Read and validate a YAML config. Relative paths in it (the model, files, directories) are relative
+    to the config file."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -112,17 +272,34 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
         raise ConfigError(f"{path}: expected a mapping at the top level")
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
+    _resolve_paths(raw, path.parent.resolve())
     try:
-        config = ServiceConfig.model_validate(raw)
+        return ServiceConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_format_errors(exc)}") from exc
-    if not config.model.is_absolute():
-        config = config.model_copy(update={"model": (path.parent / config.model).resolve()})
-    ft = config.finetune
-    if ft is not None and ft.versions_dir is not None and not Path(ft.versions_dir).is_absolute():
-        ft = ft.model_copy(update={"versions_dir": str((path.parent / ft.versions_dir).resolve())})
-        config = config.model_copy(update={"finetune": ft})
-    return config
+
+
+PATH_KEYS = ("model", "checkpoint.dir", "finetune.versions_dir", "sink.path", "dead_letters.path")
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make the config's relative paths relative to ``base`` (in place, before validation)."""
+
+    def resolved(value: Any) -> Any:
+        if isinstance(value, str) and value != "-" and not Path(value).is_absolute():
+            return str((base / value).resolve())
+        return value
+
+    for dotted in PATH_KEYS:
+        *parents, leaf = dotted.split(".")
+        doc: Any = raw
+        for key in parents:
+            doc = doc.get(key) if isinstance(doc, dict) else None
+        if isinstance(doc, dict) and leaf in doc:
+            doc[leaf] = resolved(doc[leaf])
+    source = raw.get("source")
+    if isinstance(source, dict) and isinstance(source.get("paths"), list):
+        source["paths"] = [resolved(p) for p in source["paths"]]
 
 
 def _set_dotted(doc: dict[str, Any], dotted: str, value: Any) -> None:

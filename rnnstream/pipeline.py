@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import chain
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -225,7 +225,6 @@ class Pipeline:
         checks: ReadingChecks | None = None,
         checkpoint_interval_s: float = 0.2,
         labels_wanted: bool = False,
-        on_close: Sequence[Callable[[], None]] = (),
     ) -> None:
         self.engine = engine
         self.source = source
@@ -237,7 +236,7 @@ class Pipeline:
         self.checks = checks
         self.interval_s = checkpoint_interval_s
         self.labels_wanted = labels_wanted
-        self._on_close = list(on_close)
+        self._on_close: list[Callable[[], None]] = []
         tables = [t for t in (checks.table if checks else None, self.scoring.table) if t is not None]
         self.codec = StateCodec(engine.model.state_widths(), tables)
         self.counters = PipelineCounters()
@@ -254,6 +253,10 @@ class Pipeline:
     # ---- lifecycle -----------------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
+
+    def add_on_close(self, close: Callable[[], None]) -> None:
+        """Also call ``close`` when the pipeline closes (an admin endpoint, say)."""
+        self._on_close.append(close)
 
     def run(self) -> None:
         self._install_signal_handlers()
@@ -571,9 +574,3 @@ class Pipeline:
             restored += len(ids)
         self.counters.restored_streams += restored
         log.info("assigned partitions %s: restored %d streams", wanted, restored)
-
-
-def run_forever(pipeline: Pipeline) -> dict[str, Any]:
-    """``pipeline.run()``; returns its counters."""
-    pipeline.run()
-    return pipeline.service_counters()

@@ -29,6 +29,11 @@ class StreamTable:
     def __contains__(self, stream_id: str) -> bool:
         return stream_id in self._index
 
+    def index(self, stream_id: str) -> int:
+        """Row index of one stream; an unknown stream gets a fresh row."""
+        i = self._index.get(stream_id)
+        return self._admit(stream_id) if i is None else i
+
     def indices(self, stream_ids: Sequence[str]) -> np.ndarray:
         """Row index of each stream ``(N,) int64``; unknown streams get a fresh row."""
         index = self._index

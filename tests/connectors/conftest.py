@@ -79,21 +79,24 @@ class ServiceRun:
             "model": str(self.model_path),
             "kafka": {
                 "bootstrap_servers": self.bootstrap,
-                "input_topics": [self.topic],
-                "output_topic": self.outputs_topic,
-                "dead_letter_topic": self.dlq_topic,
-                "group_id": self.group,
                 "instance_id": instance,
                 "client_library": self.library,
-                "encoding": self.encoding,
-                "max_timesteps_per_message": 64,
-                "max_message_bytes": 4096,
                 "consumer": (
                     {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
                     if self.library == "kafka-python"
                     else {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
                 ),
             },
+            "source": {
+                "type": "kafka",
+                "topics": [self.topic],
+                "group_id": self.group,
+                "format": self.encoding,
+                "max_timesteps_per_message": 64,
+                "max_message_bytes": 4096,
+            },
+            "sink": {"type": "kafka", "topic": self.outputs_topic},
+            "dead_letters": {"type": "kafka", "topic": self.dlq_topic},
             "engine": {"device": "cpu"},
             "checkpoint": {"interval_ms": self.interval_ms, "transaction_timeout_ms": 8000},
         }

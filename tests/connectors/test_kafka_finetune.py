@@ -30,7 +30,7 @@ def test_labels_from_messages_and_the_feedback_topic_reach_the_worker(kafka_clus
     feedback_topic = f"{topic}-feedback"
     port = _free_port()
     run.extra = {
-        "kafka": {"feedback_topic": feedback_topic},
+        "source": {"feedback_topic": feedback_topic},
         "finetune": {
             "target": "feedback",
             "loss": "cross_entropy",

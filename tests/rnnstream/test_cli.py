@@ -25,7 +25,8 @@ def test_info_describes_the_shipped_bundle():
 
 def test_shipped_kafka_config_is_valid():
     cfg = load_config(REPO / "configs" / "kafka.yaml")
-    assert cfg.model == ASSET.resolve() and cfg.kafka.input_topics == ["sensor-events"]
+    assert cfg.model == ASSET.resolve() and cfg.source.topics == ["sensor-events"]
+    assert cfg.sink.topic == "sensor-forecasts" and cfg.dead_letters.topic == "sensor-events-dlq"
 
 
 def test_shipped_finetune_config_is_valid():
@@ -46,11 +47,13 @@ def test_finetune_config_errors_name_the_key(tmp_path):
 @pytest.mark.parametrize(
     "change,where",
     [
-        (lambda c: c["kafka"].pop("group_id"), "kafka.group_id"),
-        (lambda c: c["kafka"].update(encoding="xml"), "kafka.encoding"),
+        (lambda c: c["source"].pop("group_id"), "source.kafka.group_id"),
+        (lambda c: c["source"].update(format="xml"), "source.kafka.format"),
         (lambda c: c["engine"].update(max_batch=0), "engine.max_batch"),
         (lambda c: c["kafka"].update(colour="blue"), "kafka.colour"),
         (lambda c: c["kafka"]["client"].update(group_id="x"), "kafka.client"),
+        (lambda c: c["source"].update(type="carrier-pigeon"), "source"),
+        (lambda c: c.pop("kafka"), "kafka"),
     ],
 )
 def test_config_errors_name_the_bad_key(tmp_path, change, where):

@@ -1,0 +1,104 @@
+"""State backends for sources that do not keep state themselves (everything but Kafka).
+
+``LocalCheckpoint`` keeps every stream's checkpoint row (``rnnstream.pipeline.StateCodec``) in memory and,
+at each checkpoint, writes all of them together with the source positions to one safetensors file,
+atomically (``models.bundle.write_safetensors``). A restarted process reads it back: the streams resume
+from their states, a replayable source (CSV) from its positions, and an at-least-once source (MQTT)
+redelivers what was not acknowledged, which the reading checks drop when the state already holds it.
+
+``EphemeralState`` keeps nothing: a restart starts every stream afresh (no ``checkpoint.dir`` configured).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from models.bundle import write_safetensors
+
+CHECKPOINT_FORMAT = "rnnstream.checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint file exists but cannot be read (corrupt, another format, another model)."""
+
+
+class LocalCheckpoint:
+    """``StateBackend`` on one file, ``directory/state.safetensors``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.path = Path(directory) / "state.safetensors"
+        self._rows: dict[int, dict[str, bytes]] = {}
+        self._positions: dict[str, Any] = {}
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != CHECKPOINT_FORMAT:
+                    raise CheckpointError(f"{self.path}: format {meta.get('format')!r}, not a checkpoint")
+                rows = f.get_tensor("rows").numpy()
+            ids = json.loads(meta["stream_ids"])
+            partitions = json.loads(meta["partitions"])
+            self._positions = json.loads(meta["positions"])
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{self.path}: unreadable checkpoint ({exc})") from exc
+        for sid, p, row in zip(ids, partitions, rows, strict=True):
+            self._rows.setdefault(p, {})[sid] = row.tobytes()
+
+    def read(self, partitions: list[int]) -> dict[int, dict[str, bytes]]:
+        return {p: dict(self._rows.get(p, {})) for p in partitions}
+
+    def write(self, partition: int, stream_id: str, row: bytes | None) -> None:
+        table = self._rows.setdefault(partition, {})
+        if row is None:
+            table.pop(stream_id, None)
+        else:
+            table[stream_id] = row
+
+    def save(self, positions: Mapping[str, Any]) -> None:
+        """Every stream's row and ``positions``, in one atomic write."""
+        self._positions = dict(positions)
+        ids, parts, rows = [], [], []
+        for p, table in self._rows.items():
+            ids.extend(table)
+            parts.extend([p] * len(table))
+            rows.extend(table.values())
+        width = len(rows[0]) if rows else 0
+        data = np.frombuffer(b"".join(rows), np.uint8).reshape(len(rows), width)
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "stream_ids": json.dumps(ids),
+            "partitions": json.dumps(parts),
+            "positions": json.dumps(self._positions),
+        }
+        write_safetensors(self.path, {"rows": torch.from_numpy(data.copy())}, meta)
+
+    def positions(self) -> dict[str, Any]:
+        return dict(self._positions)
+
+
+class EphemeralState:
+    """``StateBackend`` that keeps nothing across restarts."""
+
+    def read(self, partitions: list[int]) -> dict[int, dict[str, bytes]]:
+        return {}
+
+    def write(self, partition: int, stream_id: str, row: bytes | None) -> None:
+        pass
+
+    def save(self, positions: Mapping[str, Any]) -> None:
+        pass
+
+    def positions(self) -> dict[str, Any]:
+        return {}

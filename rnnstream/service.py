@@ -1,0 +1,263 @@
+"""From a validated config (``rnnstream.config``) to a running ``Pipeline``: the one place that knows which
+connector module serves which ``type``. Connectors are imported only when a config names them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from connectors.base import DeadLetters, Sink, Source, StateBackend
+from connectors.codec import Decoder, KeyedDecoder
+from engine import Engine
+from engine.finetune import serving_bundle
+from models import StreamModel, load_bundle
+from rnnstream.admin import AdminServer
+from rnnstream.checkpoint import EphemeralState, LocalCheckpoint
+from rnnstream.config import (
+    CsvSourceConfig,
+    KafkaSourceConfig,
+    MqttSourceConfig,
+    ReadingsConfig,
+    SerialSourceConfig,
+    ServiceConfig,
+)
+from rnnstream.pipeline import MessageDecoder, Pipeline, RawOutputs, Scoring
+from rnnstream.sensors import ForecastScoring, ReadingGuard
+
+log = logging.getLogger("rnnstream.service")
+
+
+def build_pipeline(config: ServiceConfig) -> Pipeline:
+    """Engine, source, decoder, sink, dead letters, state backend and stages, as ``config`` says."""
+    engine = _engine(config)
+    kafka = _kafka_client(config)
+    source = _source(config, kafka)
+    sink = _sink(config, kafka)
+    dead_letters = _dead_letters(config, kafka)
+    pipeline = Pipeline(
+        engine,
+        source,
+        _decoder(config, engine.model),
+        sink,
+        dead_letters,
+        _backend(config, kafka),
+        scoring=_scoring(config, engine.model),
+        checks=_checks(config),
+        checkpoint_interval_s=config.checkpoint.interval_ms / 1e3,
+        labels_wanted=config.finetune is not None and config.finetune.target == "feedback",
+    )
+    if config.metrics_port is not None:
+        admin = AdminServer(engine, config.metrics_port, extra=pipeline.service_counters)
+        log.info("admin endpoint on http://%s (/metrics, /stats, /finetune/*)", admin.address)
+        pipeline.add_on_close(admin.close)
+    return pipeline
+
+
+def _engine(config: ServiceConfig) -> Engine:
+    ft = config.finetune
+    resumed = serving_bundle(ft.versions_dir) if ft is not None and ft.versions_dir else None
+    model = load_bundle(resumed or config.model)
+    if resumed is not None:
+        log.info("fine-tuning: resuming with %s (version %d)", resumed.name, model.info.version)
+    e = config.engine
+    engine = Engine(
+        model,
+        device=e.device,
+        max_batch=e.max_batch,
+        max_delay_ms=e.max_delay_ms,
+        capacity=e.capacity,
+        ttl_s=e.ttl_s,
+        eviction=e.eviction,
+        spill_dir=e.spill_dir,
+    )
+    if ft is not None:
+        engine.start_finetuning(ft)
+    return engine
+
+
+def _kafka_settings(config: ServiceConfig, group_id: str) -> Any:
+    from connectors import kafka as kc
+
+    k = config.kafka
+    assert k is not None  # checked by the config
+    return kc.ClientSettings(
+        k.bootstrap_servers,
+        group_id,
+        k.instance_id,
+        k.client,
+        k.consumer,
+        k.producer,
+        config.checkpoint.transaction_timeout_ms,
+    )
+
+
+def _kafka_client(config: ServiceConfig) -> Any:
+    """The transactional client shared by a Kafka source and the pipeline's other Kafka parts."""
+    src = config.source
+    if not isinstance(src, KafkaSourceConfig):
+        return None
+    from connectors import kafka as kc
+
+    assert config.kafka is not None
+    client = kc.open_client(config.kafka.client_library, _kafka_settings(config, src.group_id))
+    others = [p.topic for p in (config.sink, config.dead_letters) if getattr(p, "type", None) == "kafka"]
+    inputs = src.topics + ([src.feedback_topic] if src.feedback_topic else [])
+    client.ensure_topics(inputs, others, config.changelog_topic)
+    return client
+
+
+def _plain_producer(config: ServiceConfig) -> Any:
+    from connectors import kafka as kc
+
+    return kc.KafkaProducer(_kafka_settings(config, "rnnstream"))
+
+
+def _mqtt_args(config: ServiceConfig, suffix: str) -> dict[str, Any]:
+    m = config.mqtt
+    return {
+        "broker": m.broker,
+        "client_id": m.client_id + suffix,
+        "username": m.username,
+        "password": m.password,
+        "keepalive_s": m.keepalive_s,
+        "session_expiry_s": m.session_expiry_s,
+    }
+
+
+def _source(config: ServiceConfig, kafka: Any) -> Source:
+    src = config.source
+    if isinstance(src, KafkaSourceConfig):
+        from connectors.kafka import KafkaSource
+
+        return KafkaSource(kafka, src.topics, src.feedback_topic, src.max_poll_records)
+    if isinstance(src, MqttSourceConfig):
+        from connectors.mqtt import MqttSource
+
+        return MqttSource(topic=src.topic, qos=src.qos, **_mqtt_args(config, ""))
+    if isinstance(src, SerialSourceConfig):
+        from connectors.serial import SerialSource
+
+        return SerialSource(src.port, src.stream_id, src.baudrate)
+    from connectors.csv import CsvSource
+
+    assert isinstance(src, CsvSourceConfig)
+    return CsvSource(_expand(src.paths), src.stream_column, src.timestamp_column, src.speed)
+
+
+def _expand(patterns: list[str]) -> list[Path]:
+    """Files named by ``patterns`` (globs allowed), in order, each once; a pattern matching nothing is
+    an error."""
+    import glob
+
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise FileNotFoundError(f"source.paths: {pattern!r} matches no file")
+        files.extend(Path(m) for m in matches if Path(m) not in files)
+    return files
+
+
+def _decoder(config: ServiceConfig, model: StreamModel) -> MessageDecoder:
+    src = config.source
+    if isinstance(src, KafkaSourceConfig):
+        payload = Decoder(
+            src.format, model.feature_size, model.spec.num_embeddings, src.max_timesteps_per_message
+        )
+        return KeyedDecoder(payload, src.max_message_bytes)
+    from connectors.readings import ReadingDecoder
+
+    if len(src.channels) != model.feature_size:
+        raise ValueError(
+            f"source.channels has {len(src.channels)} channels; the model takes {model.feature_size}"
+        )
+    return ReadingDecoder(
+        channels=list(src.channels),
+        max_abs_value=src.max_abs_value,
+        max_bytes=src.max_bytes,
+        extra_channels=src.extra_channels,
+        timestamp_column=getattr(src, "timestamp_column", "timestamp"),
+        stream_column=getattr(src, "stream_column", None),
+    )
+
+
+def _checks(config: ServiceConfig) -> ReadingGuard | None:
+    """Reading checks: on for sensor sources (defaults unless ``readings:`` says otherwise)."""
+    if isinstance(config.source, KafkaSourceConfig):
+        return None
+    r = config.readings or ReadingsConfig()
+    return ReadingGuard(len(config.source.channels), r.max_gap_s, r.on_gap, r.flatline_after)
+
+
+def _scoring(config: ServiceConfig, model: StreamModel) -> Scoring:
+    s = config.scoring
+    if s.kind == "raw":
+        return RawOutputs()
+    src = config.source
+    channels = list(getattr(src, "channels", [f"x{i}" for i in range(model.feature_size)]))
+    if model.output_size != model.feature_size:
+        raise ValueError("scoring.kind forecast needs a model whose output forecasts its input")
+    return ForecastScoring(
+        channels,
+        model.info.features.get("normalisation"),
+        window=s.window,
+        warmup=s.warmup,
+        short_window=s.short_window,
+        long_window=s.long_window,
+        threshold=s.threshold,
+        refractory=s.refractory,
+    )
+
+
+def _sink(config: ServiceConfig, kafka: Any) -> Sink:
+    s = config.sink
+    if s.type == "kafka":
+        from connectors.kafka import KafkaSink
+
+        if kafka is not None:
+            return KafkaSink(kafka, s.topic, s.format)
+        return KafkaSink(_plain_producer(config), s.topic, s.format, owns=True)
+    if s.type == "mqtt":
+        from connectors.mqtt import MqttSink
+
+        return MqttSink(topic=s.topic, qos=s.qos, retain=s.retain, **_mqtt_args(config, "-out"))
+    from connectors import files
+
+    if s.type == "stdout":
+        return files.StdoutSink()
+    if s.type == "csv":
+        return files.CsvSink(s.path, s.columns)
+    if s.type == "jsonl":
+        return files.JsonLinesSink(s.path)
+    return files.NullSink()
+
+
+def _dead_letters(config: ServiceConfig, kafka: Any) -> DeadLetters:
+    d = config.dead_letters
+    from connectors import files
+
+    if d is None:
+        where = config.checkpoint.dir / "dead-letters.jsonl" if config.checkpoint.dir else Path("-")
+        return files.JsonLinesDeadLetters(where)
+    if d.type == "kafka":
+        from connectors.kafka import KafkaDeadLetters
+
+        if kafka is not None:
+            return KafkaDeadLetters(kafka, d.topic)
+        return KafkaDeadLetters(_plain_producer(config), d.topic, owns=True)
+    if d.type == "mqtt":
+        from connectors.mqtt import MqttDeadLetters
+
+        return MqttDeadLetters(topic=d.topic, **_mqtt_args(config, "-dlq"))
+    return files.JsonLinesDeadLetters(d.path)
+
+
+def _backend(config: ServiceConfig, kafka: Any) -> StateBackend:
+    if kafka is not None:
+        from connectors.kafka import KafkaChangelog
+
+        return KafkaChangelog(kafka, config.changelog_topic)
+    if config.checkpoint.dir is not None:
+        return LocalCheckpoint(config.checkpoint.dir)
+    return EphemeralState()
