@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from connectors.base import CheckpointFailed
 from models.bundle import write_safetensors
 
 CHECKPOINT_FORMAT = "rnnstream.checkpoint/1"
@@ -34,7 +35,8 @@ class LocalCheckpoint:
 
     def __init__(self, directory: str | Path) -> None:
         self.path = Path(directory) / "state.safetensors"
-        self._rows: dict[int, dict[str, bytes]] = {}
+        self._rows: dict[int, dict[str, bytes]] = {}  # as saved last
+        self._staged: dict[tuple[int, str], bytes | None] = {}  # written since
         self._positions: dict[str, Any] = {}
         if self.path.exists():
             self._load()
@@ -60,17 +62,29 @@ class LocalCheckpoint:
         return {p: dict(self._rows.get(p, {})) for p in partitions}
 
     def write(self, partition: int, stream_id: str, row: bytes | None) -> None:
-        table = self._rows.setdefault(partition, {})
-        if row is None:
-            table.pop(stream_id, None)
-        else:
-            table[stream_id] = row
+        """Staged until ``save``; ``read`` returns what was saved."""
+        self._staged[(partition, stream_id)] = row
 
     def save(self, positions: Mapping[str, Any]) -> None:
-        """Every stream's row and ``positions``, in one atomic write."""
-        self._positions = dict(positions)
+        """Every stream's row and ``positions``, in one atomic write. Raises ``CheckpointFailed`` when the
+        file cannot be written (then the staged rows are dropped: the last save stays in force)."""
+        staged, self._staged = self._staged, {}
+        rows = {p: dict(t) for p, t in self._rows.items()}
+        for (p, sid), row in staged.items():
+            table = rows.setdefault(p, {})
+            if row is None:
+                table.pop(sid, None)
+            else:
+                table[sid] = row
+        try:
+            self._write(rows, dict(positions))
+        except OSError as exc:
+            raise CheckpointFailed(f"{self.path}: {exc}") from exc
+        self._rows, self._positions = rows, dict(positions)
+
+    def _write(self, tables: dict[int, dict[str, bytes]], positions: dict[str, Any]) -> None:
         ids, parts, rows = [], [], []
-        for p, table in self._rows.items():
+        for p, table in tables.items():
             ids.extend(table)
             parts.extend([p] * len(table))
             rows.extend(table.values())
@@ -80,7 +94,7 @@ class LocalCheckpoint:
             "format": CHECKPOINT_FORMAT,
             "stream_ids": json.dumps(ids),
             "partitions": json.dumps(parts),
-            "positions": json.dumps(self._positions),
+            "positions": json.dumps(positions),
         }
         write_safetensors(self.path, {"rows": torch.from_numpy(data.copy())}, meta)
 

@@ -168,6 +168,15 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "<no log>"
 
 
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime ns, size) of ``path``, or None when it does not exist."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1 (the OS may hand it out again before it is bound)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -241,6 +250,30 @@ class Broker:
         self.stop()
         _start(self, timeout, retry_same_port=True)
 
+    @property
+    def database(self) -> Path:
+        """The persistence database (written by each autosave and on a clean shutdown)."""
+        return self.data_dir / "mosquitto.db"
+
+    def wait_for_autosave(self, timeout: float = 10.0) -> None:
+        """Block until an autosave that *started after this call* has been written to disk.
+
+        Use it before :meth:`kill` when the test needs everything up to now to survive.
+        Mosquitto 2.0 saves when ``last_save + autosave_interval < now`` in whole seconds, so with
+        ``autosave_interval 1`` the saves are ~2 s apart; a fixed sleep of "more than 1 s" is not
+        enough.  Each save logs "Saving in-memory database" and then replaces ``mosquitto.db``.
+        """
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        deadline = time.monotonic() + timeout
+        before = _file_identity(self.database)
+        while "Saving in-memory database" not in _log_since(self, offset):
+            before = _file_identity(self.database)  # the file as it was before the new save started
+            _check_deadline(self, deadline, timeout, "no autosave logged")
+            time.sleep(0.02)
+        while _file_identity(self.database) == before:
+            _check_deadline(self, deadline, timeout, "autosave logged but mosquitto.db not replaced")
+            time.sleep(0.02)
+
     def to_json(self) -> dict[str, Any]:
         """JSON-serialisable description (used by the ``up``/``down`` state file)."""
         return {
@@ -313,6 +346,17 @@ def _log_since(broker: Broker, offset: int) -> str:
             return fh.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def _check_deadline(broker: Broker, deadline: float, timeout: float, what: str) -> None:
+    if not broker.alive():
+        raise MqttBrokerError(
+            f"mosquitto on port {broker.port} is not running; log:\n{_tail(broker.log_file)}"
+        )
+    if time.monotonic() > deadline:
+        raise MqttBrokerError(
+            f"{what} within {timeout:.0f}s; log {broker.log_file}:\n{_tail(broker.log_file)}"
+        )
 
 
 def _wait_ready(broker: Broker, offset: int, timeout: float) -> None:

@@ -235,22 +235,22 @@ def _sink(config: ServiceConfig, kafka: Any) -> Sink:
 
 def _dead_letters(config: ServiceConfig, kafka: Any) -> DeadLetters:
     d = config.dead_letters
-    from connectors import files
+    if d is None or d.type == "file":
+        from connectors.files import JsonLinesDeadLetters
 
-    if d is None:
+        if d is not None:
+            return JsonLinesDeadLetters(d.path)
         where = config.checkpoint.dir / "dead-letters.jsonl" if config.checkpoint.dir else Path("-")
-        return files.JsonLinesDeadLetters(where)
+        return JsonLinesDeadLetters(where)
     if d.type == "kafka":
         from connectors.kafka import KafkaDeadLetters
 
         if kafka is not None:
             return KafkaDeadLetters(kafka, d.topic)
         return KafkaDeadLetters(_plain_producer(config), d.topic, owns=True)
-    if d.type == "mqtt":
-        from connectors.mqtt import MqttDeadLetters
+    from connectors.mqtt import MqttDeadLetters
 
-        return MqttDeadLetters(topic=d.topic, **_mqtt_args(config, "-dlq"))
-    return files.JsonLinesDeadLetters(d.path)
+    return MqttDeadLetters(topic=d.topic, **_mqtt_args(config, "-dlq"))
 
 
 def _backend(config: ServiceConfig, kafka: Any) -> StateBackend:
