@@ -18,6 +18,8 @@ app = typer.Typer(
 )
 kafka_app = typer.Typer(help="A local Apache Kafka broker for development and tests.", no_args_is_help=True)
 app.add_typer(kafka_app, name="kafka")
+mqtt_app = typer.Typer(help="A local Mosquitto MQTT broker for development and tests.", no_args_is_help=True)
+app.add_typer(mqtt_app, name="mqtt")
 finetune_app = typer.Typer(
     help="Control the fine-tuning worker of a running process through its admin endpoint.",
     no_args_is_help=True,
@@ -166,6 +168,38 @@ def kafka_status() -> None:
         console.print("no broker is running")
         raise typer.Exit(1)
     typer.echo(cluster.bootstrap)
+
+
+@mqtt_app.command("up")
+def mqtt_up(
+    port: Annotated[int | None, typer.Option(help="127.0.0.1 port to listen on (default: free).")] = None,
+) -> None:
+    """Start a local Mosquitto broker (persistent, no queue limits); prints its HOST:PORT."""
+    from rnnstream import mqtt_broker
+
+    broker = mqtt_broker.up(port=port)
+    typer.echo(broker.address)
+
+
+@mqtt_app.command("down")
+def mqtt_down() -> None:
+    """Stop the local broker started by ``rnnstream mqtt up``."""
+    from rnnstream import mqtt_broker
+
+    stopped = mqtt_broker.down()
+    console.print("stopped" if stopped else "no broker was running")
+
+
+@mqtt_app.command("status")
+def mqtt_status() -> None:
+    """Print the running local MQTT broker's HOST:PORT, if any."""
+    from rnnstream import mqtt_broker
+
+    broker = mqtt_broker.status()
+    if broker is None:
+        console.print("no broker is running")
+        raise typer.Exit(1)
+    typer.echo(broker.address)
 
 
 AdminOption = Annotated[str, typer.Option("--admin", help="HOST:PORT of the process's admin endpoint.")]

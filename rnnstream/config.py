@@ -214,7 +214,7 @@ class ScoringConfig(Strict):
     kind: Literal["raw", "forecast"] = "raw"
     window: int = Field(1000, ge=2)
     warmup: int = Field(20, ge=0)
-    short_window: int = Field(5, ge=1)
+    short_window: int = Field(1, ge=1)
     long_window: int = Field(2000, ge=2)
     threshold: float = Field(0.999, gt=0, le=1)
     refractory: int = Field(50, ge=0)

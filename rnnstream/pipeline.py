@@ -49,6 +49,7 @@ from connectors.base import (
 )
 from connectors.codec import Decoded, DecodeError, check_label, decode_feedback
 from engine import Engine, EngineSnapshot, UnknownStreamError
+from engine.runtime import freeze_startup_objects
 from rnnstream.stream_table import StreamTable
 
 log = logging.getLogger("rnnstream.pipeline")
@@ -74,10 +75,11 @@ class Scoring(Protocol):
       an online normalisation).
     - ``documents(batch, xs, ys, version)``: one document per message of ``batch`` from the inputs as
       decoded ``xs (N, F)`` and the model's outputs ``ys (N, out)``, rows in the batch's order.
-    - ``table``: per-stream bookkeeping, or ``None``.
+    - ``table``: per-stream bookkeeping, or ``None``; ``dtype``: the float type it reads decoded values as.
     """
 
     table: StreamTable | None
+    dtype: type
 
     def inputs(self, ids: list[str], xs: np.ndarray) -> np.ndarray: ...
 
@@ -149,6 +151,7 @@ class RawOutputs:
     "partition", "offset" (the input's position), "model_version"}``."""
 
     table = None
+    dtype = np.float32
 
     def inputs(self, ids: list[str], xs: np.ndarray) -> np.ndarray:
         return xs
@@ -262,6 +265,7 @@ class Pipeline:
         self._install_signal_handlers()
         try:
             self.source.open(self, self.backend.positions())
+            freeze_startup_objects()  # the connectors' clients too (see engine.runtime)
             while not self._stop.is_set():
                 messages = self.source.poll(0.005)
                 if self._to_restore:  # before any message of a newly assigned partition is processed
@@ -378,7 +382,7 @@ class Pipeline:
         if not batch:
             return batch
         engine = self.engine
-        decoded = batch.inputs(np.int64 if engine.model.categorical else np.float32)
+        decoded = batch.inputs(np.int64 if engine.model.categorical else self.scoring.dtype)
         xs = self.scoring.inputs(batch.ids, decoded)
         if self.labels_wanted:
             self._note_steps(batch)

@@ -102,6 +102,8 @@ class ForecastScoring:
     docstring). ``model_norm``: the model's training normalisation ``{"mean", "std"}`` (its bundle's
     ``features["normalisation"]``), or ``None`` when it takes standardised values as they are."""
 
+    dtype = np.float64  # raw readings as decoded, unrounded in the documents
+
     def __init__(
         self,
         channels: list[str],
@@ -109,7 +111,7 @@ class ForecastScoring:
         window: int = 1000,
         clip: float = 8.0,
         warmup: int = 20,
-        short_window: int = 5,
+        short_window: int = 1,
         long_window: int = 2000,
         threshold: float = 0.999,
         refractory: int = 50,
@@ -124,7 +126,9 @@ class ForecastScoring:
         self.threshold, self.refractory = threshold, refractory
         # row: n | mean (f) | var (f) | pred z (f) | err mean | err var | err short | cooldown
         self.table = StreamTable(1 + 3 * f + 4)
-        self._z: np.ndarray = np.zeros((0, f))
+        # per reading of the batch in flight, from ``inputs`` to ``documents``
+        self._z = self._seen = np.zeros(0)
+        self._before = self._after = (np.zeros(0), np.zeros(0))  # (mean, std) (N, channels)
 
     # column slices of a row
     def _cols(self) -> tuple[slice, slice, slice, int]:
@@ -133,22 +137,29 @@ class ForecastScoring:
 
     def inputs(self, ids: list[str], xs: np.ndarray) -> np.ndarray:
         """Model inputs for raw readings ``xs (N, channels)``: standardised per stream, then put into the
-        model's normalisation. Updates the value statistics."""
+        model's normalisation. Updates the value statistics, and keeps for ``documents`` the statistics
+        each reading was standardised with and those after it."""
         rows = self.table.rows
         idx = self.table.indices(ids)
         mean_c, var_c, _, _ = self._cols()
-        z = np.zeros(xs.shape, np.float64)
+        shape = xs.shape
+        z, self._seen = np.zeros(shape), np.zeros(len(ids))
+        self._before, self._after = (np.zeros(shape), np.ones(shape)), (np.zeros(shape), np.ones(shape))
         for wave in plan_waves(idx):
             r = idx[wave]
             x = xs[wave].astype(np.float64)
             n = rows[r, 0:1]
             mean, var = rows[r, mean_c], rows[r, var_c]
-            z[wave] = np.where(n > 0, (x - mean) / _std(mean, var), 0.0)
+            std = _std(mean, var)
+            z[wave] = np.where(n > 0, (x - mean) / std, 0.0)
             alpha = np.maximum(1.0 / (n + 1), 1.0 / self.window)
             delta = x - mean
-            rows[r, mean_c] = mean + alpha * delta
-            rows[r, var_c] = (1 - alpha) * (var + alpha * delta * delta)
+            new_mean, new_var = mean + alpha * delta, (1 - alpha) * (var + alpha * delta * delta)
+            rows[r, mean_c], rows[r, var_c] = new_mean, new_var
             rows[r, 0] += 1
+            self._seen[wave] = rows[r, 0]
+            self._before[0][wave], self._before[1][wave] = mean, std
+            self._after[0][wave], self._after[1][wave] = new_mean, _std(new_mean, new_var)
         np.clip(z, -self.clip, self.clip, out=z)
         self._z = z
         return (z * self.model_std + self.model_mean).astype(np.float32)
@@ -159,7 +170,7 @@ class ForecastScoring:
         ids = batch.ids
         rows = self.table.rows
         idx = self.table.indices(ids)
-        mean_c, var_c, pred_c, _ = self._cols()
+        _, _, pred_c, _ = self._cols()
         n_out = len(ids)
         prediction = np.zeros((n_out, self.f))
         forecast = np.zeros((n_out, self.f))
@@ -169,16 +180,14 @@ class ForecastScoring:
         pred_next = (ys.astype(np.float64) - self.model_mean) / self.model_std
         for wave in plan_waves(idx):
             r = idx[wave]
-            n = rows[r, 0]  # readings seen, this one included
-            mean, var = rows[r, mean_c], rows[r, var_c]
-            std = _std(mean, var)
+            n = self._seen[wave]  # readings seen, this one included
             pred = rows[r, pred_c]
-            prediction[wave] = pred * std + mean
+            prediction[wave] = pred * self._before[1][wave] + self._before[0][wave]
             err = np.where(n > 1, np.abs(self._z[wave] - pred).mean(axis=1), 0.0)
             error[wave] = err
             score[wave], alert[wave] = self._score(r, err, n)
             rows[r, pred_c] = pred_next[wave]
-            forecast[wave] = pred_next[wave] * std + mean
+            forecast[wave] = pred_next[wave] * self._after[1][wave] + self._after[0][wave]
         return self._docs(batch, xs, prediction, forecast, error, score, alert, version)
 
     def _score(self, r: np.ndarray, err: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
