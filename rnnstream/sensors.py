@@ -19,7 +19,8 @@ the raw values (weight ``max(1/n, 1/window)`` after ``n`` readings, so the first
 a plain running mean) and feeds the model ``z = (x - m) / sqrt(v)`` (clipped to ±``clip``), mapped into
 the model's training normalisation. For each reading:
 
-- ``prediction``: what the model forecast for this reading from the readings before it (raw units);
+- ``prediction``: what the model forecast for this reading from the readings before it (raw units;
+  ``null`` for a stream's first reading);
 - ``error``: ``mean_channels |z - ẑ|``, the forecast error in standard deviations;
 - ``anomaly_score``: ``Φ((s - μ) / σ)``, the normal tail probability of the short-term mean error ``s``
   (weight ``1/short_window``) against the long-run mean ``μ`` and deviation ``σ`` of the error (weight
@@ -74,7 +75,7 @@ class ReadingGuard:
             self._counts["stamped"] += 1
         ts = float(decoded.ts)
         row = self.table.rows[self.table.index(stream_id)]
-        last = row[0]
+        last = float(row[0])
         if ts <= last:  # False while last is NaN (no reading yet)
             kind = "duplicate" if ts == last else "out_of_order"
             self._counts[kind] += 1
@@ -212,6 +213,7 @@ class ForecastScoring:
     def _docs(self, batch, xs, prediction, forecast, error, score, alert, version) -> list[dict]:
         single = self.f == 1
         names = self.channels
+        first = self._seen == 1  # nothing was forecast for a stream's first reading
         docs = []
         for k, (_msg, _sid, _n, dec) in enumerate(batch.items):
             if single:
@@ -220,6 +222,8 @@ class ForecastScoring:
                 value = dict(zip(names, xs[k].tolist(), strict=True))
                 pred = dict(zip(names, prediction[k].tolist(), strict=True))
                 fc = dict(zip(names, forecast[k].tolist(), strict=True))
+            if first[k]:
+                pred = None
             docs.append(
                 {
                     "ts": dec.ts,

@@ -35,10 +35,15 @@ def build_pipeline(config: ServiceConfig) -> Pipeline:
     source = _source(config, kafka)
     sink = _sink(config, kafka)
     dead_letters = _dead_letters(config, kafka)
+    decoder = _decoder(config, engine.model)
+    if isinstance(config.source, SerialSourceConfig):
+        from connectors.serial import FlaggedLineDecoder
+
+        decoder = FlaggedLineDecoder(source, decoder)  # partial, cut and garbled lines are dead letters
     pipeline = Pipeline(
         engine,
         source,
-        _decoder(config, engine.model),
+        decoder,
         sink,
         dead_letters,
         _backend(config, kafka),

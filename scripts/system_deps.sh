@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite's real services need, when they are missing:
-# Java 17 + Maven (the Kafka broker is assembled from Maven Central jars) and kcat (an independent
-# Kafka client for interop tests). Needs root (or sudo) only when something is missing.
+# Java 17 + Maven (the Kafka broker is assembled from Maven Central jars), kcat (an independent
+# Kafka client for interop tests), Mosquitto (the local MQTT broker) and mosquitto-clients
+# (mosquitto_pub/mosquitto_sub, independent MQTT clients). Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
 need=()
 command -v java >/dev/null || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
 command -v kcat >/dev/null || need+=(kcat)
+command -v socat >/dev/null || need+=(socat)  # pty pairs for the serial-source tests
+# Debian installs the broker in /usr/sbin, which is not always on a non-root PATH.
+command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || need+=(mosquitto)
+command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -95,3 +95,67 @@ def in_ci() -> bool:
 def ref_factory():
     """``make_reference`` as a fixture (test modules are imported without the tests folder on sys.path)."""
     return make_reference
+
+
+def _start_mqtt_broker_or_skip(base_dir):
+    """``start_broker`` in ``base_dir``; a broker that cannot start skips the test (fails under CI=true)."""
+    from rnnstream.mqtt_broker import MqttBrokerError, start_broker
+
+    try:
+        return start_broker(base_dir)
+    except MqttBrokerError as exc:
+        if in_ci():
+            pytest.fail(f"cannot start the local MQTT broker (CI=true: must not skip): {exc}")
+        pytest.skip(f"cannot start the local MQTT broker: {exc}")
+
+
+@pytest.fixture(scope="session")
+def mqtt_broker(tmp_path_factory):
+    """A local Mosquitto (``rnnstream.mqtt_broker.Broker``) shared by the session; do not kill it."""
+    broker = _start_mqtt_broker_or_skip(tmp_path_factory.mktemp("mqtt"))
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def fresh_mqtt_broker(tmp_path):
+    """A local Mosquitto of the test's own, free to ``kill()`` / ``restart()``; stopped afterwards."""
+    broker = _start_mqtt_broker_or_skip(tmp_path / "mqtt")
+    yield broker
+    broker.stop()
+
+
+# ---- the Kafka broker (tests/connectors, tests/rnnstream) ------------------------------------------------
+def _unavailable(reason: str) -> None:
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: integration tests must run, not skip)")
+    pytest.skip(reason)
+
+
+def start_kafka(brokers: int, base_dir):
+    """A local KRaft cluster of ``brokers`` brokers (``rnnstream.kafka_broker``), or skip/fail."""
+    import shutil
+
+    from rnnstream import kafka_broker as kb
+
+    if shutil.which("java") is None:
+        _unavailable("java not found: the Kafka broker needs a JDK 17+ (scripts/system_deps.sh installs it)")
+    try:
+        kb.ensure_jars()
+        return kb.start_cluster(brokers, base_dir=base_dir)
+    except kb.KafkaBrokerError as exc:
+        _unavailable(f"the Kafka broker could not start: {exc}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory):
+    cluster = start_kafka(1, tmp_path_factory.mktemp("kafka"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_starter():
+    """``start_kafka`` for tests that start clusters of their own (test modules cannot import conftests)."""
+    return start_kafka

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,33 +19,8 @@ import torch
 import yaml
 
 from models import ModelInfo, StreamModel, from_torch, save_bundle
-from rnnstream import kafka_broker as kb
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true: integration tests must run, not skip)")
-    pytest.skip(reason)
-
-
-def start_kafka(brokers: int, base_dir: Path) -> kb.Cluster:
-    if shutil.which("java") is None:
-        _unavailable("java not found: the Kafka broker needs a JDK 17+ (scripts/system_deps.sh installs it)")
-    try:
-        kb.ensure_jars()
-        return kb.start_cluster(brokers, base_dir=base_dir)
-    except kb.KafkaBrokerError as exc:
-        _unavailable(f"the Kafka broker could not start: {exc}")
-        raise
-
-
-@pytest.fixture(scope="session")
-def kafka_cluster(tmp_path_factory):
-    cluster = start_kafka(1, tmp_path_factory.mktemp("kafka"))
-    yield cluster
-    cluster.stop()
 
 
 @dataclass
@@ -304,7 +278,7 @@ def committed_total(bootstrap: str, group: str) -> int:
 
 
 @pytest.fixture(scope="session")
-def kafka_helpers():
+def kafka_helpers(kafka_starter):
     """The helpers above, for test modules (which cannot import this conftest)."""
     from types import SimpleNamespace
 
@@ -318,7 +292,7 @@ def kafka_helpers():
         create_topic=create_topic,
         end_offsets_total=end_offsets_total,
         committed_total=committed_total,
-        start_kafka=start_kafka,
+        start_kafka=kafka_starter,
         make_model=make_model,
         ServiceRun=ServiceRun,
     )

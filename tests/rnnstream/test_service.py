@@ -177,7 +177,6 @@ def test_every_messy_input_case_is_counted_dead_lettered_and_touches_no_other_st
     data_clean, data_messy = tmp_path / "clean.csv", tmp_path / "messy.csv"
     rows = _sensor_csv(data_clean, streams=5, rows=200, seed=3)
     t0 = 1_700_000_000
-    messy = list(rows)
     victim = [{"timestamp": str(t0 + 60 * t), "sensor": "victim", "value": "1.0"} for t in range(120)]
     victim[10]["value"] = ""  # missing value
     victim[20]["value"] = "hot"  # non-numeric
@@ -189,8 +188,9 @@ def test_every_messy_input_case_is_counted_dead_lettered_and_touches_no_other_st
     for t in range(71, 120):
         victim[t]["timestamp"] = str(int(victim[70]["timestamp"]) + 60 * (t - 70))
     victim[80]["timestamp"] = "yesterday"  # bad timestamp
-    messy += victim  # readings with the same timestamp are merged in file order
-    messy.sort(key=lambda r: int(r["timestamp"]) if r["timestamp"].isdigit() else 0)
+    messy = []  # the same clean rows, and the victim's row t after the clean rows of time t (file order)
+    for t in range(200):
+        messy += rows[5 * t : 5 * t + 5] + (victim[t : t + 1] if t < len(victim) else [])
     with open(data_messy, "w", newline="") as f:
         w = csv.DictWriter(f, ["timestamp", "sensor", "value"])
         w.writeheader()
@@ -213,8 +213,8 @@ def test_every_messy_input_case_is_counted_dead_lettered_and_touches_no_other_st
     joined = "\n".join(reasons)
     for words in (
         "missing",
-        "numeric",
-        "range",
+        "not a number",
+        "beyond",
         "out of order",
         "duplicate",
         "gap of",
@@ -315,6 +315,7 @@ def _mqtt_to_file(tmp_path: Path, broker, name: str, client_id: str) -> tuple[Pa
         mqtt={"client_id": client_id, "broker": broker.address},
         sink={"type": "jsonl", "path": str(out)},
         dead_letters={"type": "file", "path": str(tmp_path / f"{name}.dlq.jsonl")},
+        checkpoint={"dir": str(tmp_path / f"state-{name}")},
     )
     return config, out
 
@@ -434,3 +435,80 @@ def test_serial_line_to_mqtt(tmp_path, mqtt_broker):
         assert [d["ts"] for d in docs] == [1_700_000_000 + t for t in range(50)]
     finally:
         socat.kill()
+
+
+# ---- mixed pairs with Kafka -------------------------------------------------------------------------------
+def _kafka_read(bootstrap: str, topic: str, expected: int, timeout_s: float = 90) -> list:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    records: list = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(records) < expected and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+    finally:
+        consumer.close()
+    return records
+
+
+@pytest.mark.mqtt
+@pytest.mark.kafka
+def test_mqtt_to_kafka(tmp_path, mqtt_broker, kafka_cluster):
+    topic = f"scores-{time.monotonic_ns()}"
+    config = _mqtt_config(
+        tmp_path,
+        mqtt={"client_id": f"m2k-{time.monotonic_ns()}", "broker": mqtt_broker.address},
+        kafka={"bootstrap_servers": kafka_cluster.bootstrap},
+        sink={"type": "kafka", "topic": topic},
+        dead_letters={"type": "kafka", "topic": f"{topic}-dlq"},
+    )
+    svc = Service(config)
+    try:
+        _wait_subscribed(mqtt_broker, svc)
+        _publish(mqtt_broker, "sensors/pump", [{"ts": 1_700_000_000 + t, "value": t % 3} for t in range(50)])
+        _publish(mqtt_broker, "sensors/pump", [{"ts": "soon", "value": 1}])  # a dead letter
+        records = _kafka_read(kafka_cluster.bootstrap, topic, 50)
+        letters = _kafka_read(kafka_cluster.bootstrap, f"{topic}-dlq", 1)
+    finally:
+        assert svc.stop() == 0, svc.log()
+    assert len(records) == 50 and {r.key for r in records} == {b"pump"}
+    docs = [json.loads(r.value) for r in records]
+    assert [d["ts"] for d in docs] == [1_700_000_000 + t for t in range(50)]
+    assert len(letters) == 1 and b"timestamp" in dict(letters[0].headers)["reason"]
+
+
+@pytest.mark.mqtt
+@pytest.mark.kafka
+def test_kafka_to_mqtt(tmp_path, mqtt_broker, kafka_cluster):
+    from kafka import KafkaProducer
+
+    topic = f"readings-{time.monotonic_ns()}"
+    config = write_config(
+        tmp_path,
+        "kafka.yaml",
+        kafka={"bootstrap_servers": kafka_cluster.bootstrap},
+        source={"type": "kafka", "topics": [topic], "group_id": f"g-{topic}"},
+        sink={"type": "mqtt", "topic": f"{topic}/{{stream}}"},
+        dead_letters={"type": "file", "path": str(tmp_path / "dlq.jsonl")},
+        mqtt={"broker": mqtt_broker.address, "client_id": f"k2m-{time.monotonic_ns()}"},
+    )
+    sub = _subscribe(mqtt_broker, f"{topic}/+", 40, timeout_s=120)
+    svc = Service(config)
+    try:
+        producer = KafkaProducer(bootstrap_servers=kafka_cluster.bootstrap)
+        for t in range(40):
+            producer.send(topic, key=f"dev{t % 4}".encode(), value=json.dumps({"x": [float(t)]}).encode())
+        producer.send(topic, key=b"dev0", value=b"not json")
+        producer.flush()
+        producer.close()
+        out, _ = sub.communicate(timeout=120)
+        wait_for(lambda: len(jsonl(tmp_path / "dlq.jsonl")) == 1, 30, "the dead letter", svc)
+    finally:
+        assert svc.stop() == 0, svc.log()
+    lines = out.splitlines()
+    assert len(lines) == 40
+    assert {line.split(" ", 1)[0] for line in lines} == {f"{topic}/dev{i}" for i in range(4)}
+    docs = [json.loads(line.split(" ", 1)[1]) for line in lines]
+    assert all(len(d["y"]) == 1 and d["topic"] == topic for d in docs)

@@ -1,0 +1,638 @@
+"""MQTT (v5, paho-mqtt 2.x): a source of sensor readings, a sink for outputs and a dead-letter topic.
+
+- ``MqttSource`` subscribes to a topic pattern; the levels its wildcards match name the stream
+  (``stream_id_of``). QoS 1 with a persistent session is **at-least-once**: messages are acknowledged in
+  ``commit()``, after the pipeline saved the state covering them, so whatever a crash interrupts is
+  redelivered by the broker to the same client id (and dropped downstream by ``(stream, timestamp)`` when
+  the restored state already holds it). QoS 0 is best-effort.
+- ``MqttSink`` publishes each output as JSON to ``scores/{stream}``; ``MqttDeadLetters`` publishes rejected
+  input as JSON to ``deadletters/{stream}``. Both wait for the broker's acknowledgements in ``flush()``
+  (the checkpoint) and block ``write`` while too many publishes are unacknowledged (backpressure).
+
+Every client connects with ``clean_start=False`` and a session expiry, reconnects by itself with
+exponential backoff (``reconnect_backoff_s``), and logs an outage once (not once per attempt). A client id
+names a session: two processes must not share one (the broker would disconnect them in turn).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from connectors.base import Assignment, DeadLetter, Guarantee, Message, Output
+from connectors.codec import encode_document
+
+log = logging.getLogger(__name__)
+
+
+class _QuietReconnects(logging.Filter):
+    """paho logs an error on every pass of its loop while reconnecting; the outage is logged once here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+paho_log = logging.getLogger(f"{__name__}.paho")
+paho_log.addFilter(_QuietReconnects())
+
+RECEIVE_MAXIMUM = 65_535
+"""Unacknowledged QoS 1 messages the broker may send us (the protocol's maximum): a checkpoint interval's
+worth of messages is acknowledged at once, in ``commit``."""
+SYNC_FILTER = "$rnnstream/sync"
+"""A topic filter nobody subscribes to: unsubscribing from it is a round trip to the broker."""
+SYNC_TIMEOUT_S = 2.0
+MAX_POLL = 10_000
+"""Messages one ``poll`` returns at most."""
+
+
+class MqttError(RuntimeError):
+    """The broker could not be reached, refused us, or did not acknowledge publishes in time."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How a client reaches the broker.
+
+    - ``broker``: ``"host:port"``; ``client_id``: names the persistent session (unique per process).
+    - ``session_expiry_s``: seconds the broker keeps the session (subscriptions, unacknowledged messages)
+      after a disconnect. ``keepalive_s``: seconds between pings.
+    - ``reconnect_backoff_s``: ``(first, max)`` delay between reconnect attempts, doubling (seconds).
+    - ``connect_timeout_s``: how long the first connection may take before ``MqttError`` (seconds).
+    """
+
+    broker: str
+    client_id: str
+    session_expiry_s: int = 86_400
+    keepalive_s: int = 30
+    username: str | None = None
+    password: str | None = None
+    reconnect_backoff_s: tuple[float, float] = (0.1, 10.0)
+    connect_timeout_s: float = 30.0
+
+    def host_port(self) -> tuple[str, int]:
+        host, sep, port = self.broker.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"broker must be 'host:port', got {self.broker!r}")
+        return host, int(port)
+
+
+class _Link:
+    """One paho client with a persistent session, run by paho's network thread.
+
+    Counts and logs connection trouble: ``disconnects`` (once per outage), ``reconnects``,
+    ``connect_failures`` (attempts refused or unreachable). ``ready`` is set by ``on_connected`` (default:
+    on every successful CONNACK); ``start`` waits for it.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        manual_ack: bool = False,
+        receive_maximum: int | None = None,
+        max_inflight: int = 20,
+        on_connected: Callable[[mqtt.Client, bool], None] | None = None,
+        on_dropped: Callable[[], None] | None = None,
+    ) -> None:
+        self.conn = conn
+        self.ready = threading.Event()
+        self.counts = {"disconnects": 0, "reconnects": 0, "connect_failures": 0}
+        self._on_connected = on_connected
+        self._on_dropped = on_dropped
+        self._outage_since: float | None = None
+        self._refused: str | None = None
+        self._stopping = False
+        self._synced = threading.Condition()
+        self._unsubacked: set[int] = set()
+        self.client = self._build(manual_ack, receive_maximum, max_inflight)
+
+    def _build(self, manual_ack: bool, receive_maximum: int | None, max_inflight: int) -> mqtt.Client:
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.conn.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=manual_ack,
+        )
+        c.enable_logger(paho_log)
+        c.suppress_exceptions = True  # a bug in a callback is logged, not fatal to the network thread
+        c.max_inflight_messages_set(max_inflight)
+        c.max_queued_messages_set(0)  # unbounded in paho: the sink bounds what is unacknowledged itself
+        c.reconnect_delay_set(*self.conn.reconnect_backoff_s)  # type: ignore[arg-type]  (floats work)
+        if self.conn.username is not None:
+            c.username_pw_set(self.conn.username, self.conn.password)
+        c.on_connect = self._connected
+        c.on_disconnect = self._disconnected
+        c.on_connect_fail = self._connect_failed
+        c.on_unsubscribe = self._unsubscribed
+        self._properties = Properties(PacketTypes.CONNECT)
+        self._properties.SessionExpiryInterval = self.conn.session_expiry_s
+        if receive_maximum is not None:
+            self._properties.ReceiveMaximum = receive_maximum
+        return c
+
+    def start(self) -> None:
+        """Connect (in the background, retrying) and wait until ``ready``; ``MqttError`` naming the broker
+        after ``connect_timeout_s`` or at once when the broker refuses us."""
+        host, port = self.conn.host_port()
+        self.ready.clear()
+        self._refused, self._stopping = None, False
+        self.client.connect_async(
+            host, port, self.conn.keepalive_s, clean_start=False, properties=self._properties
+        )
+        self.client.loop_start()
+        deadline = time.monotonic() + self.conn.connect_timeout_s
+        while not self.ready.wait(0.05):
+            if self._refused is not None or time.monotonic() > deadline:
+                self.stop()
+                why = self._refused or f"no connection within {self.conn.connect_timeout_s:g} s"
+                raise MqttError(f"MQTT broker {self.conn.broker} (client id {self.conn.client_id!r}): {why}")
+
+    def stop(self) -> None:
+        """Disconnect (the broker keeps the session) and stop the network thread. Waits (at most
+        ``SYNC_TIMEOUT_S``) until the broker has read what we sent: mosquitto drops the unread input of a
+        connection that a newer one with the same client id takes over, acknowledgements included."""
+        self._stopping = True
+        if self.client.is_connected():
+            self.sync(SYNC_TIMEOUT_S)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def sync(self, timeout_s: float) -> bool:
+        """One round trip (an UNSUBSCRIBE of a filter nobody uses): True once the broker answered, having
+        processed every packet sent before it; False after ``timeout_s`` seconds."""
+        rc, mid = self.client.unsubscribe(SYNC_FILTER)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        with self._synced:
+            done = self._synced.wait_for(lambda: mid in self._unsubacked, timeout_s)
+            self._unsubacked.discard(mid)
+        return done
+
+    def _unsubscribed(self, _c: Any, _u: Any, mid: int, _r: Any, _p: Any) -> None:
+        with self._synced:
+            self._unsubacked.add(mid)
+            self._synced.notify_all()
+
+    def _connected(self, client: mqtt.Client, _u: Any, flags: Any, reason: ReasonCode, _p: Any) -> None:
+        if reason.is_failure:
+            self.counts["connect_failures"] += 1
+            self._refused = f"connection refused: {reason}"
+            log.error("MQTT broker %s refused %r: %s", self.conn.broker, self.conn.client_id, reason)
+            return
+        if self._outage_since is not None:
+            self.counts["reconnects"] += 1
+            log.warning(
+                "MQTT %r reconnected to %s after %.1f s (session %s)",
+                self.conn.client_id,
+                self.conn.broker,
+                time.monotonic() - self._outage_since,
+                "resumed" if flags.session_present else "lost: subscribing again",
+            )
+            self._outage_since = None
+        if self._on_connected is not None:
+            self._on_connected(client, bool(flags.session_present))
+        else:
+            self.ready.set()
+
+    def _disconnected(self, _c: Any, _u: Any, flags: Any, reason: ReasonCode, _p: Any) -> None:
+        if self._on_dropped is not None:
+            self._on_dropped()
+        if self._outage_since is None and self.ready.is_set() and not self._stopping:
+            self._outage_since = time.monotonic()
+            self.counts["disconnects"] += 1
+            log.warning(
+                "MQTT %r lost the connection to %s (%s): reconnecting",
+                self.conn.client_id,
+                self.conn.broker,
+                reason,
+            )
+
+    def refuse(self, why: str) -> None:
+        """Make a waiting ``start`` fail with ``why`` (a refused subscription...)."""
+        self._refused = why
+
+    def _connect_failed(self, _c: Any, _u: Any) -> None:
+        self.counts["connect_failures"] += 1
+        log.debug("MQTT %r: cannot reach %s, retrying", self.conn.client_id, self.conn.broker)
+
+
+# ---- topics ------------------------------------------------------------------------------------------
+def stream_id_of(pattern: str, topic: str) -> str | None:
+    """The stream a ``topic`` names under a subscription ``pattern``: the levels its wildcards match,
+    joined by ``/`` (``sensors/+`` and ``sensors/dev1`` → ``dev1``; ``site/+/sensors/+`` and
+    ``site/a/sensors/dev1`` → ``a/dev1``; ``#`` takes the remaining levels). A pattern without wildcards
+    gives the whole topic. ``None`` when the topic does not match (or the wildcards match no level)."""
+    want, got = pattern.split("/"), topic.split("/")
+    if topic.startswith("$") and want[0] in ("+", "#"):
+        return None  # wildcards at the first level do not match $SYS and other $ topics
+    parts: list[str] = []
+    for i, level in enumerate(want):
+        if level == "#":
+            parts.extend(got[i:])
+            break
+        if i >= len(got) or (level != "+" and level != got[i]):
+            return None
+        if level == "+":
+            parts.append(got[i])
+    else:
+        if len(got) != len(want):
+            return None
+    if "+" not in want and "#" not in want:
+        return topic
+    return "/".join(parts) if parts else None
+
+
+def topic_for(template: str, stream: str) -> str:
+    """``template`` with ``{stream}`` replaced by ``stream``; wildcard characters (``+``, ``#``) and NUL,
+    which a published topic cannot hold, become ``_``."""
+    safe = stream.replace("+", "_").replace("#", "_").replace("\0", "_")
+    return template.replace("{stream}", safe)
+
+
+# ---- source ------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Received:
+    message: Message
+    mid: int
+    qos: int
+    link: int  # which connection delivered it: only that connection may acknowledge it
+
+
+class MqttSource:
+    """Messages of the topics matching ``topic`` (one partition, 0). QoS 1 (``at-least-once``): acked
+    in ``commit``; QoS 0 (``best-effort``): at most ``max_queued`` wait, the oldest dropped (and counted)
+    beyond. ``positions`` is empty: the broker's session is the position."""
+
+    def __init__(
+        self,
+        broker: str,
+        topic: str = "sensors/+",
+        client_id: str = "rnnstream",
+        qos: int = 1,
+        session_expiry_s: int = 86_400,
+        keepalive_s: int = 30,
+        username: str | None = None,
+        password: str | None = None,
+        reconnect_backoff_s: tuple[float, float] = (0.1, 10.0),
+        max_queued: int = 100_000,
+        connect_timeout_s: float = 30.0,
+    ) -> None:
+        if qos not in (0, 1):
+            # QoS 2 cannot wait for the checkpoint: the broker hands the message over at PUBREC
+            raise ValueError(f"MqttSource qos must be 0 or 1, got {qos}")
+        self.topic = topic
+        self.qos = qos
+        self.max_queued = max_queued
+        self.guarantee: Guarantee = "at-least-once" if qos else "best-effort"
+        conn = Connection(
+            broker, client_id, session_expiry_s, keepalive_s, username, password, reconnect_backoff_s,
+            connect_timeout_s,
+        )  # fmt: skip
+        self._link = _Link(
+            conn,
+            manual_ack=True,
+            receive_maximum=RECEIVE_MAXIMUM,
+            on_connected=self._subscribe,
+            on_dropped=self._dropped,
+        )
+        self._link.client.on_message = self._received
+        self._link.client.on_subscribe = self._subscribed
+        self._cond = threading.Condition()
+        self._queue: deque[_Received] = deque()
+        self._unacked: list[_Received] = []  # polled since the last commit
+        self._link_id = 0  # changes on every connect and disconnect
+        self._next_position = 0
+        self._overflowing = False
+        self.counts = {"received": 0, "redelivered": 0, "dropped": 0, "acked": 0, "ack_skipped": 0}
+        self.counts["subscribe_failures"] = 0
+
+    # -- network thread --
+    def _subscribe(self, client: mqtt.Client, session_present: bool) -> None:
+        """Every connect, session or not: a broker that lost its sessions must not leave us deaf."""
+        with self._cond:
+            self._link_id += 1
+        client.subscribe(self.topic, options=SubscribeOptions(qos=self.qos))
+
+    def _subscribed(self, _c: Any, _u: Any, _mid: int, reasons: list[ReasonCode], _p: Any) -> None:
+        failed = [r for r in reasons if r.is_failure]
+        if failed:
+            self.counts["subscribe_failures"] += 1
+            self._link.refuse(f"subscription to {self.topic!r} refused: {failed[0]}")
+            log.error("MQTT broker %s refused the subscription to %r: %s", self._link.conn.broker, self.topic,
+                      failed[0])  # fmt: skip
+            return
+        self._link.ready.set()
+
+    def _dropped(self) -> None:
+        with self._cond:
+            self._link_id += 1
+
+    def _received(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            topic = msg._topic.decode(errors="backslashreplace")  # brokers reject such topics; be safe
+        sid = stream_id_of(self.topic, topic)
+        with self._cond:
+            received = _Received(
+                Message(msg.payload, sid, 0, self._next_position, topic, time.monotonic()),
+                msg.mid,
+                msg.qos,
+                self._link_id,
+            )
+            self._next_position += 1
+            self.counts["received"] += 1
+            self.counts["redelivered"] += msg.dup
+            if len(self._queue) >= self.max_queued and not self._make_room(received):
+                return
+            self._queue.append(received)
+            if len(self._queue) == 1:
+                self._cond.notify_all()
+
+    def _make_room(self, received: _Received) -> bool:
+        """A full queue: drop the oldest QoS 0 message (or this one); QoS 1 messages are never dropped
+        (unacknowledged, they are bounded by ``RECEIVE_MAXIMUM``). True when ``received`` is to be queued."""
+        if self._queue[0].qos == 0:
+            self._queue.popleft()
+            keep = True
+        elif received.qos == 0:
+            keep = False
+        else:
+            return True
+        self.counts["dropped"] += 1
+        if not self._overflowing:
+            self._overflowing = True
+            log.warning("MQTT source queue full (%d): dropping the oldest QoS 0 messages", self.max_queued)
+        return keep
+
+    # -- Source --
+    def open(self, assignment: Assignment, resume: Mapping[str, Any]) -> None:
+        """Announce partition 0, connect and subscribe; ``resume`` is unused (the session is the position).
+        Raises ``MqttError`` when the broker cannot be reached within ``connect_timeout_s``."""
+        assignment.assigned([0])
+        self._link.start()
+
+    def poll(self, timeout_s: float) -> list[Message]:
+        """What arrived, oldest first; waits up to ``timeout_s`` seconds when nothing has."""
+        with self._cond:
+            if not self._queue:
+                self._cond.wait(timeout_s)
+            n = min(len(self._queue), MAX_POLL)
+            batch = [self._queue.popleft() for _ in range(n)]
+            if len(self._queue) < self.max_queued // 2:
+                self._overflowing = False
+        self._unacked.extend(r for r in batch if r.qos > 0)
+        return [r.message for r in batch]
+
+    @property
+    def exhausted(self) -> bool:
+        return False
+
+    def positions(self) -> dict[str, Any]:
+        return {}
+
+    def commit(self) -> None:
+        """Acknowledge every QoS 1 message polled so far (in order of receipt) that came on the current
+        connection; those of an earlier connection are redelivered by the broker instead."""
+        unacked, self._unacked = self._unacked, []
+        with self._cond:  # no connect or disconnect between the check and the ack
+            for r in unacked:
+                if r.link == self._link_id:
+                    self._link.client.ack(r.mid, r.qos)
+                    self.counts["acked"] += 1
+                else:
+                    self.counts["ack_skipped"] += 1
+
+    def rollback(self) -> list[int]:
+        """Forget what was polled or queued since the last commit and reconnect: the broker redelivers
+        every unacknowledged message of the session."""
+        self._link.stop()
+        with self._cond:
+            self._unacked, self._queue = [], deque()
+        self._link.start()
+        return [0]
+
+    def close(self) -> None:
+        """Disconnect without acknowledging anything more (the session keeps it for redelivery)."""
+        self._link.stop()
+
+    def counters(self) -> dict[str, int]:
+        """``received`` (``redelivered``: with the DUP flag), ``acked``, ``ack_skipped`` (polled on an
+        earlier connection), ``dropped`` (QoS 0 overflow), ``queued``, connection trouble."""
+        return {**self.counts, **self._link.counts, "queued": len(self._queue)}
+
+
+# ---- publishers --------------------------------------------------------------------------------------
+class _Publisher:
+    """Publishes with one client; tracks unacknowledged QoS > 0 publishes for ``flush`` and backpressure.
+
+    paho keeps unacknowledged publishes in memory and resends them after a reconnect (also while
+    disconnected, ``publish`` queues). ``max_unacked`` bounds them: ``publish`` waits above it.
+    """
+
+    def __init__(
+        self, conn: Connection, qos: int, retain: bool, max_unacked: int, ack_timeout_s: float
+    ) -> None:
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
+        self.qos, self.retain = qos, retain
+        self.max_unacked, self.ack_timeout_s = max_unacked, ack_timeout_s
+        self._link = _Link(conn, max_inflight=min(max_unacked, 1000))
+        self._link.client.on_publish = self._acked
+        self._cond = threading.Condition()
+        self._pending: set[int] = set()
+        self._early: set[int] = set()  # acked before publish() returned its mid
+        self.counts = {"published": 0, "acked": 0, "rejected": 0}
+        self._link.start()
+
+    def _acked(self, _c: Any, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
+        if self.qos == 0:
+            return
+        if reason.is_failure:
+            self.counts["rejected"] += 1
+            log.error("MQTT broker %s rejected a publish: %s", self._link.conn.broker, reason)
+        with self._cond:
+            if mid in self._pending:
+                self._pending.discard(mid)
+            else:
+                self._early.add(mid)
+            self.counts["acked"] += 1
+            self._cond.notify_all()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Queue one publish; waits while ``max_unacked`` are unacknowledged (``MqttError`` after
+        ``ack_timeout_s`` seconds)."""
+        if self.qos and len(self._pending) >= self.max_unacked:
+            self._wait(self.max_unacked - 1, "waiting for room to publish")
+        info = self._link.client.publish(topic, payload, self.qos, self.retain)
+        if info.rc not in (
+            mqtt.MQTT_ERR_SUCCESS,
+            mqtt.MQTT_ERR_NO_CONN,
+        ):  # NO_CONN: queued, sent on reconnect
+            raise MqttError(
+                f"MQTT publish to {topic!r} on {self._link.conn.broker}: {mqtt.error_string(info.rc)}"
+            )
+        self.counts["published"] += 1
+        if self.qos:
+            with self._cond:
+                if info.mid in self._early:
+                    self._early.discard(info.mid)
+                else:
+                    self._pending.add(info.mid)
+
+    def flush(self) -> None:
+        """Wait until every QoS > 0 publish so far is acknowledged (``MqttError`` after ``ack_timeout_s``)."""
+        self._wait(0, "flush")
+
+    def _wait(self, most: int, what: str) -> None:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: len(self._pending) <= most, self.ack_timeout_s)
+            if not ok:
+                raise MqttError(
+                    f"MQTT broker {self._link.conn.broker} did not acknowledge {len(self._pending)} "
+                    f"publishes within {self.ack_timeout_s:g} s ({what})"
+                )
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._link.stop()
+
+    def counters(self) -> dict[str, int]:
+        return {**self.counts, **self._link.counts, "unacked": len(self._pending)}
+
+
+class MqttSink:
+    """Each output as JSON (``encode_document``) to ``topic`` with ``{stream}`` → the stream id. QoS 1:
+    ``flush`` returns once the broker acknowledged everything written. Connection options as for
+    ``Connection``; ``max_unacked`` publishes may await their acknowledgement before ``write`` blocks;
+    ``ack_timeout_s`` (seconds) bounds ``flush`` and that wait (then ``MqttError``)."""
+
+    def __init__(
+        self,
+        broker: str,
+        topic: str = "scores/{stream}",
+        client_id: str = "rnnstream-out",
+        qos: int = 1,
+        retain: bool = False,
+        session_expiry_s: int = 86_400,
+        keepalive_s: int = 30,
+        username: str | None = None,
+        password: str | None = None,
+        reconnect_backoff_s: tuple[float, float] = (0.1, 10.0),
+        connect_timeout_s: float = 30.0,
+        max_unacked: int = 10_000,
+        ack_timeout_s: float = 30.0,
+    ) -> None:
+        self.topic = topic
+        conn = Connection(
+            broker, client_id, session_expiry_s, keepalive_s, username, password, reconnect_backoff_s,
+            connect_timeout_s,
+        )  # fmt: skip
+        self._pub = _Publisher(conn, qos, retain, max_unacked, ack_timeout_s)
+
+    def write(self, outputs: list[Output]) -> None:
+        for o in outputs:
+            self._pub.publish(topic_for(self.topic, o.stream_id), encode_document(o.doc))
+
+    def flush(self) -> None:
+        self._pub.flush()
+
+    def close(self) -> None:
+        self._pub.close()
+
+    def counters(self) -> dict[str, int]:
+        return self._pub.counters()
+
+
+class MqttDeadLetters:
+    """Rejected input as JSON ``{"reason", "stream", "topic", "position", "ts", "raw"}`` to ``topic`` with
+    ``{stream}`` → the message key (``unknown`` without one). ``raw``: the input as text when it is UTF-8,
+    else ``{"base64": ...}``."""
+
+    def __init__(
+        self,
+        broker: str,
+        topic: str = "deadletters/{stream}",
+        client_id: str = "rnnstream-dlq",
+        qos: int = 1,
+        session_expiry_s: int = 86_400,
+        keepalive_s: int = 30,
+        username: str | None = None,
+        password: str | None = None,
+        reconnect_backoff_s: tuple[float, float] = (0.1, 10.0),
+        connect_timeout_s: float = 30.0,
+        max_unacked: int = 10_000,
+        ack_timeout_s: float = 30.0,
+    ) -> None:
+        self.topic = topic
+        conn = Connection(
+            broker, client_id, session_expiry_s, keepalive_s, username, password, reconnect_backoff_s,
+            connect_timeout_s,
+        )  # fmt: skip
+        self._pub = _Publisher(conn, qos, False, max_unacked, ack_timeout_s)
+
+    def write(self, letter: DeadLetter) -> None:
+        stream = _text(letter.key) if letter.key is not None else "unknown"
+        doc = {
+            "reason": letter.reason,
+            "stream": stream,
+            "topic": letter.topic,
+            "position": _plain(letter.position),
+            "ts": letter.ts,
+            "raw": raw_json(letter.raw),
+        }
+        self._pub.publish(topic_for(self.topic, stream), encode_document(doc))
+
+    def flush(self) -> None:
+        self._pub.flush()
+
+    def close(self) -> None:
+        self._pub.close()
+
+    def counters(self) -> dict[str, int]:
+        return self._pub.counters()
+
+
+def raw_json(raw: Any) -> Any:
+    """A dead letter's ``raw`` as JSON: text as is, bytes as UTF-8 text or ``{"base64": ...}``, a row
+    (dict) as is, anything else as its ``repr``."""
+    if raw is None or isinstance(raw, str):
+        return raw
+    if isinstance(raw, bytes | bytearray | memoryview):
+        data = bytes(raw)
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(data).decode()}
+    if isinstance(raw, dict):
+        return {str(k): _plain(v) for k, v in raw.items()}
+    return repr(raw)
+
+
+def _text(key: bytes | str) -> str:
+    return key if isinstance(key, str) else key.decode(errors="backslashreplace")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able as it stands (numbers, text, lists, dicts of those), else ``str``."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
