@@ -74,7 +74,8 @@ class ReadingGuard:
             decoded.ts = time.time()
             self._counts["stamped"] += 1
         ts = float(decoded.ts)
-        row = self.table.rows[self.table.index(stream_id)]
+        i = self.table.index(stream_id)  # first: a new stream may grow (reallocate) the rows
+        row = self.table.rows[i]
         last = float(row[0])
         if ts <= last:  # False while last is NaN (no reading yet)
             kind = "duplicate" if ts == last else "out_of_order"
@@ -140,8 +141,8 @@ class ForecastScoring:
         """Model inputs for raw readings ``xs (N, channels)``: standardised per stream, then put into the
         model's normalisation. Updates the value statistics, and keeps for ``documents`` the statistics
         each reading was standardised with and those after it."""
+        idx = self.table.indices(ids)  # first: new streams may grow (reallocate) the rows
         rows = self.table.rows
-        idx = self.table.indices(ids)
         mean_c, var_c, _, _ = self._cols()
         shape = xs.shape
         z, self._seen = np.zeros(shape), np.zeros(len(ids))
@@ -169,8 +170,8 @@ class ForecastScoring:
         """One document per reading of ``batch`` (one timestep each) from raw ``xs (N, channels)`` and the
         model's next-value forecasts ``ys (N, channels)``."""
         ids = batch.ids
-        rows = self.table.rows
         idx = self.table.indices(ids)
+        rows = self.table.rows
         _, _, pred_c, _ = self._cols()
         n_out = len(ids)
         prediction = np.zeros((n_out, self.f))

@@ -115,3 +115,20 @@ def test_scoring_rows_are_per_stream():
     rows = scoring.table.export(["a", "b"])
     assert rows[0, 0] == 2 and rows[1, 0] == 1  # readings seen
     assert rows[0, 1] == pytest.approx(2.0) and rows[1, 1] == pytest.approx(100.0)  # running means
+
+
+def test_more_streams_than_the_tables_first_capacity():
+    """Rows grow (and move) when new streams arrive: checks and scores keep working on the moved rows."""
+    guard, scoring = ReadingGuard(channels=1), ForecastScoring(["value"])
+    ids = [f"s{i}" for i in range(3000)]
+    for t in range(2):
+        for sid in ids:
+            assert guard.check(sid, _reading(float(t), 1.0))[0]
+        batch = Batch()
+        for sid in ids:
+            batch.add(Message(b""), sid, Decoded([[float(t)]], ts=float(t), stream_id=sid))
+        xs = np.full((len(ids), 1), float(t))
+        scoring.inputs(batch.ids, xs)
+        scoring.documents(batch, xs, np.zeros((len(ids), 1), np.float32), 0)
+    assert (scoring.table.export(ids)[:, 0] == 2).all()
+    assert not guard.check("s2999", _reading(1.0, 1.0))[0]  # its last timestamp was kept
