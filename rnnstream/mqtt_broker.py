@@ -17,10 +17,11 @@ The generated ``mosquitto.conf`` contains, and why:
 
 * ``listener PORT 127.0.0.1`` and ``allow_anonymous true``: a loopback-only development broker
   without authentication (mosquitto 2.0 refuses anonymous clients unless told otherwise).
-* ``user <current user>``: started as root, mosquitto otherwise drops to the ``mosquitto`` user,
+* ``user root`` (only when started as root): mosquitto otherwise drops to the ``mosquitto`` user,
   which cannot write a log or database under a root-owned (e.g. pytest ``tmp_path``, mode 0700)
-  directory; it then keeps running *without* a log and without persistence.  For a non-root user
-  the option has no effect.
+  directory; it then keeps running *without* a log and without persistence.  Mosquitto logs
+  "Warning: Mosquitto should not be run as root/administrator." and carries on.  A non-root user
+  needs nothing: mosquitto keeps running as that user.
 * ``persistence true`` with ``persistence_location BASE_DIR/data/`` and ``autosave_interval 1``
   (``autosave_on_changes false``: every 1 s): sessions, subscriptions and queued messages are
   written to ``mosquitto.db`` every second, so a broker killed with SIGKILL (``kill -9``) and
@@ -61,8 +62,6 @@ CONFIG_NAME = "mosquitto.conf"
 LOG_NAME = "mosquitto.log"
 DATA_DIR_NAME = "data"
 STATE_FILE_NAME = "broker.json"
-RUNNING_LINE = " running"
-"""Logged (``mosquitto version X running``) once the listeners are open."""
 ADDRESS_IN_USE = "Address already in use"
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 """Brokers started by this process, kept so they can be reaped (no zombies, no ResourceWarning)."""
@@ -222,6 +221,11 @@ class Broker:
         """Persistence directory holding ``mosquitto.db``."""
         return self.base_dir / DATA_DIR_NAME
 
+    @property
+    def database(self) -> Path:
+        """The persistence database (written by each autosave and on a clean shutdown)."""
+        return self.data_dir / "mosquitto.db"
+
     def alive(self) -> bool:
         """True while this broker's process is running."""
         return self.pid > 0 and _is_our_broker(self.pid, self.config)
@@ -249,11 +253,6 @@ class Broker:
         """
         self.stop()
         _start(self, timeout, retry_same_port=True)
-
-    @property
-    def database(self) -> Path:
-        """The persistence database (written by each autosave and on a clean shutdown)."""
-        return self.data_dir / "mosquitto.db"
 
     def wait_for_autosave(self, timeout: float = 10.0) -> None:
         """Block until an autosave that *started after this call* has been written to disk.
@@ -298,10 +297,10 @@ class Broker:
 
 def broker_config(port: int, data_dir: Path, log_file: Path) -> str:
     """The ``mosquitto.conf`` text (see the module docstring for why each line is there)."""
-    user = pwd.getpwuid(os.geteuid()).pw_name
-    lines = [
-        "# written by rnnstream.mqtt_broker; rewritten by every start_broker() call",
-        f"user {user}",
+    lines = ["# written by rnnstream.mqtt_broker; rewritten by every start_broker() call"]
+    if os.geteuid() == 0:  # otherwise mosquitto drops to the "mosquitto" user (no effect for non-root)
+        lines.append(f"user {pwd.getpwuid(0).pw_name}")
+    lines += [
         f"listener {port} {HOST}",
         "allow_anonymous true",
         "persistence true",
@@ -348,6 +347,13 @@ def _log_since(broker: Broker, offset: int) -> str:
         return ""
 
 
+def _logged_running(log: str) -> bool:
+    """True if ``log`` has mosquitto's "mosquitto version X running" (logged once listeners are open)."""
+    return any(
+        "mosquitto version" in line and line.rstrip().endswith(" running") for line in log.splitlines()
+    )
+
+
 def _check_deadline(broker: Broker, deadline: float, timeout: float, what: str) -> None:
     if not broker.alive():
         raise MqttBrokerError(
@@ -370,7 +376,7 @@ def _wait_ready(broker: Broker, offset: int, timeout: float) -> None:
                 f"{_tail(broker.log_file)}",
                 port_in_use=ADDRESS_IN_USE in log,
             )
-        if RUNNING_LINE in _log_since(broker, offset) and _port_open(broker.port):
+        if _logged_running(_log_since(broker, offset)) and _port_open(broker.port):
             return
         if time.monotonic() > deadline:
             broker.kill()

@@ -28,7 +28,7 @@ import logging
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import chain
@@ -243,6 +243,7 @@ class Pipeline:
         tables = [t for t in (checks.table if checks else None, self.scoring.table) if t is not None]
         self.codec = StateCodec(engine.model.state_widths(), tables)
         self.counters = PipelineCounters()
+        self._rejected: Counter[str] = Counter()  # decode rejections by kind (DecodeError.kind)
         self._stop = threading.Event()
         self._tasks: dict[int, set[str]] = {}  # partition → streams held
         self._dirty: dict[int, set[str]] = {}  # partition → streams changed since the last checkpoint
@@ -291,11 +292,16 @@ class Pipeline:
         self.engine.close()
 
     def service_counters(self) -> dict[str, float]:
-        """Counters for ``/metrics`` and ``/stats``: the pipeline's and the reading checks'."""
+        """Counters for ``/metrics`` and ``/stats``: the pipeline's, decode rejections by kind, the reading
+        checks' and the source's own (when it keeps any: serial line errors, MQTT reconnects...)."""
         counts = asdict(self.counters)
         counts.pop("started")
+        counts.update({f"rejected_{k}": v for k, v in self._rejected.items()})
         if self.checks is not None:
             counts.update({f"readings_{k}": v for k, v in self.checks.counters().items()})
+        source_counters = getattr(self.source, "counters", None)
+        if callable(source_counters):
+            counts.update({f"source_{k}": v for k, v in source_counters().items()})
         return {k: float(v) for k, v in counts.items()}
 
     def _install_signal_handlers(self) -> None:
@@ -357,8 +363,10 @@ class Pipeline:
         try:
             return self.decoder.decode(msg)
         except DecodeError as exc:
+            self._rejected[exc.kind] += 1
             self._dead_letter(msg, str(exc))
         except Exception as exc:
+            self._rejected["undecodable"] += 1
             self._dead_letter(msg, f"undecodable ({type(exc).__name__}: {exc})"[:1000])
         return None
 

@@ -90,8 +90,8 @@ class ReadingGuard:
             action = "state reset" if reset else "state kept"
             gap = f"gap of {ts - last:.6g} s after the last reading (max_gap_s {self.max_gap_s})"
             notices.append(f"{gap}; {action}")
-        values = np.asarray(decoded.xs[0], np.float64)
-        run = row[1] + 1 if np.array_equal(values, row[2:]) else 0.0
+        values = decoded.xs[0]  # plain floats: cheaper to compare than arrays for a few channels
+        run = row[1] + 1 if values == row[2:].tolist() else 0.0
         if self.flatline_after is not None and run + 1 == self.flatline_after:
             self._counts["flatline"] += 1
             notices.append(f"flat line: {self.flatline_after} identical readings in a row")

@@ -9,6 +9,7 @@ when stdin ends, before its queued messages are out (20k lines in, ~18k delivere
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -41,7 +42,9 @@ def prerequisites() -> None:
     except mb.MqttBrokerError as exc:
         missing.append(str(exc))
     missing += [
-        f"'{tool}' not found on PATH" for tool in ("mosquitto_pub", "mosquitto_sub") if not shutil.which(tool)
+        f"'{tool}' not found on PATH"
+        for tool in ("mosquitto_pub", "mosquitto_sub", "stdbuf")
+        if not shutil.which(tool)
     ]
     try:
         import paho.mqtt.client  # noqa: F401
@@ -95,8 +98,8 @@ def _start_sub(broker: Broker, topic: str, count: int) -> subprocess.Popen[str]:
     for line in proc.stdout:
         if "received SUBACK" in line:
             return proc
-    proc.kill()
-    raise AssertionError(f"mosquitto_sub exited before subscribing (rc {proc.wait()})")
+    proc.communicate()
+    raise AssertionError(f"mosquitto_sub exited before subscribing (rc {proc.returncode})")
 
 
 def _payloads(proc: subprocess.Popen[str]) -> list[str]:
@@ -222,7 +225,7 @@ def test_kill_and_restart_on_the_same_port(fresh_mqtt_broker: Broker) -> None:
     broker.kill()
     assert not broker.alive() and _gone(old_pid)
     sub.kill()  # it would reconnect to the restarted broker
-    sub.wait(timeout=10)
+    sub.communicate(timeout=10)
     broker.restart()
     assert broker.alive() and broker.pid != old_pid
     topic = _topic()
@@ -272,6 +275,7 @@ def test_offline_session_keeps_100k_messages_across_kill_9(fresh_mqtt_broker: Br
     sub.connect()
     sub.subscribe("t/#")
     sub.disconnect()
+    _wait_for_log(broker, "Client sub-100k disconnected")
 
     acked = 0
 
@@ -320,26 +324,29 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def test_cli_up_status_down(tmp_path: Path) -> None:
     env = {**os.environ, "RNNSTREAM_MQTT_RUN_DIR": str(tmp_path / "run"), "COLUMNS": "200"}
+    state = tmp_path / "run" / "broker.json"
     assert _cli("status", env=env).returncode == 1
     up = _cli("up", env=env)
     assert up.returncode == 0, up.stderr
     address = up.stdout.strip()
     host, _, port = address.partition(":")
     assert host == "127.0.0.1" and port.isdigit()
+    recorded = Broker.from_json(json.loads(state.read_text()))
     try:
-        assert (tmp_path / "run" / "broker.json").is_file()
+        assert recorded.address == address and recorded.alive()
         again = _cli("up", env=env)  # already running: same broker
         assert again.returncode == 0 and again.stdout.strip() == address
         status = _cli("status", env=env)
         assert status.returncode == 0 and status.stdout.strip() == address
         topic = _topic()
-        broker = Broker(port=int(port), base_dir=tmp_path / "run" / "broker")
-        sub = _start_sub(broker, topic, 1)
-        _publish(broker, topic, ["via-cli-broker"])
+        sub = _start_sub(recorded, topic, 1)
+        _publish(recorded, topic, ["via-cli-broker"])
         assert _payloads(sub) == ["via-cli-broker"]
     finally:
         down = _cli("down", env=env)
+        recorded.stop()  # in case ``down`` did not
     assert down.returncode == 0 and "stopped" in down.stdout
-    assert not (tmp_path / "run" / "broker.json").exists()
+    assert _gone(recorded.pid)
+    assert not state.exists()
     assert _cli("status", env=env).returncode == 1
     assert "no broker was running" in _cli("down", env=env).stdout
