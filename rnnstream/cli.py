@@ -1,4 +1,5 @@
-"""The ``rnnstream`` command line: ``demo``, ``bench``, ``kafka up/down/status``, ``info``."""
+"""The ``rnnstream`` command line: ``run``, ``demo``, ``bench``, ``kafka``/``mqtt`` ``up/down/status``, ``info``,
+``finetune``."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class BenchSuite(StrEnum):
     engine = "engine"
     kafka = "kafka"
     finetune = "finetune"
+    sensors = "sensors"
 
 
 @app.command()
@@ -78,6 +80,10 @@ def bench(
         from benchmarks import finetune_bench
 
         raise typer.Exit(finetune_bench.main(argv))
+    if suite is BenchSuite.sensors:
+        from benchmarks import sensors_bench
+
+        raise typer.Exit(sensors_bench.main(argv))
     from benchmarks import engine_bench
 
     raise typer.Exit(engine_bench.main(["--device", device, *argv]))
