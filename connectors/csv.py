@@ -52,7 +52,7 @@ class _File:
         self._cut = False  # a line of the row being read was longer than MAX_LINE
         try:
             self._handle: TextIO | None = open(  # noqa: SIM115 (closed by close())
-                path, encoding="utf-8", errors="replace", newline=""
+                path, encoding="utf-8-sig", errors="replace", newline=""
             )
         except OSError as exc:
             raise OSError(f"CSV source: cannot open {path}: {exc.strerror or exc}") from exc
@@ -109,7 +109,8 @@ class _File:
             error, self._header_error = self._header_error, None
             self.close()  # without a header, nothing after it can be read
             return {None: error}
-        if self.header is None:
+        if self.header is None:  # an empty file
+            self.close()
             return None
         fields = self._next_fields()
         if fields is None:

@@ -53,6 +53,8 @@ worth of messages is acknowledged at once, in ``commit``."""
 SYNC_FILTER = "$rnnstream/sync"
 """A topic filter nobody subscribes to: unsubscribing from it is a round trip to the broker."""
 SYNC_TIMEOUT_S = 2.0
+MAX_UNACKED = 60_000
+"""Unacknowledged publishes a sink may have at most (packet ids are 16 bits and must stay unique)."""
 MAX_POLL = 10_000
 """Messages one ``poll`` returns at most."""
 
@@ -105,6 +107,7 @@ class _Link:
         max_inflight: int = 20,
         on_connected: Callable[[mqtt.Client, bool], None] | None = None,
         on_dropped: Callable[[], None] | None = None,
+        callbacks: Mapping[str, Callable[..., None]] | None = None,
     ) -> None:
         self.conn = conn
         self.ready = threading.Event()
@@ -115,10 +118,15 @@ class _Link:
         self._refused: str | None = None
         self._stopping = False
         self._synced = threading.Condition()
+        self.server_receive_maximum = RECEIVE_MAXIMUM  # QoS > 0 publishes the broker takes unacknowledged
         self._unsubacked: set[int] = set()
-        self.client = self._build(manual_ack, receive_maximum, max_inflight)
+        self._settings = (manual_ack, receive_maximum, max_inflight, dict(callbacks or {}))
+        self.client = self._build()
+        self._started = False
 
-    def _build(self, manual_ack: bool, receive_maximum: int | None, max_inflight: int) -> mqtt.Client:
+    def _build(self) -> mqtt.Client:
+        """A paho client: one per ``start`` (paho leaks a socket pair when a stopped loop starts again)."""
+        manual_ack, receive_maximum, max_inflight, callbacks = self._settings
         c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=self.conn.client_id,
@@ -136,6 +144,8 @@ class _Link:
         c.on_disconnect = self._disconnected
         c.on_connect_fail = self._connect_failed
         c.on_unsubscribe = self._unsubscribed
+        for name, callback in callbacks.items():
+            setattr(c, name, callback)
         self._properties = Properties(PacketTypes.CONNECT)
         self._properties.SessionExpiryInterval = self.conn.session_expiry_s
         if receive_maximum is not None:
@@ -146,6 +156,9 @@ class _Link:
         """Connect (in the background, retrying) and wait until ``ready``; ``MqttError`` naming the broker
         after ``connect_timeout_s`` or at once when the broker refuses us."""
         host, port = self.conn.host_port()
+        if self._started:
+            self.client = self._build()
+        self._started = True
         self.ready.clear()
         self._refused, self._stopping = None, False
         self.client.connect_async(
@@ -185,7 +198,7 @@ class _Link:
             self._unsubacked.add(mid)
             self._synced.notify_all()
 
-    def _connected(self, client: mqtt.Client, _u: Any, flags: Any, reason: ReasonCode, _p: Any) -> None:
+    def _connected(self, client: mqtt.Client, _u: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
         if reason.is_failure:
             self.counts["connect_failures"] += 1
             self._refused = f"connection refused: {reason}"
@@ -194,13 +207,14 @@ class _Link:
         if self._outage_since is not None:
             self.counts["reconnects"] += 1
             log.warning(
-                "MQTT %r reconnected to %s after %.1f s (session %s)",
+                "MQTT %r reconnected to %s after %.1f s (%s)",
                 self.conn.client_id,
                 self.conn.broker,
                 time.monotonic() - self._outage_since,
-                "resumed" if flags.session_present else "lost: subscribing again",
+                "session resumed" if flags.session_present else "the broker lost the session",
             )
             self._outage_since = None
+        self.server_receive_maximum = getattr(props, "ReceiveMaximum", RECEIVE_MAXIMUM)
         if self._on_connected is not None:
             self._on_connected(client, bool(flags.session_present))
         else:
@@ -251,7 +265,7 @@ def stream_id_of(pattern: str, topic: str) -> str | None:
             return None
     if "+" not in want and "#" not in want:
         return topic
-    return "/".join(parts) if parts else None
+    return "/".join(parts) or None
 
 
 def topic_for(template: str, stream: str) -> str:
@@ -306,17 +320,17 @@ class MqttSource:
             receive_maximum=RECEIVE_MAXIMUM,
             on_connected=self._subscribe,
             on_dropped=self._dropped,
+            callbacks={"on_message": self._received, "on_subscribe": self._subscribed},
         )
-        self._link.client.on_message = self._received
-        self._link.client.on_subscribe = self._subscribed
         self._cond = threading.Condition()
         self._queue: deque[_Received] = deque()
         self._unacked: list[_Received] = []  # polled since the last commit
         self._link_id = 0  # changes on every connect and disconnect
         self._next_position = 0
         self._overflowing = False
-        self.counts = {"received": 0, "redelivered": 0, "dropped": 0, "acked": 0, "ack_skipped": 0}
-        self.counts["subscribe_failures"] = 0
+        self.counts = dict.fromkeys(
+            ("received", "redelivered", "dropped", "acked", "ack_skipped", "subscribe_failures"), 0
+        )
 
     # -- network thread --
     def _subscribe(self, client: mqtt.Client, session_present: bool) -> None:
@@ -330,8 +344,7 @@ class MqttSource:
         if failed:
             self.counts["subscribe_failures"] += 1
             self._link.refuse(f"subscription to {self.topic!r} refused: {failed[0]}")
-            log.error("MQTT broker %s refused the subscription to %r: %s", self._link.conn.broker, self.topic,
-                      failed[0])  # fmt: skip
+            log.error("MQTT broker %s refused the subscription: %s", self._link.conn.broker, failed[0])
             return
         self._link.ready.set()
 
@@ -438,8 +451,9 @@ class MqttSource:
 class _Publisher:
     """Publishes with one client; tracks unacknowledged QoS > 0 publishes for ``flush`` and backpressure.
 
-    paho keeps unacknowledged publishes in memory and resends them after a reconnect (also while
-    disconnected, ``publish`` queues). ``max_unacked`` bounds them: ``publish`` waits above it.
+    paho keeps unacknowledged publishes in memory and resends them after a reconnect (``publish`` while
+    disconnected queues too). At most ``max_unacked`` of them, and no more than the broker's Receive
+    Maximum: ``publish`` waits for room.
     """
 
     def __init__(
@@ -447,10 +461,11 @@ class _Publisher:
     ) -> None:
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
+        if not 1 <= max_unacked <= MAX_UNACKED:
+            raise ValueError(f"max_unacked must be in [1, {MAX_UNACKED}] (packet ids), got {max_unacked}")
         self.qos, self.retain = qos, retain
         self.max_unacked, self.ack_timeout_s = max_unacked, ack_timeout_s
-        self._link = _Link(conn, max_inflight=min(max_unacked, 1000))
-        self._link.client.on_publish = self._acked
+        self._link = _Link(conn, max_inflight=max_unacked, callbacks={"on_publish": self._acked})
         self._cond = threading.Condition()
         self._pending: set[int] = set()
         self._early: set[int] = set()  # acked before publish() returned its mid
@@ -472,18 +487,16 @@ class _Publisher:
             self._cond.notify_all()
 
     def publish(self, topic: str, payload: bytes) -> None:
-        """Queue one publish; waits while ``max_unacked`` are unacknowledged (``MqttError`` after
+        """Queue one publish; waits while too many are unacknowledged (``MqttError`` after
         ``ack_timeout_s`` seconds)."""
-        if self.qos and len(self._pending) >= self.max_unacked:
-            self._wait(self.max_unacked - 1, "waiting for room to publish")
+        if self.qos:
+            room = min(self.max_unacked, self._link.server_receive_maximum)
+            if len(self._pending) >= room:
+                self._wait(room - 1, "waiting for room to publish")
         info = self._link.client.publish(topic, payload, self.qos, self.retain)
-        if info.rc not in (
-            mqtt.MQTT_ERR_SUCCESS,
-            mqtt.MQTT_ERR_NO_CONN,
-        ):  # NO_CONN: queued, sent on reconnect
-            raise MqttError(
-                f"MQTT publish to {topic!r} on {self._link.conn.broker}: {mqtt.error_string(info.rc)}"
-            )
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: sent on reconnect
+            why = mqtt.error_string(info.rc)
+            raise MqttError(f"MQTT publish to {topic!r} on {self._link.conn.broker}: {why}")
         self.counts["published"] += 1
         if self.qos:
             with self._cond:
@@ -515,11 +528,31 @@ class _Publisher:
         return {**self.counts, **self._link.counts, "unacked": len(self._pending)}
 
 
-class MqttSink:
+class _Publishing:
+    """What ``MqttSink`` and ``MqttDeadLetters`` share: ``flush`` waits for the broker's acknowledgements,
+    ``close`` flushes and disconnects, ``counters`` (``published``, ``acked``, ``rejected``, ``unacked``,
+    connection trouble)."""
+
+    def __init__(
+        self, conn: Connection, qos: int, retain: bool, max_unacked: int, ack_timeout_s: float
+    ) -> None:
+        self._pub = _Publisher(conn, qos, retain, max_unacked, ack_timeout_s)
+
+    def flush(self) -> None:
+        self._pub.flush()
+
+    def close(self) -> None:
+        self._pub.close()
+
+    def counters(self) -> dict[str, int]:
+        return self._pub.counters()
+
+
+class MqttSink(_Publishing):
     """Each output as JSON (``encode_document``) to ``topic`` with ``{stream}`` → the stream id. QoS 1:
     ``flush`` returns once the broker acknowledged everything written. Connection options as for
     ``Connection``; ``max_unacked`` publishes may await their acknowledgement before ``write`` blocks;
-    ``ack_timeout_s`` (seconds) bounds ``flush`` and that wait (then ``MqttError``)."""
+    ``ack_timeout_s`` (seconds) bounds ``flush`` and that wait (then ``MqttError``). Connects at once."""
 
     def __init__(
         self,
@@ -542,26 +575,17 @@ class MqttSink:
             broker, client_id, session_expiry_s, keepalive_s, username, password, reconnect_backoff_s,
             connect_timeout_s,
         )  # fmt: skip
-        self._pub = _Publisher(conn, qos, retain, max_unacked, ack_timeout_s)
+        super().__init__(conn, qos, retain, max_unacked, ack_timeout_s)
 
     def write(self, outputs: list[Output]) -> None:
         for o in outputs:
             self._pub.publish(topic_for(self.topic, o.stream_id), encode_document(o.doc))
 
-    def flush(self) -> None:
-        self._pub.flush()
 
-    def close(self) -> None:
-        self._pub.close()
-
-    def counters(self) -> dict[str, int]:
-        return self._pub.counters()
-
-
-class MqttDeadLetters:
+class MqttDeadLetters(_Publishing):
     """Rejected input as JSON ``{"reason", "stream", "topic", "position", "ts", "raw"}`` to ``topic`` with
     ``{stream}`` → the message key (``unknown`` without one). ``raw``: the input as text when it is UTF-8,
-    else ``{"base64": ...}``."""
+    else ``{"base64": ...}``. Options as for ``MqttSink``."""
 
     def __init__(
         self,
@@ -583,7 +607,7 @@ class MqttDeadLetters:
             broker, client_id, session_expiry_s, keepalive_s, username, password, reconnect_backoff_s,
             connect_timeout_s,
         )  # fmt: skip
-        self._pub = _Publisher(conn, qos, False, max_unacked, ack_timeout_s)
+        super().__init__(conn, qos, False, max_unacked, ack_timeout_s)
 
     def write(self, letter: DeadLetter) -> None:
         stream = _text(letter.key) if letter.key is not None else "unknown"
@@ -596,15 +620,6 @@ class MqttDeadLetters:
             "raw": raw_json(letter.raw),
         }
         self._pub.publish(topic_for(self.topic, stream), encode_document(doc))
-
-    def flush(self) -> None:
-        self._pub.flush()
-
-    def close(self) -> None:
-        self._pub.close()
-
-    def counters(self) -> dict[str, int]:
-        return self._pub.counters()
 
 
 def raw_json(raw: Any) -> Any:

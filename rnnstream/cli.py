@@ -1,5 +1,5 @@
-"""The ``rnnstream`` command line: ``run``, ``demo``, ``bench``, ``kafka``/``mqtt`` ``up/down/status``, ``info``,
-``finetune``."""
+"""The ``rnnstream`` command line: ``run``, ``demo``, ``bench``, ``kafka``/``mqtt`` ``up/down/status``,
+``info``, ``finetune``."""
 
 from __future__ import annotations
 

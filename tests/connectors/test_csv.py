@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import os
 import time
 from pathlib import Path
@@ -377,7 +378,7 @@ def test_binary_junk_nul_bytes_and_invalid_utf8(tmp_path):
     assert refusals(by_file["nul"]) == ["non_numeric", "bad_timestamp", "ok"]
     assert refusals(by_file["latin"]) == ["non_numeric", "bad_timestamp", "ok"]
     assert by_file["latin"][0].payload["value"] == "3\ufffd"
-    assert refusals(by_file["bom"]) == ["ok"]  # a byte-order mark is not part of the first column
+    assert by_file["bom"][0].payload == {"timestamp": "1", "value": "5"}  # the byte-order mark is dropped
     assert refusals(by_file["quote"]) == ["non_numeric"]
 
 
@@ -392,6 +393,17 @@ def test_overlong_lines_and_fields(tmp_path):
     assert refusals(messages) == ["ok", "malformed", "malformed", "ok"]
     assert "longer than" in messages[1].payload[None] and "field" in messages[2].payload[None]
     assert [m.payload.get("timestamp") for m in (messages[0], messages[3])] == ["1", "4"]
+
+
+def test_unreadable_header(tmp_path):
+    path = tmp_path / "header.csv"
+    path.write_text('"' + "h" * 200_000 + '",value\n1,2\n3,4\n')
+    source = opened(CsvSource([path, write_csv(tmp_path / "good.csv", [[2, 1]])]))
+    messages = drain(source)
+    assert [m.key for m in messages] == ["header", "good"]  # one message for the file, then it is done
+    assert messages[0].payload[None].startswith("csv: unreadable header")
+    assert refusals(messages) == ["malformed", "ok"]
+    assert source.positions()["rows"][str(path)] == 1
 
 
 def test_unreadable_files_raise_at_open(tmp_path):
@@ -427,3 +439,47 @@ def test_close_is_idempotent_and_exhausted_only_after_open(tmp_path):
     source.open(Assignment(), {})
     source.close()
     source.close()
+
+
+# ---- through the pipeline --------------------------------------------------------------------------
+def test_pipeline_replays_csv_files_and_resumes_after_the_last_checkpoint(ref_factory, tmp_path):
+    """CSV files → ``ReadingDecoder`` → engine → JSON lines, junk rows → dead letters; a second run from
+    the same checkpoint directory resumes after the rows already answered."""
+    from connectors.files import JsonLinesDeadLetters, JsonLinesSink
+    from engine import Engine
+    from rnnstream.checkpoint import LocalCheckpoint
+    from rnnstream.pipeline import Pipeline
+
+    ref = ref_factory("gru", input_size=1, hidden_size=4, head_out=1)
+    data = tmp_path / "data"
+    data.mkdir()
+    a = write_csv(data / "a.csv", [[t, t / 10] for t in range(0, 40, 2)] + [[41, "nan"], [42, "x"]])
+    b = write_csv(data / "b.csv", [[t, -t] for t in range(1, 40, 3)] + [["never", 1]])
+    out, dead, state = tmp_path / "out.jsonl", tmp_path / "dead.jsonl", tmp_path / "state"
+
+    def run(paths: list[Path]) -> None:
+        engine = Engine(ref.model, device="cpu", freeze_gc=False)
+        pipe = Pipeline(
+            engine,
+            CsvSource(paths),
+            ReadingDecoder(),
+            JsonLinesSink(out),
+            JsonLinesDeadLetters(dead),
+            LocalCheckpoint(state),
+            checkpoint_interval_s=0.0,
+        )
+        pipe.run()
+
+    run([a, b])
+    outputs = [json.loads(line) for line in out.read_text().splitlines()]
+    letters = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert len(outputs) == 20 + 13 and {o["stream"] for o in outputs} == {"a", "b"}
+    assert [o["offset"] for o in outputs] == sorted(o["offset"] for o in outputs)
+    assert sorted(d["raw"]["value"] for d in letters) == ["1", "nan", "x"]
+    assert {d["topic"] for d in letters} == {str(a), str(b)}
+
+    with open(a, "a") as f:  # more rows arrive in a file; a restart replays only those
+        f.write("50,5.0\n51,5.1\n")
+    run([a, b])
+    more = [json.loads(line) for line in out.read_text().splitlines()][len(outputs) :]
+    assert [(o["stream"], o["offset"]) for o in more] == [("a", 36), ("a", 37)]

@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 
 from connectors.base import DeadLetter, Message, Output
@@ -46,21 +47,34 @@ def _tool(name: str) -> str:
     return path
 
 
-def publish(broker, topic: str, lines: list[str], qos: int = 1) -> None:
-    """``lines`` as messages on ``topic``, in order, by one ``mosquitto_pub`` connection."""
-    cmd = [
-        _tool("mosquitto_pub"),
-        "-h",
-        broker.host,
-        "-p",
-        str(broker.port),
-        "-q",
-        str(qos),
-        "-t",
-        topic,
-        "-l",
-    ]
+def _at(broker) -> list[str]:
+    return ["-h", broker.host, "-p", str(broker.port)]
+
+
+def publish_cli(broker, topic: str, lines: list[str], qos: int = 1) -> None:
+    """``lines`` as messages on ``topic``, in order, by one ``mosquitto_pub -l`` (an independent client;
+    keep the input short: it may disconnect before a long queue is sent)."""
+    cmd = [_tool("mosquitto_pub"), *_at(broker), "-q", str(qos), "-t", topic, "-l"]
     subprocess.run(cmd, input="".join(f"{line}\n" for line in lines).encode(), check=True, timeout=20)
+
+
+def publish(broker, topic: str, lines: list[str], qos: int = 1) -> None:
+    """``lines`` as messages on ``topic``, in order, by a plain paho client of its own, waiting for every
+    acknowledgement (QoS 1)."""
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, f"pub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
+    )
+    client.max_inflight_messages_set(100)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, line, qos) for line in lines]
+        for info in infos:
+            info.wait_for_publish(10)
+            assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def drain(source: MqttSource, n: int, timeout_s: float = 10.0, key: str | None = None) -> list[Message]:
@@ -91,19 +105,7 @@ class Subscriber:
 
     def __init__(self, broker, topic: str, n: int) -> None:
         # line-buffered: mosquitto_sub's stdio would hold the SUBACK line back until it exits
-        cmd = [
-            _tool("stdbuf"),
-            "-oL",
-            _tool("mosquitto_sub"),
-            "-h",
-            broker.host,
-            "-p",
-            str(broker.port),
-            "-q",
-            "1",
-            "-t",
-            topic,
-        ]
+        cmd = [_tool("stdbuf"), "-oL", _tool("mosquitto_sub"), *_at(broker), "-q", "1", "-t", topic]
         cmd += ["-C", str(n), "-W", "20", "-d", "-F", f"{self.MARK} %t %p"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
@@ -117,6 +119,14 @@ class Subscriber:
         out, _ = self.proc.communicate(timeout=25)
         rows = [line.split(" ", 2)[1:] for line in out.splitlines() if line.startswith(self.MARK)]
         return [(topic, json.loads(payload)) for topic, payload in rows]
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
 
 
 @pytest.fixture
@@ -138,6 +148,7 @@ def prefix() -> str:
         ("#", "a/b", "a/b"),
         ("sensors/+", "sensors/dev1/extra", None),
         ("sensors/+", "sensors", None),
+        ("sensors/+", "sensors/", None),  # an empty level names no stream
         ("sensors/+", "other/dev1", None),
         ("sensors/dev1", "sensors/dev2", None),
         ("sensors/#", "sensors", None),  # '#' matches the parent level, which names no stream
@@ -157,8 +168,8 @@ def test_source_delivers_in_order_with_stream_ids(mqtt_broker, prefix) -> None:
     source.open(recorder, {})
     try:
         assert recorder.assigned_partitions == [[0]]
-        publish(mqtt_broker, f"{prefix}/site/a/sensors/dev1", [f'{{"x": {i}}}' for i in range(50)])
-        publish(mqtt_broker, f"{prefix}/site/b/sensors/dev2", [f'{{"x": {i}}}' for i in range(50, 80)])
+        publish_cli(mqtt_broker, f"{prefix}/site/a/sensors/dev1", [f'{{"x": {i}}}' for i in range(50)])
+        publish_cli(mqtt_broker, f"{prefix}/site/b/sensors/dev2", [f'{{"x": {i}}}' for i in range(50, 80)])
         got = drain(source, 80)
         assert [m.position for m in got] == list(range(80))
         assert [json.loads(m.payload)["x"] for m in got] == list(range(80))
@@ -250,7 +261,7 @@ def test_subscribes_again_when_the_broker_lost_the_session(fresh_mqtt_broker, pr
         broker.restart()
         deadline = time.monotonic() + 10
         while not (got := drain(source, 1, 0.3)) and time.monotonic() < deadline:
-            publish(broker, f"{prefix}/sensors/probe", ["probe"])
+            publish_cli(broker, f"{prefix}/sensors/probe", ["probe"])
         assert got, "no message after the broker restarted without its sessions"
         publish(broker, f"{prefix}/sensors/dev1", [str(i) for i in range(10)])
         got = drain(source, 10, 3, key="dev1")  # a late probe may come too
@@ -286,19 +297,18 @@ def test_unreachable_broker_is_a_clear_error() -> None:
 
 # ---- sink and dead letters ---------------------------------------------------------------------------
 def test_sink_publishes_json_per_stream(mqtt_broker, prefix) -> None:
-    sub = Subscriber(mqtt_broker, f"{prefix}/scores/#", 20)
-    sink = MqttSink(mqtt_broker.address, f"{prefix}/scores/{{stream}}", prefix, connect_timeout_s=10)
-    try:
-        outputs = [
-            Output(f"dev{i % 2}", {"i": i, "y": np.array([i, 0.5], np.float32)}, position=i)
-            for i in range(20)
-        ]
-        sink.write(outputs)
-        sink.flush()
-        assert sink.counters()["acked"] == 20 and sink.counters()["unacked"] == 0
-    finally:
-        sink.close()
-    messages = sub.messages()
+    outputs = [
+        Output(f"dev{i % 2}", {"i": i, "y": np.array([i, 0.5], np.float32)}, position=i) for i in range(20)
+    ]
+    with Subscriber(mqtt_broker, f"{prefix}/scores/#", 20) as sub:
+        sink = MqttSink(mqtt_broker.address, f"{prefix}/scores/{{stream}}", prefix, connect_timeout_s=10)
+        try:
+            sink.write(outputs)
+            sink.flush()
+            assert sink.counters()["acked"] == 20 and sink.counters()["unacked"] == 0
+        finally:
+            sink.close()
+        messages = sub.messages()
     assert [doc["i"] for _, doc in messages] == list(range(20))
     assert all(topic == f"{prefix}/scores/dev{doc['i'] % 2}" for topic, doc in messages)
     assert messages[3][1]["y"] == [3.0, 0.5]
@@ -332,18 +342,17 @@ def test_sink_backpressure_and_flush_timeout(fresh_mqtt_broker, prefix) -> None:
 
 
 def test_dead_letters_as_json(mqtt_broker, prefix) -> None:
-    sub = Subscriber(mqtt_broker, f"{prefix}/deadletters/#", 2)
-    letters = MqttDeadLetters(
-        mqtt_broker.address, f"{prefix}/deadletters/{{stream}}", prefix, connect_timeout_s=10
-    )
-    try:
-        binary = b"\xff\x00\x80binary"
-        letters.write(DeadLetter(binary, "not valid json", "dev1", "sensors/dev1", 0, 7, ts=1700000000.5))
-        letters.write(DeadLetter(b'{"x": [1, 2]}', "missing key"))
-        letters.flush()
-    finally:
-        letters.close()
-    (t1, d1), (t2, d2) = sub.messages()
+    binary = b"\xff\x00\x80binary"
+    with Subscriber(mqtt_broker, f"{prefix}/deadletters/#", 2) as sub:
+        topic = f"{prefix}/deadletters/{{stream}}"
+        letters = MqttDeadLetters(mqtt_broker.address, topic, prefix, connect_timeout_s=10)
+        try:
+            letters.write(DeadLetter(binary, "not valid json", "dev1", "sensors/dev1", 0, 7, ts=1700000000.5))
+            letters.write(DeadLetter(b'{"x": [1, 2]}', "missing key"))
+            letters.flush()
+        finally:
+            letters.close()
+        (t1, d1), (t2, d2) = sub.messages()
     assert t1 == f"{prefix}/deadletters/dev1" and t2 == f"{prefix}/deadletters/unknown"
     assert d1 == {
         "reason": "not valid json",
