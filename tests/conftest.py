@@ -159,3 +159,22 @@ def kafka_cluster(tmp_path_factory):
 def kafka_starter():
     """``start_kafka`` for tests that start clusters of their own (test modules cannot import conftests)."""
     return start_kafka
+
+
+def _assert_docs_close(got: list[dict], want: list[dict], tol: float = 1e-5) -> None:
+    """Output documents equal but for float32 rounding (kernels round differently for other batch
+    sizes): numbers to ``tol`` (relative and absolute), everything else exactly."""
+    assert len(got) == len(want)
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine.keys() == theirs.keys(), (mine, theirs)
+        for key, value in theirs.items():
+            if isinstance(value, float) and isinstance(mine[key], float):
+                assert mine[key] == pytest.approx(value, rel=tol, abs=tol), (key, mine, theirs)
+            else:
+                assert mine[key] == value, (key, mine, theirs)
+
+
+@pytest.fixture(scope="session")
+def docs_close():
+    """``_assert_docs_close`` for test modules."""
+    return _assert_docs_close

@@ -183,8 +183,9 @@ def test_source_delivers_in_order_with_stream_ids(mqtt_broker, prefix) -> None:
 
 
 def test_acknowledged_only_by_commit(mqtt_broker, prefix) -> None:
-    """Polled but not committed = not acknowledged: a new process with the client id gets it again. More
-    unacknowledged messages than mosquitto's default in-flight window (20) arrive (Receive Maximum)."""
+    """Polled but not committed = not acknowledged: a new process with the client id gets it again, with
+    the DUP flag; committed = gone. 300 unacknowledged messages reach the source at once (its Receive
+    Maximum; mosquitto's default in-flight window would be 20, this broker's is unlimited)."""
     topic, n = f"{prefix}/sensors/+", 300
     source = opened(mqtt_broker, topic, prefix)
     publish(mqtt_broker, f"{prefix}/sensors/dev1", [str(i) for i in range(n)])

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from connectors.base import DeadLetter, Message, Output
 from connectors.codec import Decoder, KeyedDecoder
@@ -254,3 +256,78 @@ def test_local_checkpoint_survives_a_reopen(tmp_path):
     cp.save({"rows": {"f.csv": 3}})
     again = LocalCheckpoint(tmp_path)
     assert again.read([0]) == {0: {"a": b"\x01" * 8}} and again.positions() == {"rows": {"f.csv": 3}}
+
+
+# ---- hostile input through the whole sensor path ----------------------------------------------------------
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+hostile_payloads = st.one_of(
+    st.binary(max_size=60),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "ts": json_values | st.floats(1e9, 2e9),
+            "value": json_values | st.floats(allow_nan=True, allow_infinity=True),
+            "values": json_values,
+            "id": json_values,
+        },
+    ).map(lambda d: json.dumps(d).encode()),
+    st.lists(st.text(max_size=8), max_size=4).map(lambda f: ",".join(f).encode(errors="surrogatepass")),
+    st.dictionaries(st.sampled_from(["timestamp", "value", None, "x"]), st.text(max_size=8), max_size=4),
+)
+
+
+def _sensor_pipeline(ref_factory, messages, tmp_path):
+    from connectors.readings import ReadingDecoder
+    from rnnstream.sensors import ForecastScoring, ReadingGuard
+
+    ref = ref_factory("gru", input_size=1, hidden_size=8, head_out=1)
+    sink, dead = ListSink(), ListDeadLetters()
+    pipe = Pipeline(
+        Engine(ref.model, device="cpu", freeze_gc=False),
+        ListSource(messages),
+        ReadingDecoder(channels=["value"]),
+        sink,
+        dead,
+        LocalCheckpoint(tmp_path),
+        scoring=ForecastScoring(["value"]),
+        checks=ReadingGuard(1),
+    )
+    pipe.run()
+    return sink.outputs, dead.outputs
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(hostile_payloads, min_size=1, max_size=25), st.randoms(use_true_random=False))
+def test_hostile_readings_of_one_stream_change_nothing_for_the_others(
+    ref_factory, tmp_path_factory, docs_close, junk, rnd
+):
+    """Whatever one stream's messages hold, the pipeline keeps running and every other stream's outputs
+    are exactly those of a run without them."""
+    good = [
+        Message(json.dumps({"ts": 1_700_000_000 + t, "value": float(np.sin(t + k))}).encode(), f"ok{k}")
+        for t in range(15)
+        for k in range(3)
+    ]
+    hostile = [
+        Message(p, "victim" if rnd.random() < 0.8 else None)
+        if not isinstance(p, dict)
+        else Message(p, "victim")
+        for p in junk
+    ]
+    mixed = list(good)
+    for m in hostile:
+        mixed.insert(rnd.randrange(len(mixed) + 1), m)
+    for k, m in enumerate(mixed):
+        m.position = k
+    clean_out, _ = _sensor_pipeline(
+        ref_factory, [Message(m.payload, m.key) for m in good], tmp_path_factory.mktemp("c")
+    )
+    mixed_out, letters = _sensor_pipeline(ref_factory, mixed, tmp_path_factory.mktemp("m"))
+    others = [o.doc for o in mixed_out if o.stream_id.startswith("ok")]
+    docs_close(others, [o.doc for o in clean_out])
+    assert len(mixed_out) + sum(not d.reason.startswith("accepted") for d in letters) == len(mixed)
