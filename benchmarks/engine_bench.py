@@ -676,13 +676,27 @@ def _table(title: str, columns: Sequence[str]) -> Table:
 
 
 def _throughput_table(results: dict[str, Any]) -> Table:
-    cols = ("cell", "hidden", "engine", "naive", "window", "engine/naive", "engine/window", "GFLOP/s",
-            "% of matmul", "bg CPU")
+    cols = (
+        "cell",
+        "hidden",
+        "engine",
+        "naive",
+        "window",
+        "engine/naive",
+        "engine/window",
+        "GFLOP/s",
+        "% of matmul",
+        "bg CPU",
+    )
     t = _table("Throughput (events/s)", cols)
     for r in results["throughput"]:
         checks = r["checks"]
         t.add_row(
-            r["cell"], str(r["hidden"]), _eps(r["engine_eps"]), _eps(r["naive_eps"]), _eps(r["window_eps"]),
+            r["cell"],
+            str(r["hidden"]),
+            _eps(r["engine_eps"]),
+            _eps(r["naive_eps"]),
+            _eps(r["window_eps"]),
             f"{r['engine_over_naive']:.1f}×{_mark(checks.get('engine_over_naive'))}",
             f"{r['engine_over_window']:.0f}×{_mark(checks.get('engine_over_window'))}",
             f"{r['gflops']:.1f}",
@@ -690,8 +704,18 @@ def _throughput_table(results: dict[str, Any]) -> Table:
             f"{r['background_cpu_cores']:.2f}",
         )
     s = results["submit"]
-    t.add_row("lstm submit()", str(s["hidden"]), _eps(s["submit_eps"]), "", "",
-              f"{s['submit_over_naive']:.1f}×", "", "", "", "")
+    t.add_row(
+        "lstm submit()",
+        str(s["hidden"]),
+        _eps(s["submit_eps"]),
+        "",
+        "",
+        f"{s['submit_over_naive']:.1f}×",
+        "",
+        "",
+        "",
+        "",
+    )
     mm, tg = results["matmul"], results["targets"]
     t.caption = (
         f"FLOPs/event = 2·(I·G·H + H·G·H), I = {INPUT_SIZE}, G = 1 (RNN), 3 (GRU), 4 (LSTM); "
@@ -711,16 +735,35 @@ def _throughput_table(results: dict[str, Any]) -> Table:
 
 
 def _latency_table(results: dict[str, Any]) -> Table:
-    cols = ("max_delay_ms", "threads", "max rate/s", "offered/s", "events", "mean batch", "p50 ms", "p99 ms",
-            "p99.9 ms", "max ms", "bg CPU")
+    cols = (
+        "max_delay_ms",
+        "threads",
+        "max rate/s",
+        "offered/s",
+        "events",
+        "mean batch",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "bg CPU",
+    )
     t = _table("Latency: submit() → result, LSTM hidden 64, open loop", cols)
     for r in results["latency"]:
         label = f"{r['max_delay_ms']:g}" + (" (default)" if r["default_setting"] else "")
         p99 = f"{r['p99_ms']:.3f}{_mark(r['checks']['p99'])}"
         t.add_row(
-            label, str(r["torch_threads"]), _eps(r["closed_loop_eps"]), _eps(r["offered_eps"]),
-            f"{r['events']:,}", f"{r['mean_batch_events']:.1f}", f"{r['p50_ms']:.3f}", p99,
-            f"{r['p999_ms']:.3f}", f"{r['max_ms']:.3f}", f"{r['background_cpu_cores']:.2f}",
+            label,
+            str(r["torch_threads"]),
+            _eps(r["closed_loop_eps"]),
+            _eps(r["offered_eps"]),
+            f"{r['events']:,}",
+            f"{r['mean_batch_events']:.1f}",
+            f"{r['p50_ms']:.3f}",
+            p99,
+            f"{r['p999_ms']:.3f}",
+            f"{r['max_ms']:.3f}",
+            f"{r['background_cpu_cores']:.2f}",
         )
     t.caption = (
         f"{NUM_STREAMS:,} streams. max rate: closed loop from one thread (submit all, then wait). "
@@ -739,8 +782,11 @@ def _memory_table(results: dict[str, Any]) -> Table:
     t = _table(title, cols)
     mib = 2.0**20
     t.add_row(
-        f"{m['raw_bytes'] / mib:,.1f} MiB", f"{m['capacity']:,}", f"{m['state_bytes'] / mib:,.1f} MiB",
-        f"{m['state_ratio']:.3f}×", f"{m['rss_growth_bytes'] / mib:,.1f} MiB",
+        f"{m['raw_bytes'] / mib:,.1f} MiB",
+        f"{m['capacity']:,}",
+        f"{m['state_bytes'] / mib:,.1f} MiB",
+        f"{m['state_ratio']:.3f}×",
+        f"{m['rss_growth_bytes'] / mib:,.1f} MiB",
         f"{m['rss_ratio']:.3f}×{_mark(m['checks'].get('rss_ratio'))}",
     )
     t.caption = (

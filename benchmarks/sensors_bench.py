@@ -285,35 +285,46 @@ def _one_latency_run(address: str, topic: str, rate: float, seconds: float, stre
     return {"offered_per_s": rate, "seconds": seconds, **percentiles(lat, expected - warm)}
 
 
+RATES = (2_000.0, 5_000.0, 10_000.0)
+"""Offered readings/s; the target is at 10,000 (p99 ≤ 10 ms)."""
+
+
 def latency(quick: bool, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Relay and service latencies at each of ``RATES``, against one broker (a fresh service per rate)."""
     from rnnstream.mqtt_broker import start_broker
 
-    rate, seconds, streams = 10_000.0, (4.0 if quick else 12.0), 1_000
+    seconds, streams = (4.0 if quick else 10.0), 1_000
+    rates = RATES[-1:] if quick else RATES
+    runs: dict[str, list[dict[str, Any]]] = {"relay": [], "rnnstream": []}
     with tempfile.TemporaryDirectory(prefix="rnnstream-bench-mqtt-") as tmp:
         work = Path(tmp)
         broker = start_broker(work / "mqtt")
         try:
-            progress(f"latency: baseline relay at {rate:,.0f} readings/s")
             ctx = mp.get_context("spawn")
-            relay = ctx.Process(target=_relay, args=(broker.address,), daemon=True)
-            relay.start()
-            time.sleep(1.0)
-            base = _one_latency_run(broker.address, "relay/+", rate, seconds, streams)
-            relay.terminate()
-            relay.join(10)
-            progress(f"relay p99 {base['p99_ms']:.1f} ms; now the rnnstream service")
-            svc = _start_service(work, broker.address)
-            try:
-                mine = _one_latency_run(broker.address, "scores/+", rate, seconds, streams)
-            finally:
-                svc.terminate()
-                svc.wait(60)
+            for rate in rates:
+                progress(f"latency at {rate:,.0f} readings/s: plain paho relay")
+                relay = ctx.Process(target=_relay, args=(broker.address,), daemon=True)
+                relay.start()
+                time.sleep(1.0)
+                runs["relay"].append(_one_latency_run(broker.address, "relay/+", rate, seconds, streams))
+                relay.terminate()
+                relay.join(10)
+                progress(f"latency at {rate:,.0f} readings/s: rnnstream run configs/sensors-mqtt.yaml")
+                svc = _start_service(work / f"svc-{int(rate)}", broker.address)
+                try:
+                    runs["rnnstream"].append(
+                        _one_latency_run(broker.address, "scores/+", rate, seconds, streams)
+                    )
+                finally:
+                    svc.terminate()
+                    svc.wait(60)
         finally:
             broker.stop()
-    return {"streams": streams, "relay": base, "rnnstream": mine}
+    return {"streams": streams, **runs}
 
 
 def _start_service(work: Path, address: str) -> subprocess.Popen:
+    work.mkdir(parents=True, exist_ok=True)
     cfg = yaml.safe_load((REPO / "configs" / "sensors-mqtt.yaml").read_text())
     cfg["model"] = str(MODEL)
     cfg["checkpoint"]["dir"] = str(work / "state")
@@ -361,24 +372,23 @@ def render_tables(results: dict[str, Any]) -> list[Table]:
         tables.append(tt)
     lat = results.get("latency")
     if lat:
-        lt = Table(title=f"MQTT publish → score received, {lat['streams']:,} streams, real Mosquitto")
+        lt = Table(title=f"MQTT publish → score received, {lat['streams']:,} streams, QoS 1, real Mosquitto")
         for col in ("path", "offered/s", "answered", "p50 ms", "p99 ms", "p99.9 ms", "max ms"):
             lt.add_column(col, justify="right" if col != "path" else "left")
-        for name, key in (
-            ("plain paho relay (floor)", "relay"),
-            ("rnnstream run sensors-mqtt.yaml", "rnnstream"),
-        ):
-            r = lat[key]
-            mark = "" if key == "relay" else (" ✓" if r["p99_ms"] <= 10 else " ✗")
-            lt.add_row(
-                name,
-                f"{r['offered_per_s']:,.0f}",
-                f"{r['answered']:,}",
-                f"{r['p50_ms']:.2f}",
-                f"{r['p99_ms']:.2f}{mark}",
-                f"{r['p999_ms']:.2f}",
-                f"{r['max_ms']:.2f}",
-            )
+        paths = (("plain paho relay (floor)", "relay"), ("rnnstream run sensors-mqtt.yaml", "rnnstream"))
+        for name, key in paths:
+            for r in lat[key]:
+                target = r["offered_per_s"] >= 10_000 and key == "rnnstream"
+                mark = (" ✓" if r["p99_ms"] <= 10 else " ✗") if target else ""
+                lt.add_row(
+                    name,
+                    f"{r['offered_per_s']:,.0f}",
+                    f"{r['answered']:,}",
+                    f"{r['p50_ms']:.2f}",
+                    f"{r['p99_ms']:.2f}{mark}",
+                    f"{r['p999_ms']:.2f}",
+                    f"{r['max_ms']:.2f}",
+                )
         tables.append(lt)
     return tables
 

@@ -254,7 +254,9 @@ class CsvSource:
     def _push(self, f: _File) -> None:
         row = f.next_row()
         if row is not None:
-            heapq.heappush(self._heap, (f.key_of(row), f.index, f.rows, row))
+            # one file replayed as fast as possible needs no merge key: skip parsing its timestamp
+            key = f.key_of(row) if len(self._files) > 1 or self.speed is not None else 0.0
+            heapq.heappush(self._heap, (key, f.index, f.rows, row))
 
     def _take(self, limit: int, until: float) -> list[Message]:
         """Pop up to ``limit`` rows due by ``until`` (monotonic seconds) as messages."""

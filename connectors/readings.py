@@ -22,6 +22,7 @@ Anything that cannot become a reading raises ``DecodeError`` with a one-line rea
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -77,6 +78,7 @@ def parse_timestamp(value: Any) -> float | None:
     return ts
 
 
+@functools.lru_cache(maxsize=4096)  # rows of many streams share their timestamps
 def _text_timestamp(text: str) -> float:
     if _NUMBER.fullmatch(text):
         return float(text)

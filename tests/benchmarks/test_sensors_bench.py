@@ -30,9 +30,9 @@ def _row(rate: float) -> dict[str, float]:
     return {"readings": 100_000, "seconds": 100_000 / rate, "readings_per_s": rate}
 
 
-def _lat(p99: float) -> dict[str, float]:
+def _lat(p99: float, rate: float = 10_000.0) -> dict[str, float]:
     return {
-        "offered_per_s": 10_000.0,
+        "offered_per_s": rate,
         "answered": 1000,
         "p50_ms": p99 / 2,
         "p99_ms": p99,
@@ -49,7 +49,11 @@ def test_tables_mark_the_targets():
             "pipeline_finetune": _row(40_000.0),
             "naive": _row(10_000.0),
         },
-        "latency": {"streams": 1000, "relay": _lat(3.0), "rnnstream": _lat(12.5)},
+        "latency": {
+            "streams": 1000,
+            "relay": [_lat(3.0)],
+            "rnnstream": [_lat(4.0, rate=2_000.0), _lat(12.5)],
+        },
     }
     out = io.StringIO()
     console = Console(file=out, width=160)
@@ -57,7 +61,7 @@ def test_tables_mark_the_targets():
         console.print(table)
     text = out.getvalue()
     assert "60,000 ✓" in text and "40,000 ✗" in text and "6.0×" in text
-    assert "12.50 ✗" in text and "3.00 " in text
+    assert "12.50 ✗" in text and "3.00 " in text and "4.00 " in text and "4.00 ✗" not in text
 
 
 def test_throughput_runs_the_real_pipeline_and_baseline_on_a_small_file(tmp_path):
