@@ -115,11 +115,18 @@ def run(
         overrides["kafka.instance_id"] = instance_id
     try:
         cfg = load_config(config, overrides)
-    except ConfigError as exc:
+        pipeline = build_pipeline(cfg)
+    except (ConfigError, ValueError) as exc:
         console.print(f"[red]config error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from exc
-    pipeline = build_pipeline(cfg)
-    pipeline.run()
+    except (OSError, RuntimeError) as exc:  # a broker that cannot be reached, a file that cannot be read
+        console.print(f"[red]cannot start:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        raise typer.Exit(1) from exc
+    try:
+        pipeline.run()
+    except (OSError, RuntimeError) as exc:  # fatal: a supervisor restarts the process
+        logging.getLogger("rnnstream").error("fatal: %s: %s", type(exc).__name__, exc, exc_info=True)
+        raise typer.Exit(1) from exc
     c = pipeline.counters
     typer.echo(
         f"stopped: {c.messages} messages, {c.events} events, {c.dead_letters} dead letters, "

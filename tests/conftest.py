@@ -163,15 +163,25 @@ def kafka_starter():
 
 def _assert_docs_close(got: list[dict], want: list[dict], tol: float = 1e-5) -> None:
     """Output documents equal but for float32 rounding (kernels round differently for other batch
-    sizes): numbers to ``tol`` (relative and absolute), everything else exactly."""
+    sizes): floats to ``tol`` (relative and absolute), at any depth; everything else exactly."""
     assert len(got) == len(want)
     for mine, theirs in zip(got, want, strict=True):
-        assert mine.keys() == theirs.keys(), (mine, theirs)
-        for key, value in theirs.items():
-            if isinstance(value, float) and isinstance(mine[key], float):
-                assert mine[key] == pytest.approx(value, rel=tol, abs=tol), (key, mine, theirs)
-            else:
-                assert mine[key] == value, (key, mine, theirs)
+        _assert_close(mine, theirs, tol, where=repr(theirs)[:300])
+
+
+def _assert_close(mine: object, theirs: object, tol: float, where: str) -> None:
+    if isinstance(theirs, float) and isinstance(mine, float):
+        assert mine == pytest.approx(theirs, rel=tol, abs=tol), where
+    elif isinstance(theirs, dict) and isinstance(mine, dict):
+        assert mine.keys() == theirs.keys(), where
+        for key in theirs:
+            _assert_close(mine[key], theirs[key], tol, where)
+    elif isinstance(theirs, list) and isinstance(mine, list):
+        assert len(mine) == len(theirs), where
+        for a, b in zip(mine, theirs, strict=True):
+            _assert_close(a, b, tol, where)
+    else:
+        assert mine == theirs, where
 
 
 @pytest.fixture(scope="session")

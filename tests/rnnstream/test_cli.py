@@ -71,3 +71,31 @@ def test_config_errors_name_the_bad_key(tmp_path, change, where):
 def test_bench_lists_its_suites():
     result = runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "engine|kafka" in result.output
+
+
+def test_run_refuses_a_pipeline_that_cannot_start_with_a_clear_message(tmp_path):
+    path = tmp_path / "nofiles.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(ASSET),
+                "source": {"type": "csv", "paths": [str(tmp_path / "*.csv")]},
+                "sink": {"type": "stdout"},
+            }
+        )
+    )
+    result = runner.invoke(app, ["run", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 1 and "matches no file" in result.output
+    wrong = tmp_path / "channels.yaml"
+    source = {"type": "csv", "paths": [str(path)], "channels": ["a", "b"]}  # the model takes one channel
+    wrong.write_text(yaml.safe_dump({"model": str(ASSET), "source": source, "sink": {"type": "stdout"}}))
+    result = runner.invoke(app, ["run", str(wrong)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "channels" in result.output
+
+
+def test_shipped_sensor_configs_are_valid():
+    mqtt = load_config(REPO / "configs" / "sensors-mqtt.yaml", {"mqtt.broker": "127.0.0.1:1884"})
+    assert mqtt.source.topic == "sensors/+" and mqtt.sink.topic == "scores/{stream}" and mqtt.source.qos == 1
+    assert mqtt.mqtt.broker == "127.0.0.1:1884" and mqtt.scoring.kind == "forecast"
+    csv = load_config(REPO / "configs" / "sensors-csv.yaml")
+    assert Path(csv.source.paths[0]) == (REPO / "configs" / "data" / "machines.csv").resolve()

@@ -331,3 +331,47 @@ def test_hostile_readings_of_one_stream_change_nothing_for_the_others(
     others = [o.doc for o in mixed_out if o.stream_id.startswith("ok")]
     docs_close(others, [o.doc for o in clean_out])
     assert len(mixed_out) + sum(not d.reason.startswith("accepted") for d in letters) == len(mixed)
+
+
+def test_channels_that_appear_or_disappear_are_dead_letters_and_touch_no_other_stream(
+    ref_factory, tmp_path, docs_close
+):
+    from connectors.readings import ReadingDecoder
+    from rnnstream.sensors import ForecastScoring, ReadingGuard
+
+    ref = ref_factory("lstm", input_size=2, hidden_size=8, head_out=2)
+
+    def run(messages, where):
+        sink, dead = ListSink(), ListDeadLetters()
+        Pipeline(
+            Engine(ref.model, device="cpu", freeze_gc=False),
+            ListSource(messages),
+            ReadingDecoder(channels=["temp", "rpm"]),
+            sink,
+            dead,
+            LocalCheckpoint(tmp_path / where),
+            scoring=ForecastScoring(["temp", "rpm"]),
+            checks=ReadingGuard(2),
+        ).run()
+        return sink.outputs, dead.outputs
+
+    def reading(sid, t, values):
+        return Message(json.dumps({"ts": 1_700_000_000 + t, "values": values}).encode(), sid)
+
+    good = [
+        reading(f"m{k}", t, {"temp": 20.0 + t % 5, "rpm": 1000.0 + k}) for t in range(30) for k in range(2)
+    ]
+    odd = [
+        reading("victim", 1, {"temp": 1.0, "rpm": 2.0, "vibration": 0.3}),  # a channel appears
+        reading("victim", 2, {"temp": 1.0}),  # a channel disappears
+        reading("victim", 3, {"temp": 1.0, "rpm": None}),  # a missing value
+    ]
+    clean, _ = run(list(good), "clean")
+    mixed, letters = run(good[:20] + odd + good[20:], "mixed")
+    reasons = [d.reason for d in letters]
+    assert len(reasons) == 3, reasons
+    assert "unknown channel" in reasons[0] and "vibration" in reasons[0]
+    assert "rpm" in reasons[1] and "missing" in reasons[1] and "missing" in reasons[2]
+    assert not [o for o in mixed if o.stream_id == "victim"]
+    docs_close([o.doc for o in mixed], [o.doc for o in clean])
+    assert mixed[0].doc["value"] == {"temp": 20.0, "rpm": 1000.0}
