@@ -19,6 +19,7 @@ transport.
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -235,3 +236,46 @@ class DeadLetter:
     @classmethod
     def of(cls, message: Message, reason: str) -> DeadLetter:
         return cls(message.payload, reason, message.key, message.topic, message.partition, message.position)
+
+    def document(self) -> dict[str, Any]:
+        """The dead letter as a JSON-able document (``json_safe``): ``{"reason", "key", "topic",
+        "partition", "position", "ts", "raw"}``; what file and MQTT dead-letter outputs write."""
+        return json_safe(
+            {
+                "reason": self.reason,
+                "key": self.key,
+                "topic": self.topic,
+                "partition": self.partition,
+                "position": self.position,
+                "ts": self.ts,
+                "raw": self.raw,
+            }
+        )
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` in a form every JSON writer takes: bytes as UTF-8 text, or ``{"base64": ...}`` when they
+    are not UTF-8; text that UTF-8 cannot carry (lone surrogates) with backslash escapes; dict keys as
+    text (``None`` as ``"null"``); containers element by element; integers beyond 64 bits as text; numpy
+    values as they are; anything else as its ``repr``."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(raw).decode()}
+    if isinstance(value, str):
+        try:
+            value.encode()
+            return value
+        except UnicodeEncodeError:
+            return value.encode(errors="backslashreplace").decode()
+    if isinstance(value, dict):
+        return {("null" if k is None else str(json_safe(k))): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return str(value)  # beyond what JSON readers take as an integer
+    if value is None or isinstance(value, bool | int | float | np.generic | np.ndarray):
+        return value
+    return repr(value)

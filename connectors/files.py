@@ -11,7 +11,6 @@ Files are opened in append mode; ``flush`` makes what was written durable (flush
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import csv as _csv
 import os
@@ -149,54 +148,14 @@ def _csv_header(path: Path) -> list[str] | None:
         return None
 
 
-def _plain(value: Any) -> Any:
-    """Bytes as text when they are UTF-8, else ``{"base64": ...}``; text that UTF-8 cannot carry (lone
-    surrogates) with backslash escapes; containers element by element."""
-    if isinstance(value, bytes | bytearray | memoryview):
-        raw = bytes(value)
-        try:
-            return raw.decode()
-        except UnicodeDecodeError:
-            return {"base64": base64.b64encode(raw).decode()}
-    if isinstance(value, str):
-        try:
-            value.encode()
-            return value
-        except UnicodeEncodeError:
-            return value.encode(errors="backslashreplace").decode()
-    if isinstance(value, dict):
-        return {("null" if k is None else str(_plain(k))): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
-        return str(value)  # beyond what JSON readers take as an integer
-    if value is None or isinstance(value, bool | int | float | np.generic | np.ndarray):
-        return value
-    return repr(value)
-
-
 def dead_letter_line(letter: DeadLetter) -> bytes:
-    """One dead letter as a JSON line: ``{"reason", "key", "topic", "partition", "position", "ts",
-    "raw"}``; ``raw`` as text when it is UTF-8, ``{"base64": ...}`` when not, a row as an object."""
-    record = {
-        "reason": letter.reason,
-        "key": letter.key,
-        "topic": letter.topic,
-        "partition": letter.partition,
-        "position": letter.position,
-        "ts": letter.ts,
-        "raw": letter.raw,
-    }
-    if not isinstance(letter.raw, bytes | bytearray | memoryview) and not isinstance(letter.key, bytes):
-        try:
-            return orjson.dumps(record, option=_JSON_OPTIONS) + b"\n"
-        except TypeError:  # JSONEncodeError is one: lone surrogates, odd types, huge ints
-            pass
+    """One dead letter as a JSON line (``DeadLetter.document``); a ``raw`` that still cannot be written
+    (an array of objects...) as its ``repr``, keeping the reason and where it came from."""
+    doc = letter.document()
     try:
-        return orjson.dumps(_plain(record), option=_JSON_OPTIONS) + b"\n"
-    except TypeError:  # an array of objects...: keep the reason and where it came from
-        record = {k: (repr(v) if k == "raw" else _plain(v)) for k, v in record.items()}
-        return orjson.dumps(_plain(record), option=_JSON_OPTIONS) + b"\n"
+        return orjson.dumps(doc, option=_JSON_OPTIONS) + b"\n"
+    except TypeError:  # JSONEncodeError is one
+        return orjson.dumps({**doc, "raw": repr(letter.raw)}, option=_JSON_OPTIONS) + b"\n"
 
 
 class JsonLinesDeadLetters:

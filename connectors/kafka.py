@@ -29,7 +29,15 @@ from typing import Any, NamedTuple, Protocol
 
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
-from connectors.base import Assignment, CheckpointFailed, DeadLetter, Guarantee, Message, Output
+from connectors.base import (
+    Assignment,
+    CheckpointFailed,
+    DeadLetter,
+    Guarantee,
+    Message,
+    Output,
+    json_safe,
+)
 from connectors.codec import Encoding, encode_document
 
 log = logging.getLogger(__name__)
@@ -520,12 +528,12 @@ class KafkaDeadLetters:
 
 def raw_bytes(raw: Any) -> bytes | None:
     """What a dead letter carries as its value: bytes as received; text as UTF-8; anything else (a CSV
-    row) as JSON."""
+    row) as JSON (``json_safe``)."""
     if raw is None or isinstance(raw, bytes):
         return raw
     if isinstance(raw, str):
         return raw.encode(errors="backslashreplace")
-    return encode_document({"row": raw}) if isinstance(raw, dict) else repr(raw).encode()
+    return encode_document({"row": json_safe(raw)})
 
 
 class KafkaChangelog:

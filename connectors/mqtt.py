@@ -16,7 +16,6 @@ names a session: two processes must not share one (the broker would disconnect t
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
@@ -588,9 +587,9 @@ class MqttSink(_Publishing):
 
 
 class MqttDeadLetters(_Publishing):
-    """Rejected input as JSON ``{"reason", "stream", "topic", "position", "ts", "raw"}`` to ``topic`` with
-    ``{stream}`` → the message key (``unknown`` without one). ``raw``: the input as text when it is UTF-8,
-    else ``{"base64": ...}``. Options as for ``MqttSink``."""
+    """Rejected input as JSON (``DeadLetter.document``: ``{"reason", "key", "topic", "partition",
+    "position", "ts", "raw"}``) to ``topic`` with ``{stream}`` → the message key (``unknown`` without one).
+    ``raw``: the input as text when it is UTF-8, else ``{"base64": ...}``. Options as for ``MqttSink``."""
 
     def __init__(
         self,
@@ -615,44 +614,6 @@ class MqttDeadLetters(_Publishing):
         super().__init__(conn, qos, False, max_unacked, ack_timeout_s)
 
     def write(self, letter: DeadLetter) -> None:
-        stream = _text(letter.key) if letter.key is not None else "unknown"
-        doc = {
-            "reason": letter.reason,
-            "stream": stream,
-            "topic": letter.topic,
-            "position": _plain(letter.position),
-            "ts": letter.ts,
-            "raw": raw_json(letter.raw),
-        }
+        doc = letter.document()
+        stream = doc["key"] if isinstance(doc["key"], str) else "unknown"
         self._pub.publish(topic_for(self.topic, stream), encode_document(doc))
-
-
-def raw_json(raw: Any) -> Any:
-    """A dead letter's ``raw`` as JSON: text as is, bytes as UTF-8 text or ``{"base64": ...}``, a row
-    (dict) as is, anything else as its ``repr``."""
-    if raw is None or isinstance(raw, str):
-        return raw
-    if isinstance(raw, bytes | bytearray | memoryview):
-        data = bytes(raw)
-        try:
-            return data.decode()
-        except UnicodeDecodeError:
-            return {"base64": base64.b64encode(data).decode()}
-    if isinstance(raw, dict):
-        return {str(k): _plain(v) for k, v in raw.items()}
-    return repr(raw)
-
-
-def _text(key: bytes | str) -> str:
-    return key if isinstance(key, str) else key.decode(errors="backslashreplace")
-
-
-def _plain(value: Any) -> Any:
-    """JSON-able as it stands (numbers, text, lists, dicts of those), else ``str``."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return str(value)

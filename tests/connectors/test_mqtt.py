@@ -357,10 +357,11 @@ def test_dead_letters_as_json(mqtt_broker, prefix) -> None:
     assert t1 == f"{prefix}/deadletters/dev1" and t2 == f"{prefix}/deadletters/unknown"
     assert d1 == {
         "reason": "not valid json",
-        "stream": "dev1",
+        "key": "dev1",
         "topic": "sensors/dev1",
+        "partition": 0,
         "position": 7,
         "ts": 1700000000.5,
         "raw": {"base64": base64.b64encode(binary).decode()},
     }
-    assert d2["raw"] == '{"x": [1, 2]}' and d2["stream"] == "unknown" and d2["reason"] == "missing key"
+    assert d2["raw"] == '{"x": [1, 2]}' and d2["key"] is None and d2["reason"] == "missing key"
