@@ -473,6 +473,7 @@ class _Publisher:
         self._cond = threading.Condition()
         self._pending: set[int] = set()
         self._early: set[int] = set()  # acked before publish() returned its mid
+        self._wake_at = -1  # a thread in _wait wants waking once this few publishes are unacknowledged
         self.counts = {"published": 0, "acked": 0, "rejected": 0}
         self._link.start()
 
@@ -488,7 +489,8 @@ class _Publisher:
             else:
                 self._early.add(mid)
             self.counts["acked"] += 1
-            self._cond.notify_all()
+            if len(self._pending) <= self._wake_at:  # wake a waiter once, not on every acknowledgement
+                self._cond.notify_all()
 
     def publish(self, topic: str, payload: bytes) -> None:
         """Queue one publish; waits while too many are unacknowledged (``MqttError`` after
@@ -515,7 +517,11 @@ class _Publisher:
 
     def _wait(self, most: int, what: str) -> None:
         with self._cond:
-            ok = self._cond.wait_for(lambda: len(self._pending) <= most, self.ack_timeout_s)
+            self._wake_at = most
+            try:
+                ok = self._cond.wait_for(lambda: len(self._pending) <= most, self.ack_timeout_s)
+            finally:
+                self._wake_at = -1
             if not ok:
                 raise MqttError(
                     f"MQTT broker {self._link.conn.broker} did not acknowledge {len(self._pending)} "

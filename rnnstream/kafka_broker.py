@@ -17,21 +17,31 @@ Two levels of API:
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rnnstream.local_services import (
+    Children,
+    cache_dir,
+    free_ports,
+    is_our_process,
+    port_open,
+    read_state,
+    send_signal,
+    spawn,
+    state_lock,
+    tail,
+    wait_gone,
+    write_state,
+)
 
 KAFKA_VERSION = "4.1.1"
 """Kafka version collected by ``tools/kafka/pom.xml`` (passed to mvn as ``-Dkafka.version``)."""
@@ -42,7 +52,7 @@ READY_LINE = "Kafka Server started"
 STATE_FILE_NAME = "cluster.json"
 _COMPLETE_MARKER = ".complete"
 _POM = Path(__file__).resolve().parent.parent / "tools" / "kafka" / "pom.xml"
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+_CHILDREN: Children = {}
 """Broker JVMs started by this process, kept so they can be reaped (no zombies, no ResourceWarning)."""
 
 
@@ -55,18 +65,12 @@ class KafkaBrokerError(RuntimeError):
 
 def kafka_home() -> Path:
     """Cache directory holding ``lib/`` with the broker jars (``$RNNSTREAM_KAFKA_HOME`` wins)."""
-    env = os.environ.get("RNNSTREAM_KAFKA_HOME")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "rnnstream" / f"kafka-{KAFKA_VERSION}"
+    return cache_dir("RNNSTREAM_KAFKA_HOME", f"kafka-{KAFKA_VERSION}")
 
 
 def run_dir() -> Path:
     """Directory for the ``up``/``down`` state file and cluster data (``$RNNSTREAM_KAFKA_RUN_DIR``)."""
-    env = os.environ.get("RNNSTREAM_KAFKA_RUN_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "rnnstream" / "kafka-run"
+    return cache_dir("RNNSTREAM_KAFKA_RUN_DIR", "kafka-run")
 
 
 def state_file() -> Path:
@@ -122,8 +126,8 @@ def ensure_jars() -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
-        tail = (proc.stdout + proc.stderr)[-4000:]
-        raise KafkaBrokerError(f"collecting Kafka jars failed ({' '.join(cmd)}):\n{tail}")
+        output = (proc.stdout + proc.stderr)[-4000:]
+        raise KafkaBrokerError(f"collecting Kafka jars failed ({' '.join(cmd)}):\n{output}")
     (staging / _COMPLETE_MARKER).write_text(KAFKA_VERSION + "\n")
     if lib.exists():
         shutil.rmtree(lib, ignore_errors=True)
@@ -139,63 +143,9 @@ def ensure_jars() -> Path:
 # --------------------------------------------------------------------------- processes
 
 
-def _pid_alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie (reaping it if it is our exited child)."""
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        if child.poll() is None:
-            return True
-        del _CHILDREN[pid]
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def _is_our_broker(pid: int, config: Path) -> bool:
-    """Guard against pid reuse: the process must be ``kafka.Kafka`` running ``config``.
-
-    Our own children are trusted (their cmdline is still Python's between fork and exec).
-    """
-    if not _pid_alive(pid):
-        return False
-    if pid in _CHILDREN:
-        return True
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return True  # no /proc (non-Linux): trust the pid
-    return MAIN_CLASS.encode() in argv and str(config).encode() in argv
-
-
-def _signal(pid: int, sig: int) -> None:
-    with suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _wait_gone(pids: list[int], timeout: float) -> list[int]:
-    """Wait until all ``pids`` are gone; return those still alive after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    alive = [p for p in pids if _pid_alive(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [p for p in alive if _pid_alive(p)]
-    return alive
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "<no log>"
+def _runs_kafka(argv: list[bytes]) -> bool:
+    """True if the command line ``argv`` runs the Kafka broker main class."""
+    return MAIN_CLASS.encode() in argv
 
 
 # --------------------------------------------------------------------------- cluster
@@ -214,7 +164,7 @@ class Node:
 
     def alive(self) -> bool:
         """True while this node's JVM is running."""
-        return self.pid > 0 and _is_our_broker(self.pid, self.config)
+        return self.pid > 0 and is_our_process(self.pid, self.config, _runs_kafka, _CHILDREN)
 
 
 @dataclass
@@ -248,17 +198,17 @@ class Cluster:
         """SIGTERM all nodes, wait up to ``timeout`` seconds, then SIGKILL the stragglers."""
         live = [n.pid for n in self.nodes if n.alive()]
         for pid in live:
-            _signal(pid, signal.SIGTERM)
-        for pid in _wait_gone(live, timeout):
-            _signal(pid, signal.SIGKILL)
-        _wait_gone(live, 5.0)
+            send_signal(pid, signal.SIGTERM)
+        for pid in wait_gone(live, timeout, _CHILDREN):
+            send_signal(pid, signal.SIGKILL)
+        wait_gone(live, 5.0, _CHILDREN)
 
     def kill_broker(self, index: int) -> None:
         """SIGKILL node ``index`` (hard failure, for fault-tolerance tests) and wait for it."""
         node = self.nodes[index]
         if node.alive():
-            _signal(node.pid, signal.SIGKILL)
-            _wait_gone([node.pid], 10.0)
+            send_signal(node.pid, signal.SIGKILL)
+            wait_gone([node.pid], 10.0, _CHILDREN)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-serialisable description (used by the ``up``/``down`` state file)."""
@@ -306,20 +256,6 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def free_ports(count: int) -> list[int]:
-    """Return ``count`` distinct currently-free TCP ports on 127.0.0.1."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _server_properties(node: Node, voters: str, data_dir: Path, brokers: int) -> str:
@@ -417,23 +353,7 @@ def _launch(lib: Path, node: Node, heap: str) -> None:
         "-Dorg.slf4j.simpleLogger.logFile=System.out",
     ]
     cmd = _java(lib, opts, MAIN_CLASS, str(node.config))
-    with open(node.log_file, "ab") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=node.config.parent,
-            start_new_session=True,
-        )
-    _CHILDREN[proc.pid] = proc
-    node.pid = proc.pid
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(1.0)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    node.pid = spawn(cmd, node.log_file, node.config.parent, _CHILDREN)
 
 
 def _wait_ready(nodes: list[Node], timeout: float) -> None:
@@ -443,15 +363,15 @@ def _wait_ready(nodes: list[Node], timeout: float) -> None:
         for n in list(pending):
             if not n.alive():
                 raise KafkaBrokerError(
-                    f"Kafka node {n.node_id} exited during startup; log {n.log_file}:\n{_tail(n.log_file)}"
+                    f"Kafka node {n.node_id} exited during startup; log {n.log_file}:\n{tail(n.log_file)}"
                 )
-            if READY_LINE in n.log_file.read_text(errors="replace") and _port_open(n.port):
+            if READY_LINE in n.log_file.read_text(errors="replace") and port_open(n.port, timeout=1.0):
                 pending.remove(n)
         if pending and time.monotonic() > deadline:
             n = pending[0]
             raise KafkaBrokerError(
                 f"Kafka node {n.node_id} not ready after {timeout:.0f}s; "
-                f"log {n.log_file}:\n{_tail(n.log_file)}"
+                f"log {n.log_file}:\n{tail(n.log_file)}"
             )
         if pending:
             time.sleep(0.1)
@@ -490,22 +410,8 @@ def start_cluster(
 # --------------------------------------------------------------------------- up / down / status
 
 
-@contextmanager
-def _state_lock() -> Iterator[None]:
-    run_dir().mkdir(parents=True, exist_ok=True)
-    with open(run_dir() / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _read_state() -> Cluster | None:
-    try:
-        return Cluster.from_json(json.loads(state_file().read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return read_state(state_file(), Cluster.from_json)
 
 
 def status() -> Cluster | None:
@@ -520,7 +426,7 @@ def up(brokers: int = 1, heap: str = "1g", timeout: float = 90.0) -> Cluster:
     A recorded cluster that is only partly alive is stopped and replaced.  Asking for a
     different broker count than the live recorded cluster raises :class:`KafkaBrokerError`.
     """
-    with _state_lock():
+    with state_lock(run_dir()):
         current = _read_state()
         if current is not None and current.is_running():
             if len(current.nodes) != brokers:
@@ -532,15 +438,13 @@ def up(brokers: int = 1, heap: str = "1g", timeout: float = 90.0) -> Cluster:
         if current is not None:
             current.stop(timeout=10.0)
         cluster = start_cluster(brokers, base_dir=run_dir() / "cluster", heap=heap, timeout=timeout)
-        tmp = state_file().with_suffix(".tmp")
-        tmp.write_text(json.dumps(cluster.to_json(), indent=2) + "\n")
-        tmp.replace(state_file())
+        write_state(state_file(), cluster.to_json())
         return cluster
 
 
 def down(timeout: float = 20.0) -> bool:
     """Stop the cluster recorded by :func:`up` and forget it; True if any node was running."""
-    with _state_lock():
+    with state_lock(run_dir()):
         current = _read_state()
         if current is None:
             return False

@@ -38,20 +38,29 @@ The generated ``mosquitto.conf`` contains, and why:
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import pwd
 import shutil
 import signal
-import socket
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rnnstream.local_services import (
+    Children,
+    cache_dir,
+    free_ports,
+    is_our_process,
+    port_open,
+    read_state,
+    send_signal,
+    spawn,
+    state_lock,
+    tail,
+    wait_gone,
+    write_state,
+)
 
 HOST = "127.0.0.1"
 MOSQUITTO_FALLBACK = Path("/usr/sbin/mosquitto")
@@ -63,7 +72,9 @@ LOG_NAME = "mosquitto.log"
 DATA_DIR_NAME = "data"
 STATE_FILE_NAME = "broker.json"
 ADDRESS_IN_USE = "Address already in use"
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+_TAIL_LINES = 30
+"""Log lines quoted in error messages."""
+_CHILDREN: Children = {}
 """Brokers started by this process, kept so they can be reaped (no zombies, no ResourceWarning)."""
 
 
@@ -84,10 +95,7 @@ class _StartupExit(MqttBrokerError):
 
 def run_dir() -> Path:
     """Directory for the ``up``/``down`` state file and broker data (``$RNNSTREAM_MQTT_RUN_DIR``)."""
-    env = os.environ.get("RNNSTREAM_MQTT_RUN_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "rnnstream" / "mqtt-run"
+    return cache_dir("RNNSTREAM_MQTT_RUN_DIR", "mqtt-run")
 
 
 def state_file() -> Path:
@@ -111,60 +119,14 @@ def mosquitto_binary() -> str:
 # --------------------------------------------------------------------------- processes
 
 
-def _pid_alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie (reaping it if it is our exited child)."""
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        if child.poll() is None:
-            return True
-        del _CHILDREN[pid]
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def _is_our_broker(pid: int, config: Path) -> bool:
-    """Guard against pid reuse: the process must be a mosquitto running ``config``."""
-    if not _pid_alive(pid):
-        return False
-    if pid in _CHILDREN:
-        return True
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return True  # no /proc (non-Linux): trust the pid
-    return bool(argv) and argv[0].endswith(b"mosquitto") and str(config).encode() in argv
-
-
-def _signal(pid: int, sig: int) -> None:
-    with suppress(ProcessLookupError):
-        os.kill(pid, sig)
+def _runs_mosquitto(argv: list[bytes]) -> bool:
+    """True if the command line ``argv`` runs a ``mosquitto`` executable."""
+    return bool(argv) and argv[0].endswith(b"mosquitto")
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
     """Wait up to ``timeout`` seconds for ``pid`` to exit; True if it is gone."""
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "<no log>"
+    return not wait_gone([pid], timeout, _CHILDREN, poll=0.02)
 
 
 def _file_identity(path: Path) -> tuple[int, int, int] | None:
@@ -178,15 +140,7 @@ def _file_identity(path: Path) -> tuple[int, int, int] | None:
 
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1 (the OS may hand it out again before it is bound)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex((HOST, port)) == 0
+    return free_ports(1, HOST)[0]
 
 
 # --------------------------------------------------------------------------- broker
@@ -228,19 +182,19 @@ class Broker:
 
     def alive(self) -> bool:
         """True while this broker's process is running."""
-        return self.pid > 0 and _is_our_broker(self.pid, self.config)
+        return self.pid > 0 and is_our_process(self.pid, self.config, _runs_mosquitto, _CHILDREN)
 
     def kill(self, timeout: float = 10.0) -> None:
         """SIGKILL the broker (hard failure: only the last autosave survives) and wait for it."""
         if self.alive():
-            _signal(self.pid, signal.SIGKILL)
+            send_signal(self.pid, signal.SIGKILL)
             _wait_gone(self.pid, timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (mosquitto saves its database), wait up to ``timeout`` seconds, then SIGKILL."""
         if not self.alive():
             return
-        _signal(self.pid, signal.SIGTERM)
+        send_signal(self.pid, signal.SIGTERM)
         if not _wait_gone(self.pid, timeout):
             self.kill()
 
@@ -324,17 +278,9 @@ def broker_config(port: int, data_dir: Path, log_file: Path) -> str:
 def _launch(broker: Broker) -> int:
     """Start the mosquitto process; return the log size before it (readiness reads only after it)."""
     offset = broker.log_file.stat().st_size if broker.log_file.exists() else 0
-    with open(broker.log_file, "ab") as log:
-        proc = subprocess.Popen(
-            [mosquitto_binary(), "-c", str(broker.config)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=broker.base_dir,
-            start_new_session=True,  # outlives the caller (``rnnstream mqtt up``) and its Ctrl-C
-        )
-    _CHILDREN[proc.pid] = proc
-    broker.pid = proc.pid
+    cmd = [mosquitto_binary(), "-c", str(broker.config)]
+    # own session: outlives the caller (``rnnstream mqtt up``) and its Ctrl-C
+    broker.pid = spawn(cmd, broker.log_file, broker.base_dir, _CHILDREN)
     return offset
 
 
@@ -357,11 +303,11 @@ def _logged_running(log: str) -> bool:
 def _check_deadline(broker: Broker, deadline: float, timeout: float, what: str) -> None:
     if not broker.alive():
         raise MqttBrokerError(
-            f"mosquitto on port {broker.port} is not running; log:\n{_tail(broker.log_file)}"
+            f"mosquitto on port {broker.port} is not running; log:\n{tail(broker.log_file, _TAIL_LINES)}"
         )
     if time.monotonic() > deadline:
         raise MqttBrokerError(
-            f"{what} within {timeout:.0f}s; log {broker.log_file}:\n{_tail(broker.log_file)}"
+            f"{what} within {timeout:.0f}s; log {broker.log_file}:\n{tail(broker.log_file, _TAIL_LINES)}"
         )
 
 
@@ -373,16 +319,16 @@ def _wait_ready(broker: Broker, offset: int, timeout: float) -> None:
             log = _log_since(broker, offset)
             raise _StartupExit(
                 f"mosquitto on port {broker.port} exited during startup; log {broker.log_file}:\n"
-                f"{_tail(broker.log_file)}",
+                f"{tail(broker.log_file, _TAIL_LINES)}",
                 port_in_use=ADDRESS_IN_USE in log,
             )
-        if _logged_running(_log_since(broker, offset)) and _port_open(broker.port):
+        if _logged_running(_log_since(broker, offset)) and port_open(broker.port, timeout=0.5, host=HOST):
             return
         if time.monotonic() > deadline:
             broker.kill()
             raise MqttBrokerError(
                 f"mosquitto on port {broker.port} not ready after {timeout:.0f}s; "
-                f"log {broker.log_file}:\n{_tail(broker.log_file)}"
+                f"log {broker.log_file}:\n{tail(broker.log_file, _TAIL_LINES)}"
             )
         time.sleep(0.02)
 
@@ -434,22 +380,8 @@ def start_broker(base_dir: Path, port: int | None = None, timeout: float = 15.0)
 # --------------------------------------------------------------------------- up / down / status
 
 
-@contextmanager
-def _state_lock() -> Iterator[None]:
-    run_dir().mkdir(parents=True, exist_ok=True)
-    with open(run_dir() / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _read_state() -> Broker | None:
-    try:
-        return Broker.from_json(json.loads(state_file().read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return read_state(state_file(), Broker.from_json)
 
 
 def status() -> Broker | None:
@@ -463,7 +395,7 @@ def up(port: int | None = None, timeout: float = 15.0) -> Broker:
 
     Asking for a ``port`` other than the live recorded broker's raises :class:`MqttBrokerError`.
     """
-    with _state_lock():
+    with state_lock(run_dir()):
         current = _read_state()
         if current is not None and current.alive():
             if port is not None and port != current.port:
@@ -472,15 +404,13 @@ def up(port: int | None = None, timeout: float = 15.0) -> Broker:
                 )
             return current
         broker = start_broker(run_dir() / "broker", port=port, timeout=timeout)
-        tmp = state_file().with_suffix(".tmp")
-        tmp.write_text(json.dumps(broker.to_json(), indent=2) + "\n")
-        tmp.replace(state_file())
+        write_state(state_file(), broker.to_json())
         return broker
 
 
 def down(timeout: float = 10.0) -> bool:
     """Stop the broker recorded by :func:`up` and forget it; True if it was running."""
-    with _state_lock():
+    with state_lock(run_dir()):
         current = _read_state()
         if current is None:
             return False

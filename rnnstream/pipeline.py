@@ -50,7 +50,7 @@ from connectors.base import (
 from connectors.codec import Decoded, DecodeError, check_label, decode_feedback
 from engine import Engine, EngineSnapshot, UnknownStreamError
 from engine.runtime import freeze_startup_objects
-from rnnstream.stream_table import StreamTable
+from rnnstream.stream_table import StreamDict, StreamTable
 
 log = logging.getLogger("rnnstream.pipeline")
 
@@ -60,12 +60,6 @@ class MessageDecoder(Protocol):
     dead letter; ``DecodeError``'s text is the reason as it stands)."""
 
     def decode(self, message: Message) -> Decoded: ...
-
-
-class Stage(Protocol):
-    """A per-stream step of the pipeline with bookkeeping that is checkpointed with the stream."""
-
-    table: StreamTable
 
 
 class Scoring(Protocol):
@@ -94,7 +88,7 @@ class ReadingChecks(Protocol):
     to the dead letters as ``accepted: ...``. ``reset_wanted`` says the stream's state must restart
     before this reading (a gap, with ``on_gap: reset``)."""
 
-    table: StreamTable
+    table: StreamTable | StreamDict
 
     def check(self, stream_id: str, decoded: Decoded) -> tuple[bool, list[str], bool]: ...
 
@@ -178,7 +172,7 @@ class StateCodec:
     stage table's row (float64 little-endian). A row holding the engine state only (written before the
     stages existed) restores the stages' initial rows."""
 
-    def __init__(self, engine_widths: Sequence[int], tables: Sequence[StreamTable]) -> None:
+    def __init__(self, engine_widths: Sequence[int], tables: Sequence[StreamTable | StreamDict]) -> None:
         self.engine_width = sum(engine_widths)
         self.tables = list(tables)
         self.extra_width = sum(t.width for t in self.tables)

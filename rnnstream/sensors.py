@@ -42,7 +42,7 @@ import torch
 
 from connectors.codec import Decoded
 from engine.batcher import plan_waves
-from rnnstream.stream_table import StreamTable
+from rnnstream.stream_table import StreamDict, StreamTable
 
 GapPolicy = Literal["keep", "reset"]
 
@@ -59,7 +59,7 @@ class ReadingGuard:
         flatline_after: int | None = 100,
     ) -> None:
         initial = np.concatenate([[math.nan, 0.0], np.full(channels, math.nan)])
-        self.table = StreamTable(2 + channels, initial)
+        self.table = StreamDict(2 + channels, initial)
         self.max_gap_s = max_gap_s
         self.on_gap = on_gap
         self.flatline_after = flatline_after
@@ -74,9 +74,8 @@ class ReadingGuard:
             decoded.ts = time.time()
             self._counts["stamped"] += 1
         ts = float(decoded.ts)
-        i = self.table.index(stream_id)  # first: a new stream may grow (reallocate) the rows
-        row = self.table.rows[i]
-        last = float(row[0])
+        row = self.table.row(stream_id)
+        last = row[0]
         if ts <= last:  # False while last is NaN (no reading yet)
             kind = "duplicate" if ts == last else "out_of_order"
             self._counts[kind] += 1
@@ -91,11 +90,11 @@ class ReadingGuard:
             gap = f"gap of {ts - last:.6g} s after the last reading (max_gap_s {self.max_gap_s})"
             notices.append(f"{gap}; {action}")
         values = decoded.xs[0]  # plain floats: cheaper to compare than arrays for a few channels
-        run = row[1] + 1 if values == row[2:].tolist() else 0.0
+        run = row[1] + 1 if values == row[2:] else 0.0
         if self.flatline_after is not None and run + 1 == self.flatline_after:
             self._counts["flatline"] += 1
             notices.append(f"flat line: {self.flatline_after} identical readings in a row")
-        row[0], row[1], row[2:] = ts, run, values
+        row[0], row[1], row[2:] = ts, run, list(values)
         return True, notices, reset
 
 
@@ -212,32 +211,31 @@ class ForecastScoring:
         return score, alert
 
     def _docs(self, batch, xs, prediction, forecast, error, score, alert, version) -> list[dict]:
-        single = self.f == 1
+        """The documents, built from plain Python values (one ``tolist`` per array, not one numpy
+        scalar per field)."""
         names = self.channels
-        first = self._seen == 1  # nothing was forecast for a stream's first reading
-        docs = []
-        for k, (_msg, _sid, _n, dec) in enumerate(batch.items):
-            if single:
-                value, pred, fc = float(xs[k, 0]), float(prediction[k, 0]), float(forecast[k, 0])
-            else:
-                value = dict(zip(names, xs[k].tolist(), strict=True))
-                pred = dict(zip(names, prediction[k].tolist(), strict=True))
-                fc = dict(zip(names, forecast[k].tolist(), strict=True))
-            if first[k]:
-                pred = None
-            docs.append(
-                {
-                    "ts": dec.ts,
-                    "value": value,
-                    "prediction": pred,
-                    "error": float(error[k]),
-                    "anomaly_score": float(score[k]),
-                    "alert": bool(alert[k]),
-                    "forecast": fc,
-                    "model_version": version,
-                }
+        first = (self._seen == 1).tolist()  # nothing was forecast for a stream's first reading
+        if self.f == 1:
+            values, preds, fcs = xs[:, 0].tolist(), prediction[:, 0].tolist(), forecast[:, 0].tolist()
+        else:
+            values, preds, fcs = (
+                [dict(zip(names, row, strict=True)) for row in a.tolist()] for a in (xs, prediction, forecast)
             )
-        return docs
+        columns = (values, preds, fcs, first, error.tolist(), score.tolist(), alert.tolist())
+        rows = zip(batch.items, *columns, strict=True)
+        return [
+            {
+                "ts": item[3].ts,
+                "value": value,
+                "prediction": None if is_first else pred,
+                "error": err,
+                "anomaly_score": sc,
+                "alert": al,
+                "forecast": fc,
+                "model_version": version,
+            }
+            for item, value, pred, fc, is_first, err, sc, al in rows
+        ]
 
 
 def _std(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
