@@ -327,7 +327,9 @@ class MqttSource:
         )
         self._cond = threading.Condition()
         self._queue: deque[_Received] = deque()
-        self._unacked: list[_Received] = []  # polled since the last commit
+        self._unacked: list[_Received] = []  # QoS 1 messages polled and not yet acknowledged, in order
+        self._polled = 0  # QoS 1 messages polled so far (marks count them)
+        self._released = 0  # ... of which acknowledged or given up (``rollback``)
         self._link_id = 0  # changes on every connect and disconnect
         self._next_position = 0
         self._overflowing = False
@@ -409,8 +411,14 @@ class MqttSource:
             batch = [self._queue.popleft() for _ in range(n)]
             if len(self._queue) < self.max_queued // 2:
                 self._overflowing = False
-        self._unacked.extend(r for r in batch if r.qos > 0)
+        unacked = [r for r in batch if r.qos > 0]
+        self._unacked.extend(unacked)
+        self._polled += len(unacked)
         return [r.message for r in batch]
+
+    def mark(self) -> int:
+        """A mark of every message polled so far, for ``commit(mark)``."""
+        return self._polled
 
     @property
     def exhausted(self) -> bool:
@@ -419,10 +427,13 @@ class MqttSource:
     def positions(self) -> dict[str, Any]:
         return {}
 
-    def commit(self) -> None:
-        """Acknowledge every QoS 1 message polled so far (in order of receipt) that came on the current
-        connection; those of an earlier connection are redelivered by the broker instead."""
-        unacked, self._unacked = self._unacked, []
+    def commit(self, mark: int | None = None) -> None:
+        """Acknowledge the QoS 1 messages polled so far (up to ``mark``, when given), in order of receipt,
+        that came on the current connection; those of an earlier connection are redelivered by the broker
+        instead."""
+        n = len(self._unacked) if mark is None else max(0, mark - self._released)
+        unacked, self._unacked = self._unacked[:n], self._unacked[n:]
+        self._released += len(unacked)
         with self._cond:  # no connect or disconnect between the check and the ack
             for r in unacked:
                 if r.link == self._link_id:
@@ -437,6 +448,7 @@ class MqttSource:
         self._link.stop()
         with self._cond:
             self._unacked, self._queue = [], deque()
+            self._released = self._polled
         self._link.start()
         return [0]
 
@@ -471,7 +483,8 @@ class _Publisher:
         inflight = min(max_unacked, PAHO_MAX_INFLIGHT)  # the rest waits in paho's queue
         self._link = _Link(conn, max_inflight=inflight, callbacks={"on_publish": self._acked})
         self._cond = threading.Condition()
-        self._pending: set[int] = set()
+        self._pending: dict[int, int] = {}  # mid → publish number, oldest first
+        self._published = 0  # QoS > 0 publishes so far (their numbers)
         self._early: set[int] = set()  # acked before publish() returned its mid
         self._wake_at = -1  # a thread in _wait wants waking once this few publishes are unacknowledged
         self.counts = {"published": 0, "acked": 0, "rejected": 0}
@@ -484,9 +497,7 @@ class _Publisher:
             self.counts["rejected"] += 1
             log.error("MQTT broker %s rejected a publish: %s", self._link.conn.broker, reason)
         with self._cond:
-            if mid in self._pending:
-                self._pending.discard(mid)
-            else:
+            if self._pending.pop(mid, None) is None:
                 self._early.add(mid)
             self.counts["acked"] += 1
             if len(self._pending) <= self._wake_at:  # wake a waiter once, not on every acknowledgement
@@ -506,10 +517,20 @@ class _Publisher:
         self.counts["published"] += 1
         if self.qos:
             with self._cond:
+                self._published += 1
                 if info.mid in self._early:
                     self._early.discard(info.mid)
                 else:
-                    self._pending.add(info.mid)
+                    self._pending[info.mid] = self._published
+
+    def mark(self) -> int:
+        """A mark of everything published so far, for ``done``."""
+        return self._published
+
+    def done(self, mark: int) -> bool:
+        """Whether every publish up to ``mark`` is acknowledged; never waits."""
+        with self._cond:
+            return not self._pending or next(iter(self._pending.values())) > mark
 
     def flush(self) -> None:
         """Wait until every QoS > 0 publish so far is acknowledged (``MqttError`` after ``ack_timeout_s``)."""
@@ -550,6 +571,14 @@ class _Publishing:
 
     def flush(self) -> None:
         self._pub.flush()
+
+    def mark(self) -> int:
+        """A mark of everything written so far (for a checkpoint that must not wait: ``done``)."""
+        return self._pub.mark()
+
+    def done(self, mark: int) -> bool:
+        """Whether the broker acknowledged everything written up to ``mark``; never waits."""
+        return self._pub.done(mark)
 
     def close(self) -> None:
         self._pub.close()

@@ -244,6 +244,8 @@ class Pipeline:
         self._ended: dict[int, set[str]] = {}  # partition → streams ended since the last checkpoint
         self._pending = 0  # messages processed since the last checkpoint
         self._last_checkpoint = time.monotonic()
+        self._deferred = all(hasattr(part, "mark") for part in (source, sink, dead_letters))
+        self._in_flight: deque[tuple[list, dict, tuple]] = deque()  # deferred checkpoints, oldest first
         self._to_restore: set[int] = set()
         # stream → recent (input position, first step, timesteps), to address feedback by positions
         self._steps_at: dict[str, deque[tuple[int, int, int]]] = {}
@@ -272,7 +274,9 @@ class Pipeline:
                 elif self.source.exhausted:
                     break
                 if time.monotonic() - self._last_checkpoint >= self.interval_s:
-                    self.checkpoint()
+                    self.checkpoint(wait=False)
+                elif self._in_flight:
+                    self._complete(wait=False)
             self.checkpoint()
         finally:
             self._close()
@@ -492,13 +496,31 @@ class Pipeline:
             next_step[sid] = step + n
 
     # ---- checkpoints ---------------------------------------------------------------------------------
-    def checkpoint(self) -> None:
-        """Outputs, dead letters, changed states and source positions made durable together."""
+    def checkpoint(self, wait: bool = True) -> None:
+        """Outputs, dead letters, changed states and source positions made durable together.
+
+        With a sink, dead letters and source that can mark what they have written or read (MQTT), and
+        ``wait=False``, the checkpoint does not wait for the broker: the changed rows and positions are
+        taken now, and saved (then the source acknowledged up to its mark) on a later loop pass, once the
+        outputs and dead letters up to their marks are acknowledged. Otherwise it flushes and commits at
+        once (for Kafka: one transaction)."""
         self._last_checkpoint = time.monotonic()
-        if not self._pending and not self._dirty and not self._ended:
-            return
-        self.sink.flush()
-        self.dead_letters.flush()
+        if self._pending or self._dirty or self._ended:
+            rows, positions = self._changed_rows(), self.source.positions()
+            if self._deferred:
+                marks = (self.sink.mark(), self.dead_letters.mark(), self.source.mark())  # type: ignore[attr-defined]
+                self._in_flight.append((rows, positions, marks))
+            else:
+                self.sink.flush()
+                self.dead_letters.flush()
+                self._commit(rows, positions, None)
+        if self._in_flight:
+            self._complete(wait)
+
+    def _changed_rows(self) -> list[tuple[int, str, bytes | None]]:
+        """``(partition, stream, row or None for an ended stream)`` of every stream changed since the
+        last checkpoint; starts the next interval."""
+        rows: list[tuple[int, str, bytes | None]] = []
         for partition, sids in self._dirty.items():
             self._tasks.setdefault(partition, set()).update(sids)
             self._ended.get(partition, set()).difference_update(sids)  # ended, then started again
@@ -507,25 +529,53 @@ class Pipeline:
                 continue
             engine_rows = torch.cat(snap.states, dim=1).numpy()
             ids = [str(s) for s in snap.stream_ids]
-            for sid, row in zip(ids, self.codec.encode(engine_rows, ids), strict=True):
-                self.backend.write(partition, sid, row)
-        for partition, sids in self._ended.items():
-            for sid in sids:
-                self.backend.write(partition, sid, None)
+            rows.extend(
+                (partition, sid, row)
+                for sid, row in zip(ids, self.codec.encode(engine_rows, ids), strict=True)
+            )
+        rows.extend((partition, sid, None) for partition, sids in self._ended.items() for sid in sids)
         self._dirty, self._ended, self._pending = {}, {}, 0
+        return rows
+
+    def _complete(self, wait: bool) -> None:
+        """Save the deferred checkpoints whose outputs and dead letters are acknowledged, oldest first
+        (``wait``: all of them, flushing first)."""
+        if wait:
+            self.sink.flush()
+            self.dead_letters.flush()
+        while self._in_flight:
+            rows, positions, (sink_mark, letters_mark, source_mark) = self._in_flight[0]
+            done = self.sink.done(sink_mark) and self.dead_letters.done(letters_mark)  # type: ignore[attr-defined]
+            if not (wait or done):
+                return
+            self._in_flight.popleft()
+            if not self._commit(rows, positions, source_mark):
+                return
+
+    def _commit(
+        self, rows: list[tuple[int, str, bytes | None]], positions: dict, source_mark: object
+    ) -> bool:
+        """Rows and positions to the backend, then the source committed (up to ``source_mark``)."""
+        for partition, sid, row in rows:
+            self.backend.write(partition, sid, row)
         try:
-            self.backend.save(self.source.positions())
-            self.source.commit()
+            self.backend.save(positions)
+            if source_mark is None:
+                self.source.commit()
+            else:
+                self.source.commit(source_mark)  # type: ignore[call-arg]
         except CheckpointFailed as exc:
             log.warning("checkpoint failed (%s): rolling back to the last one", exc)
             self._rollback()
-            return
+            return False
         self.counters.checkpoints += 1
+        return True
 
     def _rollback(self) -> None:
         """After a failed checkpoint: drop every stream, go back to the committed positions, restore the
         committed state."""
         self.counters.aborts += 1
+        self._in_flight.clear()
         self._drop_tasks(set(self._tasks))
         assigned = self.source.rollback()
         self._restore_tasks(assigned)

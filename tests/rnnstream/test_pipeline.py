@@ -375,3 +375,71 @@ def test_channels_that_appear_or_disappear_are_dead_letters_and_touch_no_other_s
     assert not [o for o in mixed if o.stream_id == "victim"]
     docs_close([o.doc for o in mixed], [o.doc for o in clean])
     assert mixed[0].doc["value"] == {"temp": 20.0, "rpm": 1000.0}
+
+
+class SlowAckSink(ListSink):
+    """A sink whose outputs are acknowledged only when the test says so (``acked``), like an MQTT broker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acked = 0
+
+    def mark(self) -> int:
+        return len(self.outputs)
+
+    def done(self, mark: int) -> bool:
+        return mark <= self.acked
+
+    def flush(self) -> None:
+        self.acked = len(self.outputs)
+
+
+class MarkingDeadLetters(ListDeadLetters):
+    def mark(self) -> int:
+        return 0
+
+    def done(self, mark: int) -> bool:
+        return True
+
+
+class MarkingSource(ListSource):
+    def mark(self) -> int:
+        return self.next
+
+    def commit(self, mark: int | None = None) -> None:  # type: ignore[override]
+        self.committed = self.next if mark is None else mark
+
+
+def test_a_checkpoint_that_does_not_wait_saves_nothing_before_its_outputs_are_acknowledged(
+    ref_factory, tmp_path
+):
+    """State and positions are saved, and the source acknowledged, only up to outputs the sink has
+    confirmed; meanwhile processing goes on."""
+    ref = ref_factory("gru", input_size=F, hidden_size=8, head_out=2)
+    msgs, _ = _messages(np.random.default_rng(5), streams=4, n=60)
+    source, sink, dead = MarkingSource(msgs, batch=10), SlowAckSink(), MarkingDeadLetters()
+    backend = LocalCheckpoint(tmp_path)
+    pipe = Pipeline(
+        Engine(ref.model, device="cpu", freeze_gc=False),
+        source,
+        KeyedDecoder(Decoder("json", F)),
+        sink,
+        dead,
+        backend,
+    )
+    assert pipe._deferred
+    source.open(pipe, {})
+    pipe._restore_tasks([0])
+    pipe._process(source.poll(0))
+    pipe.checkpoint(wait=False)  # rows and positions taken at 10 messages; outputs not acknowledged
+    pipe._process(source.poll(0))
+    pipe.checkpoint(wait=False)  # ... and at 20
+    assert backend.positions() == {} and source.committed == 0 and len(pipe._in_flight) == 2
+    sink.acked = 10  # the broker acknowledged the first 10 outputs
+    pipe._complete(wait=False)
+    assert backend.positions() == {"next": 10} and source.committed == 10 and len(pipe._in_flight) == 1
+    assert LocalCheckpoint(tmp_path).positions() == {"next": 10}  # on disk too
+    pipe._process(source.poll(0))
+    pipe.checkpoint()  # waits: flushes and saves everything
+    assert backend.positions() == {"next": 30} and source.committed == 30 and not pipe._in_flight
+    pipe.engine.close()
