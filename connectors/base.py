@@ -163,6 +163,27 @@ class DeadLetters(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class MarkedOutput(Protocol):
+    """Optional, for a sink or dead-letter output whose writes become durable later (MQTT QoS 1):
+    ``mark()`` names everything written so far; ``done(mark)`` says, without waiting, whether all of it
+    is acknowledged. With a ``MarkedSource``, the pipeline's checkpoints then do not wait for the broker."""
+
+    def mark(self) -> Any: ...
+
+    def done(self, mark: Any) -> bool: ...
+
+
+@runtime_checkable
+class MarkedSource(Protocol):
+    """Optional, for a source that can commit part of what it returned: ``mark()`` names everything
+    returned so far; ``commit(mark)`` commits up to it (later messages stay uncommitted)."""
+
+    def mark(self) -> Any: ...
+
+    def commit(self, mark: Any = None) -> None: ...
+
+
 class StateBackend(Protocol):
     """Where stream states are checkpointed. A state is one opaque row of bytes per stream (engine state
     and the pipeline's per-stream bookkeeping, ``rnnstream.pipeline.StateCodec``).

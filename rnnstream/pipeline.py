@@ -41,6 +41,8 @@ from connectors.base import (
     CheckpointFailed,
     DeadLetter,
     DeadLetters,
+    MarkedOutput,
+    MarkedSource,
     Message,
     Output,
     Sink,
@@ -244,7 +246,11 @@ class Pipeline:
         self._ended: dict[int, set[str]] = {}  # partition → streams ended since the last checkpoint
         self._pending = 0  # messages processed since the last checkpoint
         self._last_checkpoint = time.monotonic()
-        self._deferred = all(hasattr(part, "mark") for part in (source, sink, dead_letters))
+        self._deferred = (
+            isinstance(source, MarkedSource)
+            and isinstance(sink, MarkedOutput)
+            and isinstance(dead_letters, MarkedOutput)
+        )
         self._in_flight: deque[tuple[list, dict, tuple]] = deque()  # deferred checkpoints, oldest first
         self._to_restore: set[int] = set()
         # stream → recent (input position, first step, timesteps), to address feedback by positions
@@ -508,7 +514,7 @@ class Pipeline:
         if self._pending or self._dirty or self._ended:
             rows, positions = self._changed_rows(), self.source.positions()
             if self._deferred:
-                marks = (self.sink.mark(), self.dead_letters.mark(), self.source.mark())  # type: ignore[attr-defined]
+                marks = (self.sink.mark(), self.dead_letters.mark(), self.source.mark())
                 self._in_flight.append((rows, positions, marks))
             else:
                 self.sink.flush()
@@ -545,7 +551,7 @@ class Pipeline:
             self.dead_letters.flush()
         while self._in_flight:
             rows, positions, (sink_mark, letters_mark, source_mark) = self._in_flight[0]
-            done = self.sink.done(sink_mark) and self.dead_letters.done(letters_mark)  # type: ignore[attr-defined]
+            done = self.sink.done(sink_mark) and self.dead_letters.done(letters_mark)
             if not (wait or done):
                 return
             self._in_flight.popleft()
@@ -563,7 +569,7 @@ class Pipeline:
             if source_mark is None:
                 self.source.commit()
             else:
-                self.source.commit(source_mark)  # type: ignore[call-arg]
+                self.source.commit(source_mark)
         except CheckpointFailed as exc:
             log.warning("checkpoint failed (%s): rolling back to the last one", exc)
             self._rollback()
