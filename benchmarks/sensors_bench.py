@@ -328,7 +328,7 @@ def _start_service(work: Path, address: str) -> subprocess.Popen:
     cfg = yaml.safe_load((REPO / "configs" / "sensors-mqtt.yaml").read_text())
     cfg["model"] = str(MODEL)
     cfg["checkpoint"]["dir"] = str(work / "state")
-    cfg["mqtt"]["client_id"] = f"bench-{os.getpid()}"
+    cfg["mqtt"]["client_id"] = f"bench-{os.getpid()}-{work.name}"  # a session of its own per run
     cfg["engine"] = {"device": "cpu"}
     path = work / "sensors-mqtt.yaml"
     path.write_text(yaml.safe_dump(cfg))
