@@ -17,6 +17,7 @@ names a session: two processes must not share one (the broker would disconnect t
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -56,6 +57,8 @@ PAHO_MAX_INFLIGHT = 100
 """Publishes paho keeps in flight at once. paho rescans its in-flight messages on every acknowledgement:
 measured here with 30,000 QoS 1 publishes, 22.8k/s were acknowledged with 100 in flight, 8.4k/s with
 1,000 and 1.2k/s with 20,000. More unacknowledged publishes (``max_unacked``) wait in paho's queue."""
+OUTAGE_LOG_S = 30.0
+"""While publishes wait for a broker that does not acknowledge, a warning this often (seconds)."""
 MAX_UNACKED = 60_000
 """Unacknowledged publishes a sink may have at most (packet ids are 16 bits and must stay unique)."""
 MAX_POLL = 10_000
@@ -472,7 +475,7 @@ class _Publisher:
     """
 
     def __init__(
-        self, conn: Connection, qos: int, retain: bool, max_unacked: int, ack_timeout_s: float
+        self, conn: Connection, qos: int, retain: bool, max_unacked: int, ack_timeout_s: float | None
     ) -> None:
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
@@ -537,17 +540,27 @@ class _Publisher:
         self._wait(0, "flush")
 
     def _wait(self, most: int, what: str) -> None:
+        """Until at most ``most`` publishes are unacknowledged: ``MqttError`` after ``ack_timeout_s``, or
+        (``None``) for as long as the broker takes, with a warning every ``OUTAGE_LOG_S`` seconds."""
+        limit = math.inf if self.ack_timeout_s is None else self.ack_timeout_s
+        start = time.monotonic()
         with self._cond:
             self._wake_at = most
             try:
-                ok = self._cond.wait_for(lambda: len(self._pending) <= most, self.ack_timeout_s)
+                while len(self._pending) > most:
+                    waited = time.monotonic() - start
+                    if waited >= limit:
+                        raise MqttError(
+                            f"MQTT broker {self._link.conn.broker} did not acknowledge {len(self._pending)} "
+                            f"publishes within {self.ack_timeout_s:g} s ({what})"
+                        )
+                    if not self._cond.wait(min(OUTAGE_LOG_S, limit - waited)) and len(self._pending) > most:
+                        log.warning(
+                            "MQTT broker %s has not acknowledged %d publishes for %.0f s (%s): waiting",
+                            self._link.conn.broker, len(self._pending), time.monotonic() - start, what,
+                        )  # fmt: skip
             finally:
                 self._wake_at = -1
-            if not ok:
-                raise MqttError(
-                    f"MQTT broker {self._link.conn.broker} did not acknowledge {len(self._pending)} "
-                    f"publishes within {self.ack_timeout_s:g} s ({what})"
-                )
 
     def close(self) -> None:
         try:
@@ -565,7 +578,7 @@ class _Publishing:
     connection trouble)."""
 
     def __init__(
-        self, conn: Connection, qos: int, retain: bool, max_unacked: int, ack_timeout_s: float
+        self, conn: Connection, qos: int, retain: bool, max_unacked: int, ack_timeout_s: float | None
     ) -> None:
         self._pub = _Publisher(conn, qos, retain, max_unacked, ack_timeout_s)
 
@@ -591,7 +604,8 @@ class MqttSink(_Publishing):
     """Each output as JSON (``encode_document``) to ``topic`` with ``{stream}`` → the stream id. QoS 1:
     ``flush`` returns once the broker acknowledged everything written. Connection options as for
     ``Connection``; ``max_unacked`` publishes may await their acknowledgement before ``write`` blocks;
-    ``ack_timeout_s`` (seconds) bounds ``flush`` and that wait (then ``MqttError``). Connects at once."""
+    ``ack_timeout_s`` (seconds) bounds ``flush`` and that wait (then ``MqttError``; ``None``: wait out a
+    broker outage, warning every ``OUTAGE_LOG_S`` seconds). Connects at once."""
 
     def __init__(
         self,
@@ -607,7 +621,7 @@ class MqttSink(_Publishing):
         reconnect_backoff_s: tuple[float, float] = (0.1, 10.0),
         connect_timeout_s: float = 30.0,
         max_unacked: int = 10_000,
-        ack_timeout_s: float = 30.0,
+        ack_timeout_s: float | None = 30.0,
     ) -> None:
         self.topic = topic
         conn = Connection(
@@ -639,7 +653,7 @@ class MqttDeadLetters(_Publishing):
         reconnect_backoff_s: tuple[float, float] = (0.1, 10.0),
         connect_timeout_s: float = 30.0,
         max_unacked: int = 10_000,
-        ack_timeout_s: float = 30.0,
+        ack_timeout_s: float | None = 30.0,
     ) -> None:
         self.topic = topic
         conn = Connection(

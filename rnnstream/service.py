@@ -226,7 +226,10 @@ def _sink(config: ServiceConfig, kafka: Any) -> Sink:
     if s.type == "mqtt":
         from connectors.mqtt import MqttSink
 
-        return MqttSink(topic=s.topic, qos=s.qos, retain=s.retain, **_mqtt_args(config, "-out"))
+        # ack_timeout_s None: a broker outage pauses the pipeline (backpressure) instead of ending it
+        return MqttSink(
+            topic=s.topic, qos=s.qos, retain=s.retain, ack_timeout_s=None, **_mqtt_args(config, "-out")
+        )
     from connectors import files
 
     if s.type == "stdout":
@@ -255,7 +258,7 @@ def _dead_letters(config: ServiceConfig, kafka: Any) -> DeadLetters:
         return KafkaDeadLetters(_plain_producer(config), d.topic, owns=True)
     from connectors.mqtt import MqttDeadLetters
 
-    return MqttDeadLetters(topic=d.topic, **_mqtt_args(config, "-dlq"))
+    return MqttDeadLetters(topic=d.topic, ack_timeout_s=None, **_mqtt_args(config, "-dlq"))
 
 
 def _backend(config: ServiceConfig, kafka: Any) -> StateBackend:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections import Counter
@@ -338,6 +339,26 @@ def test_sink_backpressure_and_flush_timeout(fresh_mqtt_broker, prefix) -> None:
             time.sleep(0.02)
         sink.flush()
         assert sink.counters()["acked"] == 3 and sink.counters()["unacked"] == 0
+    finally:
+        sink.close()
+
+
+def test_sink_without_timeout_rides_out_a_broker_outage(fresh_mqtt_broker, prefix) -> None:
+    """``ack_timeout_s=None`` (what ``rnnstream run`` uses): ``write`` and ``flush`` wait for a broker that
+    is down (backpressure) instead of failing, and finish once it is back."""
+    broker = fresh_mqtt_broker
+    sink = MqttSink(
+        broker.address, f"{prefix}/scores/{{stream}}", prefix, reconnect_backoff_s=(0.1, 0.2), max_unacked=3,
+        ack_timeout_s=None,
+    )  # fmt: skip
+    try:
+        broker.kill()
+        threading.Timer(1.5, broker.restart).start()
+        started = time.monotonic()
+        sink.write([Output("a", {"i": i}) for i in range(5)])  # the 4th waits for room until the restart
+        sink.flush()
+        assert time.monotonic() - started >= 1.4
+        assert sink.counters()["acked"] == 5 and sink.counters()["unacked"] == 0
     finally:
         sink.close()
 
