@@ -573,13 +573,26 @@ class _Publisher:
 
 
 class _Publishing:
-    """What ``MqttSink`` and ``MqttDeadLetters`` share: ``flush`` waits for the broker's acknowledgements,
-    ``close`` flushes and disconnects, ``counters`` (``published``, ``acked``, ``rejected``, ``unacked``,
-    connection trouble)."""
+    """What ``MqttSink`` and ``MqttDeadLetters`` share: one publishing client on ``broker`` as
+    ``client_id`` (``options``: the other ``Connection`` fields); ``max_unacked`` publishes may await their
+    acknowledgement before ``write`` blocks; ``ack_timeout_s`` (seconds) bounds ``flush`` and that wait
+    (then ``MqttError``; ``None``: wait out a broker outage, warning every ``OUTAGE_LOG_S`` seconds).
+    ``flush`` waits for the broker's acknowledgements, ``close`` flushes and disconnects, ``counters``
+    (``published``, ``acked``, ``rejected``, ``unacked``, connection trouble). Connects at once."""
 
     def __init__(
-        self, conn: Connection, qos: int, retain: bool, max_unacked: int, ack_timeout_s: float | None
+        self,
+        broker: str,
+        topic: str,
+        client_id: str,
+        qos: int,
+        retain: bool,
+        max_unacked: int = 10_000,
+        ack_timeout_s: float | None = 30.0,
+        **options: Any,
     ) -> None:
+        self.topic = topic
+        conn = Connection(broker, client_id, **options)
         self._pub = _Publisher(conn, qos, retain, max_unacked, ack_timeout_s)
 
     def flush(self) -> None:
@@ -602,10 +615,8 @@ class _Publishing:
 
 class MqttSink(_Publishing):
     """Each output as JSON (``encode_document``) to ``topic`` with ``{stream}`` → the stream id. QoS 1:
-    ``flush`` returns once the broker acknowledged everything written. Connection options as for
-    ``Connection``; ``max_unacked`` publishes may await their acknowledgement before ``write`` blocks;
-    ``ack_timeout_s`` (seconds) bounds ``flush`` and that wait (then ``MqttError``; ``None``: wait out a
-    broker outage, warning every ``OUTAGE_LOG_S`` seconds). Connects at once."""
+    ``flush`` returns once the broker acknowledged everything written. ``options``: ``max_unacked``,
+    ``ack_timeout_s`` and the ``Connection`` fields (see ``_Publishing``)."""
 
     def __init__(
         self,
@@ -614,21 +625,9 @@ class MqttSink(_Publishing):
         client_id: str = "rnnstream-out",
         qos: int = 1,
         retain: bool = False,
-        session_expiry_s: int = 86_400,
-        keepalive_s: int = 30,
-        username: str | None = None,
-        password: str | None = None,
-        reconnect_backoff_s: tuple[float, float] = (0.1, 10.0),
-        connect_timeout_s: float = 30.0,
-        max_unacked: int = 10_000,
-        ack_timeout_s: float | None = 30.0,
+        **options: Any,
     ) -> None:
-        self.topic = topic
-        conn = Connection(
-            broker, client_id, session_expiry_s, keepalive_s, username, password, reconnect_backoff_s,
-            connect_timeout_s,
-        )  # fmt: skip
-        super().__init__(conn, qos, retain, max_unacked, ack_timeout_s)
+        super().__init__(broker, topic, client_id, qos, retain, **options)
 
     def write(self, outputs: list[Output]) -> None:
         for o in outputs:
@@ -646,21 +645,9 @@ class MqttDeadLetters(_Publishing):
         topic: str = "deadletters/{stream}",
         client_id: str = "rnnstream-dlq",
         qos: int = 1,
-        session_expiry_s: int = 86_400,
-        keepalive_s: int = 30,
-        username: str | None = None,
-        password: str | None = None,
-        reconnect_backoff_s: tuple[float, float] = (0.1, 10.0),
-        connect_timeout_s: float = 30.0,
-        max_unacked: int = 10_000,
-        ack_timeout_s: float | None = 30.0,
+        **options: Any,
     ) -> None:
-        self.topic = topic
-        conn = Connection(
-            broker, client_id, session_expiry_s, keepalive_s, username, password, reconnect_backoff_s,
-            connect_timeout_s,
-        )  # fmt: skip
-        super().__init__(conn, qos, False, max_unacked, ack_timeout_s)
+        super().__init__(broker, topic, client_id, qos, False, **options)
 
     def write(self, letter: DeadLetter) -> None:
         doc = letter.document()
