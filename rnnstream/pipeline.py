@@ -25,6 +25,7 @@ Backpressure: the loop is synchronous; a sink that blocks pauses polling instead
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -309,10 +310,20 @@ class Pipeline:
         return {k: float(v) for k, v in counts.items()}
 
     def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: stop after a last checkpoint. A second one while that checkpoint waits (for a
+        broker that is down, say) exits at once with status 1: everything not checkpointed is delivered
+        again on restart."""
         if threading.current_thread() is not threading.main_thread():
             return
+
+        def on_signal(signum: int, _frame: object) -> None:
+            if self._stop.is_set():
+                log.error("second signal %d while stopping: exiting without the last checkpoint", signum)
+                os._exit(1)
+            self._stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
+            signal.signal(sig, on_signal)
 
     # ---- processing ----------------------------------------------------------------------------------
     def _process(self, messages: list[Message]) -> None:
