@@ -50,7 +50,7 @@ from connectors.base import (
     Source,
     StateBackend,
 )
-from connectors.codec import Decoded, DecodeError, check_label, decode_feedback
+from connectors.codec import FLOAT32_MAX, Decoded, DecodeError, check_label, decode_feedback
 from engine import Engine, EngineSnapshot, UnknownStreamError
 from engine.runtime import freeze_startup_objects
 from rnnstream.stream_table import StreamDict, StreamTable
@@ -405,7 +405,13 @@ class Pipeline:
         if not batch:
             return batch
         engine = self.engine
-        decoded = batch.inputs(np.int64 if engine.model.categorical else self.scoring.dtype)
+        dtype = np.int64 if engine.model.categorical else self.scoring.dtype
+        decoded = self._inputs(batch, dtype)
+        if decoded is None:  # a message the engine would refuse: without it (dead letter), then again
+            batch = self._without_unusable(batch, dtype)
+            if not batch:
+                return batch
+            decoded = batch.inputs(dtype)
         xs = self.scoring.inputs(batch.ids, decoded)
         if self.labels_wanted:
             self._note_steps(batch)
@@ -419,6 +425,38 @@ class Pipeline:
         self.sink.write(outputs)
         self.counters.outputs += len(outputs)
         return Batch()
+
+    def _inputs(self, batch: Batch, dtype: type) -> np.ndarray | None:
+        """The batch's decoded inputs, or ``None`` when one of them is not what the engine takes (wrong
+        width, NaN, an id out of range): the decoders refuse such input, so this is a safety net that keeps
+        one decoder bug from failing a whole batch (or the loop)."""
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # a huge value becomes inf: refused below
+                xs = batch.inputs(dtype)
+        except (ValueError, TypeError, OverflowError):
+            return None
+        model = self.engine.model
+        if model.categorical:
+            ok = xs.ndim == 1 and bool(((xs >= 0) & (xs < model.spec.num_embeddings)).all())
+        else:
+            ok = xs.ndim == 2 and xs.shape[1] == model.feature_size
+            ok = ok and bool(np.isfinite(xs).all()) and bool((np.abs(xs) <= FLOAT32_MAX).all())
+        return xs if ok else None
+
+    def _without_unusable(self, batch: Batch, dtype: type) -> Batch:
+        """``batch`` without the messages whose inputs ``_inputs`` refuses, each sent to the dead letters."""
+        kept = Batch()
+        for msg, sid, _n, decoded in batch.items:
+            single = Batch()
+            single.add(msg, sid, decoded)
+            if self._inputs(single, dtype) is None:
+                self._rejected["unusable"] += 1
+                self._dead_letter(
+                    msg, "decoded input the engine cannot take (wrong width, NaN or out of range)"
+                )
+            else:
+                kept.add(msg, sid, decoded)
+        return kept
 
     def _start(self, msg: Message, sid: str) -> None:
         self.engine.start(sid)

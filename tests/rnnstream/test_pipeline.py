@@ -443,3 +443,34 @@ def test_a_checkpoint_that_does_not_wait_saves_nothing_before_its_outputs_are_ac
     pipe.checkpoint()  # waits: flushes and saves everything
     assert backend.positions() == {"next": 30} and source.committed == 30 and not pipe._in_flight
     pipe.engine.close()
+
+
+class SloppyDecoder:
+    """A decoder with a bug: it lets NaN, a wrong width and a huge value through for some payloads."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def decode(self, msg: Message):
+        from connectors.codec import Decoded
+
+        bad = {b"nan": [[float("nan")] * F], b"wide": [[0.0] * (F + 1)], b"huge": [[1e300] * F]}
+        if msg.payload in bad:
+            return Decoded(bad[msg.payload], stream_id=msg.key_text())
+        return self.inner.decode(msg)
+
+
+def test_inputs_a_buggy_decoder_lets_through_are_dead_letters_not_a_failed_batch(ref_factory, tmp_path):
+    ref = ref_factory("gru", input_size=F, hidden_size=8, head_out=2)
+    msgs, events = _messages(np.random.default_rng(7), streams=4, n=80)
+    mixed = msgs[:30] + [Message(p, b"s1") for p in (b"nan", b"wide", b"huge")] + msgs[30:]
+    for k, m in enumerate(mixed):
+        m.position = k
+    pipe, sink, dead = _pipeline(
+        ref, ListSource(mixed), LocalCheckpoint(tmp_path), SloppyDecoder(KeyedDecoder(Decoder("json", F)))
+    )
+    pipe.run()
+    assert len(dead.outputs) == 3 and all("cannot take" in d.reason for d in dead.outputs)
+    got, want = _by_stream(sink.outputs), _offline(ref, events)
+    for sid in want:
+        np.testing.assert_allclose(got[sid], want[sid], atol=1e-5)
