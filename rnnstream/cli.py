@@ -136,6 +136,29 @@ def run(
 
 
 @app.command()
+def nab(
+    data: Annotated[Path, typer.Option(help="NAB's data folder: <category>/<file>.csv.")],
+    labels: Annotated[Path, typer.Option(help="NAB's labels/combined_windows.json.")],
+) -> None:
+    """Score the anomaly detector on NAB files: the three profiles, windows hit, false positives, runtime."""
+    from rnnstream.detect import nab as run_nab
+
+    report = run_nab(data, labels)
+    table = Table(title=f"NAB: {report.files} files, {report.rows:,} rows, {report.seconds:.1f} s")
+    for col in ("profile", "score", "threshold", "windows hit", "false positives"):
+        table.add_column(col, justify="left" if col == "profile" else "right")
+    for name, r in report.profiles.items():
+        table.add_row(
+            name,
+            f"{r.score:.1f}",
+            f"{r.threshold:.4g}",
+            f"{r.windows_hit}/{r.windows}",
+            str(r.false_positives),
+        )
+    console.print(table)
+
+
+@app.command()
 def info(bundle: Annotated[Path, typer.Argument(help="A model bundle (.safetensors).")]) -> None:
     """Describe a model bundle: architecture, version, feature settings."""
     from models import load_bundle
