@@ -293,7 +293,8 @@ class _Received:
 class MqttSource:
     """Messages of the topics matching ``topic`` (one partition, 0). QoS 1 (``at-least-once``): acked
     in ``commit``; QoS 0 (``best-effort``): at most ``max_queued`` wait, the oldest dropped (and counted)
-    beyond. ``positions`` is empty: the broker's session is the position."""
+    beyond. ``positions`` is empty: the broker's session is the position. ``options``: the other
+    ``Connection`` fields (session expiry, keepalive, credentials, reconnect backoff, connect timeout)."""
 
     def __init__(
         self,
@@ -301,13 +302,8 @@ class MqttSource:
         topic: str = "sensors/+",
         client_id: str = "rnnstream",
         qos: int = 1,
-        session_expiry_s: int = 86_400,
-        keepalive_s: int = 30,
-        username: str | None = None,
-        password: str | None = None,
-        reconnect_backoff_s: tuple[float, float] = (0.1, 10.0),
         max_queued: int = 100_000,
-        connect_timeout_s: float = 30.0,
+        **options: Any,
     ) -> None:
         if qos not in (0, 1):
             # QoS 2 cannot wait for the checkpoint: the broker hands the message over at PUBREC
@@ -316,10 +312,7 @@ class MqttSource:
         self.qos = qos
         self.max_queued = max_queued
         self.guarantee: Guarantee = "at-least-once" if qos else "best-effort"
-        conn = Connection(
-            broker, client_id, session_expiry_s, keepalive_s, username, password, reconnect_backoff_s,
-            connect_timeout_s,
-        )  # fmt: skip
+        conn = Connection(broker, client_id, **options)  # options: the other Connection fields
         self._link = _Link(
             conn,
             manual_ack=True,

@@ -151,9 +151,10 @@ def score_corpus(files: Sequence[ScoredFile], profile: Profile) -> ProfileResult
         last_of_threshold = rank + 1 == len(order) or score[order[rank + 1]] < score[i]
         if last_of_threshold and total > best[0]:
             best = (total, float(score[i]), hit, fps)
-    raw, threshold, windows_hit, false_positives = float(best[0]), best[1], best[2], best[3]
+    raw, threshold, windows_hit, false_positives = best
+    raw = float(raw)
     raw_perfect = profile.tp * total_windows
-    normalised = 100.0 * float(raw - raw_null) / (raw_perfect - raw_null) if total_windows else 0.0
+    normalised = 100.0 * (raw - raw_null) / (raw_perfect - raw_null) if total_windows else 0.0
     return ProfileResult(normalised, raw, threshold, total_windows, windows_hit, false_positives)
 
 

@@ -260,48 +260,23 @@ def _publish(broker, topic: str, docs: list[dict], qos: int = 1) -> None:
         client.disconnect()
 
 
+def _mosquitto(tool: str, broker, topic: str, *args: str) -> list[str]:
+    """The command line of ``mosquitto_pub``/``mosquitto_sub`` on ``topic`` of ``broker``, QoS 1."""
+    return [tool, "-h", broker.host, "-p", str(broker.port), "-t", topic, "-q", "1", *args]
+
+
 def _mosquitto_pub(broker, topic: str, docs: list[dict]) -> None:
     """One ``mosquitto_pub -q 1 -m`` per message: an independent client."""
     for d in docs:
         subprocess.run(
-            [
-                "mosquitto_pub",
-                "-h",
-                broker.host,
-                "-p",
-                str(broker.port),
-                "-t",
-                topic,
-                "-q",
-                "1",
-                "-m",
-                json.dumps(d),
-            ],
-            check=True,
-            timeout=30,
+            _mosquitto("mosquitto_pub", broker, topic, "-m", json.dumps(d)), check=True, timeout=30
         )
 
 
 def _subscribe(broker, topic: str, count: int, timeout_s: float = 60) -> subprocess.Popen:
+    args = ("-C", str(count), "-v", "-W", str(int(timeout_s)))
     return subprocess.Popen(
-        [
-            "mosquitto_sub",
-            "-h",
-            broker.host,
-            "-p",
-            str(broker.port),
-            "-t",
-            topic,
-            "-q",
-            "1",
-            "-C",
-            str(count),
-            "-v",
-            "-W",
-            str(int(timeout_s)),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
+        _mosquitto("mosquitto_sub", broker, topic, *args), stdout=subprocess.PIPE, text=True
     )
 
 
