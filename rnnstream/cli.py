@@ -1,5 +1,5 @@
-"""The ``rnnstream`` command line: ``run``, ``demo``, ``bench``, ``kafka``/``mqtt`` ``up/down/status``,
-``info``, ``finetune``."""
+"""The ``rnnstream`` command line: ``run``, ``demo``, ``bench``, ``detect``, ``nab``,
+``kafka``/``mqtt`` ``up/down/status``, ``info``, ``finetune``."""
 
 from __future__ import annotations
 
@@ -133,6 +133,39 @@ def run(
         f"{c.checkpoints} checkpoints",
         err=True,
     )
+
+
+@app.command()
+def detect(
+    files: Annotated[
+        list[Path], typer.Argument(help="CSV files with timestamp,value columns; one stream each.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for <name>.csv and <name>.png (created if missing).")],
+    labels: Annotated[
+        Path | None, typer.Option(help="NAB combined_windows.json: labelled windows shaded in the plots.")
+    ] = None,
+    plot: Annotated[bool, typer.Option(help="Also write <name>.png: values, score, alerts.")] = True,
+) -> None:
+    """Score CSV files for anomalies, all concurrently in one pipeline, one stream each. Writes
+    OUT/<name>.csv per file (name: the file's stem; two files of one name are refused, exit 2) with
+    every data row of the input in its order: timestamp,value (as the input has them),anomaly_score,
+    the scorer's other fields, refused (why a row was refused: NaN, bad timestamp, duplicate or out of
+    order...; such a row has anomaly_score 0), and OUT/<name>.png: values, score, alerts, labelled
+    windows."""
+    from rnnstream.detect import DetectError
+    from rnnstream.detect import detect as run_detect
+
+    try:
+        reports = run_detect(files, out, labels, plot)
+    except DetectError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except (OSError, RuntimeError) as exc:
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    for r in reports:
+        written = ", ".join(str(p) for p in (r.csv, r.png) if p is not None)
+        typer.echo(f"{r.name}: {r.rows:,} rows, {r.alerts} alerts, {r.refused} refused -> {written}")
 
 
 @app.command()
