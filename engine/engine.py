@@ -285,6 +285,7 @@ class Engine:
             out = self._step_wave(x, torch.from_numpy(slots).to(self.device), state)
             if self._recorder is not None:
                 self._recorder.record(stream_ids, host, state)
+                self._inline_round()
         else:
             out = torch.empty(len(stream_ids), self.model.output_size, device=self.device)
             for wave in waves:
@@ -294,8 +295,15 @@ class Engine:
                 out.index_copy_(0, idx, self._step_wave(x.index_select(0, idx), wave_slots, state))
                 if self._recorder is not None:
                     self._recorder.record([stream_ids[i] for i in wave], host[wave], state)
+                    self._inline_round()
         self._counts["steps"] += len(waves)
         return out
+
+    def _inline_round(self) -> None:
+        """``schedule: inline`` fine-tuning: a due round runs here, after a wave, so a weight swap lands
+        after the same events in every run (deterministic)."""
+        if self.finetuner is not None and self.finetuner.inline:
+            self.finetuner.run_due_round()
 
     def _step_wave(self, x: Tensor, slots: Tensor, state: list[Tensor]) -> Tensor:
         """One fused step of the streams at ``slots`` from their gathered ``state``; returns outputs."""

@@ -112,6 +112,11 @@ class FineTuneSettings(BaseModel):
     max_chunks: int = Field(50_000, ge=1)
     max_chunks_per_stream: int = Field(64, ge=1)
     max_abs_value: float = Field(1e6, gt=0, description="chunks with larger values are quarantined")
+    schedule: Literal["background", "inline"] = Field(
+        "background",
+        description="background: a worker trains beside serving; inline: rounds run in the step loop "
+        "between two batches, so the outputs are a deterministic function of the inputs and the seed",
+    )
     isolation: Literal["process", "thread"] = "process"
     threads: int = Field(1, ge=1, description="torch threads of the worker")
     priority: Literal["idle", "nice"] = Field(
@@ -507,7 +512,11 @@ class FineTuner:
         self._started = time.monotonic()
         self._worker: _ThreadWorker | _ProcessWorker | None = None
         self._thread = threading.Thread(target=self._loop, name="rnnstream-finetune", daemon=True)
-        self._thread.start()
+        if settings.schedule == "inline":
+            self._worker = _ThreadWorker(self._spec, to_numpy_weights(model), settings)
+            self._stats.state = "running"
+        else:
+            self._thread.start()
 
     # ---- control ----
     def pause(self) -> None:
@@ -526,11 +535,30 @@ class FineTuner:
         self._running.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join()
+        if self.inline and self._worker is not None:
+            self._worker.close()
         self._stats.state = "stopped"
 
     @property
     def paused(self) -> bool:
         return not self._running.is_set()
+
+    @property
+    def inline(self) -> bool:
+        return self.settings.schedule == "inline"
+
+    def run_due_round(self) -> None:
+        """``schedule: inline``: one round now if enough fresh chunks are buffered (called by the engine's
+        step loop after a batch, so a swap lands between two batches at a point fixed by the input)."""
+        if not self._running.is_set() or self._stopped.is_set():
+            return
+        try:
+            with torch.inference_mode(False), torch.enable_grad():  # the step loop runs without autograd
+                self._round()
+        except Exception as exc:  # training failed: serving goes on with the current weights
+            self._stopped.set()
+            self._stats.state = "failed"
+            self._stats.last_error = f"{type(exc).__name__}: {exc}"
 
     def stats(self) -> FineTuneStats:
         self._stats.buffer = self.buffer.stats()

@@ -208,16 +208,24 @@ class ReadingsConfig(Strict):
 
 
 class ScoringConfig(Strict):
-    """What the sink receives: ``raw`` model outputs with the input position, or ``forecast`` anomaly
-    scores from a next-value forecaster (``rnnstream.sensors.ForecastScoring``)."""
+    """What the sink receives: ``raw`` model outputs with the input position; ``forecast``: a next-value
+    forecaster's error as a tail probability (``rnnstream.sensors.ForecastScoring``); ``detector``: the
+    anomaly detector (``rnnstream.anomaly.AnomalyDetector``: surprise, anomaly likelihood, refractory
+    period). Fields a kind does not use are ignored."""
 
-    kind: Literal["raw", "forecast"] = "raw"
-    window: int = Field(1000, ge=2)
-    warmup: int = Field(20, ge=0)
-    short_window: int = Field(1, ge=1)
-    long_window: int = Field(2000, ge=2)
-    threshold: float = Field(0.999, gt=0, le=1)
-    refractory: int = Field(50, ge=0)
+    kind: Literal["raw", "forecast", "detector"] = "raw"
+    window: int = Field(1000, ge=2)  # readings of the running normalisation
+    warmup: int = Field(20, ge=0)  # forecast: readings before the first score
+    short_window: int | None = Field(None, ge=1)  # forecast: 1, detector: 10
+    long_window: int | None = Field(None, ge=2)  # forecast: 2000, detector: 1000
+    threshold: float | None = Field(None, gt=0, le=1)  # forecast: 0.999, detector: 0.25
+    refractory: int | None = Field(None, ge=0)  # forecast: 50, detector: 200
+    learn: int = Field(300, ge=1)  # detector: readings before the first score
+    err_window: int = Field(1000, ge=1)  # detector: readings of the running error scale
+    temperature: float = Field(4.0, gt=0)  # detector: surprise = 1 - exp(-error / (temperature · scale))
+    spatial_tolerance: float | None = Field(0.05, ge=0)  # detector: beyond the range seen (None: off)
+    calibration: Literal["likelihood", "none"] = "likelihood"  # detector
+    forecaster: Literal["model", "last"] = "model"  # detector: "last" is the naive last-value baseline
 
 
 class ServiceConfig(Strict):

@@ -186,13 +186,16 @@ class ForecastScoring:
             prediction[wave] = pred * self._before[1][wave] + self._before[0][wave]
             err = np.where(n > 1, np.abs(self._z[wave] - pred).mean(axis=1), 0.0)
             error[wave] = err
-            score[wave], alert[wave] = self._score(r, err, n)
+            score[wave], alert[wave] = self._score(r, err, n, wave)
             rows[r, pred_c] = pred_next[wave]
             forecast[wave] = pred_next[wave] * self._after[1][wave] + self._after[0][wave]
         return self._docs(batch, xs, prediction, forecast, error, score, alert, version)
 
-    def _score(self, r: np.ndarray, err: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Anomaly scores and alerts of one wave's rows ``r``; updates the error statistics."""
+    def _score(
+        self, r: np.ndarray, err: np.ndarray, n: np.ndarray, wave: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Anomaly scores and alerts of one wave's rows ``r`` (the batch's readings ``wave``); updates the
+        error statistics."""
         rows = self.table.rows
         e0 = 1 + 3 * self.f
         mu, var, short, cool = rows[r, e0], rows[r, e0 + 1], rows[r, e0 + 2], rows[r, e0 + 3]

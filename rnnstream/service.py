@@ -13,6 +13,7 @@ from engine import Engine
 from engine.finetune import serving_bundle
 from models import StreamModel, load_bundle
 from rnnstream.admin import AdminServer
+from rnnstream.anomaly import AnomalyDetector
 from rnnstream.checkpoint import EphemeralState, LocalCheckpoint
 from rnnstream.config import (
     CsvSourceConfig,
@@ -202,16 +203,33 @@ def _scoring(config: ServiceConfig, model: StreamModel) -> Scoring:
     src = config.source
     channels = list(getattr(src, "channels", [f"x{i}" for i in range(model.feature_size)]))
     if model.output_size != model.feature_size:
-        raise ValueError("scoring.kind forecast needs a model whose output forecasts its input")
+        raise ValueError(f"scoring.kind {s.kind} needs a model whose output forecasts its input")
+    norm = model.info.features.get("normalisation")
+    if s.kind == "detector":
+        return AnomalyDetector(
+            channels,
+            norm,
+            window=s.window,
+            learn=s.learn,
+            err_window=s.err_window,
+            temperature=s.temperature,
+            spatial_tolerance=s.spatial_tolerance,
+            short_window=s.short_window or 10,
+            long_window=s.long_window or 1000,
+            calibration=s.calibration,
+            threshold=s.threshold or 0.25,
+            refractory=200 if s.refractory is None else s.refractory,
+            forecaster=s.forecaster,
+        )
     return ForecastScoring(
         channels,
-        model.info.features.get("normalisation"),
+        norm,
         window=s.window,
         warmup=s.warmup,
-        short_window=s.short_window,
-        long_window=s.long_window,
-        threshold=s.threshold,
-        refractory=s.refractory,
+        short_window=s.short_window or 1,
+        long_window=s.long_window or 2000,
+        threshold=s.threshold or 0.999,
+        refractory=50 if s.refractory is None else s.refractory,
     )
 
 

@@ -1,0 +1,164 @@
+"""The anomaly detector: a recurrent forecaster's surprise, calibrated online into one score per reading.
+
+``AnomalyDetector`` (``scoring: {kind: detector}``) is a pipeline scoring stage. The engine runs the
+forecaster (a GRU/LSTM bundle whose output forecasts its next input, one hidden state per stream); with a
+``finetune:`` section (``schedule: inline`` for determinism) its weights keep adapting to the streams
+by truncated BPTT while it serves. Inputs are standardised per stream and channel exactly as
+``ForecastScoring`` does (exponentially weighted mean and variance, window ``window``).
+
+Per reading ``x_t`` of a stream (``k``: the forecast errors seen so far, this one included):
+
+1. **Surprise.** ``e_t = mean_channels |z_t - ẑ_t|``, the forecast error in standard deviations, against
+   its running scale ``s`` (EW mean of ``e``, weight ``max(1/k, 1/err_window)``, taken before ``e_t``):
+   ``r_t = 1 - exp(-e_t / (temperature · s))`` in [0, 1). A value outside the range seen so far by more
+   than ``spatial_tolerance`` of that range is a surprise on its own: ``r_t = 1`` (after ``learn``
+   readings).
+2. **Calibration** (Numenta's anomaly likelihood, Ahmad et al. 2017). The short-term mean
+   ``m_t = mean(r_{t-S+1..t})`` (``S = short_window``) against the long-run mean ``μ`` and variance
+   ``σ²`` of ``m`` (EW, weight ``max(1/k, 1/long_window)``, taken before ``m_t``; floored at
+   ``μ ≥ 0.03``, ``σ² ≥ 3·10⁻⁴`` so a near-perfect forecast does not make noise look anomalous):
+   ``L_t = 1 - Q((m_t - μ) / σ)`` with ``Q`` the normal tail (``Q = 1 - Q(μ - m_t)`` below the mean),
+   reported on a log scale, ``score_t = ln(1 - L_t + 10⁻¹⁰) / ln(10⁻¹⁰)`` in [0, 1]: 0.5 means a
+   one-in-10⁵ event. ``calibration: none`` reports ``r_t`` instead (the ablation).
+3. **Alerts and the refractory period.** ``alert_t = score_t ≥ threshold`` outside a refractory period;
+   an alert starts ``refractory`` readings during which no alert is raised and ``anomaly_score`` is 0
+   (``likelihood`` keeps the calibrated value). NAB credits only a window's first detection and charges
+   every other one.
+
+No score before ``learn`` readings. Everything is causal (a reading's score depends on it and the
+readings before it only: no file length, no min/max of the future) and deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+
+from rnnstream.sensors import ForecastScoring, _normal_cdf
+from rnnstream.stream_table import StreamTable
+
+Forecaster = Literal["model", "last"]
+Calibration = Literal["likelihood", "none"]
+
+MEAN_FLOOR = 0.03  # Numenta's floors for the distribution of the short-term mean surprise
+VAR_FLOOR = 3e-4
+LOG_EPS = 1e-10  # score 1 at a likelihood of 1 - 1e-10
+
+
+class AnomalyDetector(ForecastScoring):
+    """Forecast surprise → calibrated anomaly score → alerts (see the module docstring).
+
+    ``forecaster: last`` ignores the model and forecasts each reading as the one before it: the naive
+    baseline a user would write, kept for comparison."""
+
+    def __init__(
+        self,
+        channels: list[str],
+        model_norm: dict[str, float] | None = None,
+        window: int = 1000,
+        clip: float = 8.0,
+        learn: int = 300,
+        err_window: int = 1000,
+        temperature: float = 4.0,
+        spatial_tolerance: float | None = 0.05,
+        short_window: int = 10,
+        long_window: int = 1000,
+        calibration: Calibration = "likelihood",
+        threshold: float = 0.25,
+        refractory: int = 200,
+        forecaster: Forecaster = "model",
+    ) -> None:
+        super().__init__(channels, model_norm, window=window, clip=clip)
+        self.learn, self.err_window, self.temperature = learn, err_window, temperature
+        self.spatial_tolerance = spatial_tolerance
+        self.short, self.long_window = short_window, long_window
+        self.calibration, self.threshold, self.refractory = calibration, threshold, refractory
+        self.forecaster = forecaster
+        f = self.f
+        base = 1 + 3 * f
+        # row: ForecastScoring's n | mean | var | pred z, then
+        #      err scale | short ring (S) | long mean | long var | cooldown | lo (f) | hi (f)
+        self._scale = base
+        self._ring = slice(base + 1, base + 1 + short_window)
+        self._long = base + 1 + short_window
+        self._cool = self._long + 2
+        self._lo = slice(self._cool + 1, self._cool + 1 + f)
+        self._hi = slice(self._cool + 1 + f, self._cool + 1 + 2 * f)
+        width = self._cool + 1 + 2 * f
+        initial = np.zeros(width)
+        initial[self._lo], initial[self._hi] = math.inf, -math.inf
+        self.table = StreamTable(width, initial)
+        self._xs = np.zeros((0, f))
+        self._likelihood = np.zeros(0)
+
+    def inputs(self, ids: list[str], xs: np.ndarray) -> np.ndarray:
+        self._xs = np.asarray(xs, np.float64)
+        return super().inputs(ids, xs)
+
+    def documents(self, batch: Any, xs: np.ndarray, ys: np.ndarray, version: int) -> list[dict]:
+        if self.forecaster == "last":  # forecast the next reading as this one, in its z units after it
+            z_after = (self._xs - self._after[0]) / self._after[1]
+            ys = (z_after * self.model_std + self.model_mean).astype(np.float32)
+        self._likelihood = np.zeros(len(batch.ids))
+        docs = super().documents(batch, xs, ys, version)
+        for doc, lik in zip(docs, self._likelihood.tolist(), strict=True):
+            doc["likelihood"] = lik
+        return docs
+
+    def _score(
+        self, r: np.ndarray, err: np.ndarray, n: np.ndarray, wave: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and alerts of one wave's rows ``r`` ``(W,)`` from their errors ``err (W,)`` and readings
+        seen ``n (W,)`` (this one included); updates the rows."""
+        rows = self.table.rows
+        x = self._xs[wave]
+        k = np.maximum(n - 1, 1)  # errors seen, this one included (none for a stream's first reading)
+        has_error = n > 1
+        learned = n > self.learn
+        raw = self._surprise(r, err, k, has_error)
+        if self.spatial_tolerance is not None:
+            lo, hi = rows[r, self._lo], rows[r, self._hi]
+            margin = self.spatial_tolerance * (hi - lo)
+            outside = ((x > hi + margin) | (x < lo - margin)).any(axis=1)
+            raw = np.where(learned & outside, 1.0, raw)
+            rows[r, self._lo], rows[r, self._hi] = np.minimum(lo, x), np.maximum(hi, x)
+        likelihood = self._calibrate(r, raw, k, has_error) if self.calibration == "likelihood" else raw
+        likelihood = np.where(learned, likelihood, 0.0)
+        self._likelihood[wave] = likelihood
+        cooling = rows[r, self._cool] > 0
+        alert = ~cooling & (likelihood >= self.threshold)
+        rows[r, self._cool] = np.where(alert, self.refractory, np.maximum(rows[r, self._cool] - 1, 0))
+        return np.where(cooling, 0.0, likelihood), alert
+
+    def _surprise(self, r: np.ndarray, err: np.ndarray, k: np.ndarray, has_error: np.ndarray) -> np.ndarray:
+        """``r_t``: the error against its running scale, squashed into [0, 1); updates the scale."""
+        rows = self.table.rows
+        scale = rows[r, self._scale]
+        ratio = np.where(scale > 0, err / np.maximum(scale, 1e-12), np.where(err > 0, math.inf, 0.0))
+        raw = np.where(has_error, 1.0 - np.exp(-ratio / self.temperature), 0.0)
+        alpha = np.maximum(1.0 / k, 1.0 / self.err_window)
+        rows[r, self._scale] = np.where(has_error, scale + alpha * (err - scale), scale)
+        return raw
+
+    def _calibrate(self, r: np.ndarray, raw: np.ndarray, k: np.ndarray, has_error: np.ndarray) -> np.ndarray:
+        """The log-scaled anomaly likelihood of the short-term mean surprise; updates its statistics."""
+        rows = self.table.rows
+        ring = rows[r, self._ring]
+        slot = ((k - 1) % self.short).astype(np.int64)
+        ring[np.arange(len(r)), slot] = raw
+        filled = np.minimum(k, self.short)
+        short_mean = ring.sum(axis=1) / filled
+        mu, var = rows[r, self._long], rows[r, self._long + 1]
+        sd = np.sqrt(np.maximum(var, VAR_FLOOR))
+        tail = 1.0 - _normal_cdf(np.abs(short_mean - np.maximum(mu, MEAN_FLOOR)) / sd)
+        tail = np.where(short_mean >= np.maximum(mu, MEAN_FLOOR), tail, 1.0 - tail)
+        score = np.clip(np.log(tail + LOG_EPS) / math.log(LOG_EPS), 0.0, 1.0)
+        alpha = np.maximum(1.0 / k, 1.0 / self.long_window)
+        delta = short_mean - mu
+        upd = has_error
+        rows[r, self._ring] = np.where(upd[:, None], ring, rows[r, self._ring])
+        rows[r, self._long] = np.where(upd, mu + alpha * delta, mu)
+        rows[r, self._long + 1] = np.where(upd, (1 - alpha) * (var + alpha * delta * delta), var)
+        return np.where(has_error, score, 0.0)
