@@ -172,11 +172,23 @@ def detect(
 def nab(
     data: Annotated[Path, typer.Option(help="NAB's data folder: <category>/<file>.csv.")],
     labels: Annotated[Path, typer.Option(help="NAB's labels/combined_windows.json.")],
+    online: Annotated[bool, typer.Option(help="Adapt the forecaster online (--no-online: frozen).")] = True,
+    calibration: Annotated[
+        bool, typer.Option(help="Anomaly likelihood (off: raw surprise).")
+    ] = True,
+    refractory: Annotated[bool, typer.Option(help="Refractory period after an alert.")] = True,
+    forecaster: Annotated[
+        str, typer.Option(help="model, or last (naive last value).")
+    ] = "model",
 ) -> None:
-    """Score the anomaly detector on NAB files: the three profiles, windows hit, false positives, runtime."""
+    """Score the anomaly detector on NAB files: the three profiles, windows hit, false positives, runtime.
+    The options switch parts of the detector off, for ablations."""
+    from rnnstream.detect import Variant
     from rnnstream.detect import nab as run_nab
 
-    report = run_nab(data, labels)
+    if forecaster not in ("model", "last"):
+        raise typer.BadParameter("--forecaster is model or last")
+    report = run_nab(data, labels, Variant(online, calibration, refractory, forecaster))
     table = Table(title=f"NAB: {report.files} files, {report.rows:,} rows, {report.seconds:.1f} s")
     for col in ("profile", "score", "threshold", "windows hit", "false positives"):
         table.add_column(col, justify="left" if col == "profile" else "right")

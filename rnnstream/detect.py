@@ -39,14 +39,50 @@ from rnnstream.nab import PROFILES, ProfileResult, ScoredFile, score_corpus, win
 from rnnstream.pipeline import MessageDecoder
 from rnnstream.service import build_pipeline
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "assets" / "sensor_lstm.safetensors"
+MODEL = Path(__file__).resolve().parents[1] / "models" / "assets" / "detector_gru.safetensors"
+
+# Online adaptation of the forecaster: TBPTT(16, 64) rounds in the step loop (deterministic), two Adam
+# updates of 32 chunks per 64 fresh chunks; a version is served only when it beats the serving one on
+# held-back chunks (``engine.finetune``).
+ONLINE = {
+    "schedule": "inline",
+    "isolation": "thread",
+    "k1": 16,
+    "k2": 64,
+    "lr": 1e-3,
+    "batch_size": 32,
+    "updates_per_round": 2,
+    "min_new_chunks": 64,
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The detector ``detect`` and ``nab`` run, and the ablations of README's NAB table."""
+
+    online: bool = True  # adapt the forecaster online (False: the frozen generic model)
+    calibration: bool = True  # the anomaly likelihood (False: the raw surprise is the score)
+    refractory: bool = True  # hold alerts back after one (False: every reading may alert)
+    forecaster: str = "model"  # "last": the naive last-value forecast instead of the model
+
+    def scoring(self) -> dict[str, Any]:
+        return {
+            "kind": "detector",
+            "calibration": "likelihood" if self.calibration else "none",
+            "threshold": 0.25 if self.calibration else 0.99,
+            "refractory": 200 if self.refractory else 0,
+            "forecaster": self.forecaster,
+        }
+
+
 TIMESTAMP_COLUMN, VALUE_COLUMN = "timestamp", "value"
 NOTICE = "accepted: "  # dead letters with this prefix report an accepted reading (a gap, a flat line)
 
 
-def pipeline_config(paths: Sequence[Path], workdir: Path) -> dict[str, Any]:
+def pipeline_config(paths: Sequence[Path], workdir: Path, variant: Variant = Variant()) -> dict[str, Any]:
     """The pipeline's configuration (``rnnstream.config.ServiceConfig`` as a dict) for scoring ``paths``,
     writing ``workdir/scores.jsonl`` and ``workdir/dead-letters.jsonl``. The one place it is set."""
+    online = variant.online and variant.forecaster == "model"
     return {
         "model": str(MODEL),
         # escaped: the source takes glob patterns; a file name with ``[`` or ``*`` is meant as it is
@@ -54,9 +90,10 @@ def pipeline_config(paths: Sequence[Path], workdir: Path) -> dict[str, Any]:
         "sink": {"type": "jsonl", "path": str(workdir / "scores.jsonl")},
         "dead_letters": {"type": "file", "path": str(workdir / "dead-letters.jsonl")},
         "readings": {"flatline_after": None},
-        "scoring": {"kind": "forecast"},
+        "scoring": variant.scoring(),
         "engine": {"device": "cpu"},
         "checkpoint": {"interval_ms": 60_000},
+        **({"finetune": dict(ONLINE, versions_dir=str(workdir / "versions"))} if online else {}),
     }
 
 
@@ -99,10 +136,10 @@ def _text(cell: Any) -> str:
     return cell if isinstance(cell, str) else ""
 
 
-def run_files(paths: Sequence[Path], workdir: Path) -> dict[str, FileRun]:
+def run_files(paths: Sequence[Path], workdir: Path, variant: Variant = Variant()) -> dict[str, FileRun]:
     """Run ``paths`` through one pipeline; each file's rows, documents and refusals by its stem.
     Raises ``ValueError`` when two files share a stem, ``OSError`` when one cannot be read."""
-    config = ServiceConfig.model_validate(pipeline_config(paths, workdir))
+    config = ServiceConfig.model_validate(pipeline_config(paths, workdir, variant))
     pipeline = build_pipeline(config)
     recorder = _RecordingDecoder(pipeline.decoder)
     pipeline.decoder = recorder
@@ -175,10 +212,10 @@ class FileScores:
     score: np.ndarray
 
 
-def score_files(paths: Sequence[Path], workdir: Path) -> dict[str, FileScores]:
+def score_files(paths: Sequence[Path], workdir: Path, variant: Variant = Variant()) -> dict[str, FileScores]:
     """Run ``paths`` through one pipeline; each file's scores by its stem."""
     scores = {}
-    for name, run in run_files(paths, workdir).items():
+    for name, run in run_files(paths, workdir, variant).items():
         docs = [d for d in run.docs if d is not None]
         cols = [[float(d[k]) for d in docs] for k in ("ts", "value", "anomaly_score")]
         scores[name] = FileScores(name, *(np.array(c, np.float64) for c in cols))
@@ -193,7 +230,7 @@ class NabReport:
     seconds: float
 
 
-def nab(data: Path, labels: Path) -> NabReport:
+def nab(data: Path, labels: Path, variant: Variant = Variant()) -> NabReport:
     """Score every ``data/<category>/<file>.csv`` named in ``labels`` (NAB's ``combined_windows.json``)."""
     windows = json.loads(labels.read_text())
     paths = [data / rel for rel in sorted(windows) if (data / rel).exists()]
@@ -201,7 +238,7 @@ def nab(data: Path, labels: Path) -> NabReport:
         raise FileNotFoundError(f"no file of {labels} under {data}")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rnnstream-nab-") as tmp:
-        scores = score_files(paths, Path(tmp))
+        scores = score_files(paths, Path(tmp), variant)
     seconds = time.perf_counter() - start
     scored = []
     for path in paths:

@@ -96,6 +96,6 @@ def test_run_refuses_a_pipeline_that_cannot_start_with_a_clear_message(tmp_path)
 def test_shipped_sensor_configs_are_valid():
     mqtt = load_config(REPO / "configs" / "sensors-mqtt.yaml", {"mqtt.broker": "127.0.0.1:1884"})
     assert mqtt.source.topic == "sensors/+" and mqtt.sink.topic == "scores/{stream}" and mqtt.source.qos == 1
-    assert mqtt.mqtt.broker == "127.0.0.1:1884" and mqtt.scoring.kind == "forecast"
+    assert mqtt.mqtt.broker == "127.0.0.1:1884" and mqtt.scoring.kind == "detector"
     csv = load_config(REPO / "configs" / "sensors-csv.yaml")
     assert Path(csv.source.paths[0]) == (REPO / "configs" / "data" / "machines.csv").resolve()

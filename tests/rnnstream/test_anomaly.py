@@ -1,0 +1,189 @@
+"""The anomaly detector (``rnnstream.anomaly``) through the real pipeline: causality, determinism, its
+parts (surprise, calibration, spatial novelty, refractory period), and its NAB score on the shared
+development part of the corpus."""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from connectors.base import Message
+from rnnstream.config import ServiceConfig
+from rnnstream.detect import Variant, nab, pipeline_config, run_files
+from rnnstream.service import build_pipeline
+
+SHARED_NAB = Path(__file__).resolve().parents[3] / "shared" / "data" / "nab"
+START = datetime(2021, 3, 1, tzinfo=UTC)
+
+
+def _write(path: Path, values: np.ndarray, step_min: int = 5) -> Path:
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["timestamp", "value"])
+        for i, v in enumerate(values):
+            out.writerow(
+                [(START + timedelta(minutes=step_min * i)).strftime("%Y-%m-%d %H:%M:%S"), f"{v:.6f}"]
+            )
+    return path
+
+
+def _signal(n: int = 1200, seed: int = 0, spike_at: int | None = 900) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    v = 50 + 10 * np.sin(np.arange(n) * 2 * np.pi / 96) + rng.normal(0, 0.5, n)
+    if spike_at is not None:
+        v[spike_at : spike_at + 5] += 40
+    return v
+
+
+def _scores(run) -> np.ndarray:
+    return np.array([d["anomaly_score"] for d in run.docs], np.float64)
+
+
+def _docs(path: Path, tmp: Path, variant: Variant | None = None) -> list[dict]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    return run_files([path], tmp, variant or Variant())[path.stem].docs
+
+
+# ---- causality and determinism ---------------------------------------------------------------------------
+
+
+class _OneAtATime:
+    """Hands the wrapped source's messages to the pipeline one per poll: a live feed, row by row."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self._held: list[Message] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def poll(self, timeout_s: float) -> list[Message]:
+        if not self._held:
+            self._held = list(self.inner.poll(timeout_s))
+        return [self._held.pop(0)] if self._held else []
+
+    def exhausted(self) -> bool:
+        return not self._held and self.inner.exhausted()
+
+
+def test_a_row_by_row_feed_scores_exactly_as_the_file_replay(tmp_path):
+    path = _write(tmp_path / "s.csv", _signal(700, spike_at=600))
+    replay = _docs(path, tmp_path / "replay")
+    work = tmp_path / "live"
+    work.mkdir()
+    pipeline = build_pipeline(ServiceConfig.model_validate(pipeline_config([path], work)))
+    pipeline.source = _OneAtATime(pipeline.source)
+    pipeline.run()
+    live = [json.loads(line) for line in (work / "scores.jsonl").read_text().splitlines()]
+    assert len(live) == len(replay) == 700
+    assert pipeline.counters.messages == 700
+    for a, b in zip(live, replay, strict=True):
+        assert a["anomaly_score"] == b["anomaly_score"] and a["prediction"] == b["prediction"]
+
+
+def test_the_first_40_percent_score_as_in_the_whole_file(tmp_path):
+    values = _signal(1500, spike_at=550)
+    whole = _write(tmp_path / "whole.csv", values)
+    (tmp_path / "prefix").mkdir()
+    prefix = _write(tmp_path / "prefix" / "whole.csv", values[:600])
+    a = _docs(whole, tmp_path / "a")
+    b = _docs(prefix, tmp_path / "b")
+    assert len(b) == 600
+    assert [d["anomaly_score"] for d in a[:600]] == [d["anomaly_score"] for d in b]
+    assert [d["prediction"] for d in a[:600]] == [d["prediction"] for d in b]
+    assert max(d["anomaly_score"] for d in b[540:560]) > 0.25  # the spike is seen without its future
+
+
+def test_two_runs_give_identical_scores(tmp_path):
+    paths = [_write(tmp_path / f"f{k}.csv", _signal(900, seed=k, spike_at=700 + 10 * k)) for k in range(3)]
+    runs = [
+        run_files(paths, tmp_path / f"run{r}") for r in range(2) if (tmp_path / f"run{r}").mkdir() is None
+    ]
+    for p in paths:
+        assert _scores(runs[0][p.stem]).tolist() == _scores(runs[1][p.stem]).tolist()
+
+
+# ---- the parts -----------------------------------------------------------------------------------------
+
+
+def test_a_spike_alerts_once_and_the_refractory_period_holds_back_the_rest(tmp_path):
+    path = _write(tmp_path / "spike.csv", _signal(1200, spike_at=900))
+    docs = _docs(path, tmp_path / "on")
+    alerts = [i for i, d in enumerate(docs) if d["alert"]]
+    first = next(i for i in alerts if i >= 900)
+    assert first <= 905, alerts
+    assert not [i for i in alerts if first < i <= first + 200], alerts
+    assert all(d["anomaly_score"] == 0 for d in docs[first + 1 : first + 201])
+    off = _docs(path, tmp_path / "off", Variant(refractory=False))
+    assert sum(d["alert"] for d in off[900:1100]) > sum(d["alert"] for d in docs[900:1100])
+
+
+def test_scores_are_probabilities_and_nothing_is_scored_while_learning(tmp_path):
+    path = _write(tmp_path / "s.csv", _signal(800, spike_at=None))
+    docs = _docs(path, tmp_path / "w")
+    scores = np.array([d["anomaly_score"] for d in docs])
+    likelihood = np.array([d["likelihood"] for d in docs])
+    assert ((scores >= 0) & (scores <= 1)).all() and ((likelihood >= 0) & (likelihood <= 1)).all()
+    assert (scores[:300] == 0).all() and not any(d["alert"] for d in docs[:300])
+    assert scores[300:].max() < 0.25  # a steady signal raises no alert
+
+
+def test_a_value_beyond_the_range_seen_is_surprising_even_when_forecast(tmp_path):
+    """A slow ramp out of the range seen: each step is small (a good forecast), the level is new."""
+    values = _signal(1000, spike_at=None)
+    values[700:] += np.linspace(0, 60, 300)
+    path = _write(tmp_path / "ramp.csv", values)
+    with_spatial = _docs(path, tmp_path / "a")
+    assert max(d["likelihood"] for d in with_spatial[700:]) > 0.25
+
+
+def test_calibration_makes_a_noisy_stream_and_a_quiet_one_comparable(tmp_path):
+    """Raw surprise flickers high on pure noise; the likelihood is high only for the change of regime."""
+    rng = np.random.default_rng(3)
+    noise = 5 + rng.normal(0, 1, 1200)
+    noise[1000:] += rng.normal(0, 6, 200)  # the variance jumps
+    path = _write(tmp_path / "noise.csv", noise)
+    calibrated = _docs(path, tmp_path / "cal")
+    raw = _docs(path, tmp_path / "raw", Variant(calibration=False, refractory=False))
+    assert max(d["anomaly_score"] for d in calibrated[300:1000]) < 0.25
+    assert max(d["anomaly_score"] for d in raw[300:1000]) > 0.5  # noise alone looks half-anomalous
+    assert max(d["likelihood"] for d in calibrated[1000:1030]) > 0.25
+
+
+# ---- NAB, development part ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dev_nab():
+    labels = SHARED_NAB / "labels" / "combined_windows.json"
+    if not labels.exists():
+        pytest.fail(f"the shared NAB data is missing: {labels}")
+    return SHARED_NAB / "data", labels
+
+
+@pytest.fixture(scope="module")
+def dev_report(dev_nab):
+    return nab(*dev_nab)
+
+
+def test_the_detector_scores_on_the_development_part_of_nab(dev_report):
+    report = dev_report
+    assert report.files == 25 and report.rows > 129_000
+    scores = {name: r.score for name, r in report.profiles.items()}
+    # 47.1 / 29.6 / 55.4 measured (README); a broken calibration or refractory period falls far below
+    assert scores["standard"] >= 40, scores
+    assert scores["reward_low_FP"] >= 20, scores
+    assert scores["reward_low_FN"] >= 48, scores
+
+
+def test_online_adaptation_beats_the_frozen_model_on_nab(dev_nab, dev_report):
+    """Measured 46.5 online against 41.1 frozen (standard profile); the mean forecast error is not lower
+    online (README), so this is the detector's gain, not the forecaster's."""
+    online = dev_report.profiles["standard"].score
+    frozen = nab(*dev_nab, Variant(online=False)).profiles["standard"].score
+    assert online > frozen + 2, (online, frozen)
