@@ -173,13 +173,9 @@ def nab(
     data: Annotated[Path, typer.Option(help="NAB's data folder: <category>/<file>.csv.")],
     labels: Annotated[Path, typer.Option(help="NAB's labels/combined_windows.json.")],
     online: Annotated[bool, typer.Option(help="Adapt the forecaster online (--no-online: frozen).")] = True,
-    calibration: Annotated[
-        bool, typer.Option(help="Anomaly likelihood (off: raw surprise).")
-    ] = True,
+    calibration: Annotated[bool, typer.Option(help="Anomaly likelihood (off: raw surprise).")] = True,
     refractory: Annotated[bool, typer.Option(help="Refractory period after an alert.")] = True,
-    forecaster: Annotated[
-        str, typer.Option(help="model, or last (naive last value).")
-    ] = "model",
+    forecaster: Annotated[str, typer.Option(help="model, or last (naive last value).")] = "model",
 ) -> None:
     """Score the anomaly detector on NAB files: the three profiles, windows hit, false positives, runtime.
     The options switch parts of the detector off, for ablations."""
