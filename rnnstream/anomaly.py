@@ -8,11 +8,11 @@ by truncated BPTT while it serves. Inputs are standardised per stream and channe
 
 Per reading ``x_t`` of a stream (``k``: the forecast errors seen so far, this one included):
 
-1. **Surprise.** ``e_t = mean_channels |z_t - ẑ_t|``, the forecast error in standard deviations, against
-   its running scale ``s`` (EW mean of ``e``, weight ``max(1/k, 1/err_window)``, taken before ``e_t``):
-   ``r_t = 1 - exp(-e_t / (temperature · s))`` in [0, 1). A value outside the range seen so far by more
-   than ``spatial_tolerance`` of that range is a surprise on its own: ``r_t = 1`` (after ``learn``
-   readings).
+1. **Surprise.** Per channel ``c``, the forecast error in the reading's units ``|x_c - x̂_c|`` against
+   its running scale ``s_c`` (EW mean of that error, weight ``max(1/k, 1/err_window)``, taken before
+   this reading), averaged over channels: ``r_t = 1 - exp(-mean_c(|x_c - x̂_c| / s_c) / temperature)``
+   in [0, 1). A value outside the range seen so far by more than ``spatial_tolerance`` of that range is
+   a surprise on its own: ``r_t = 1`` (after ``learn`` readings).
 2. **Calibration** (Numenta's anomaly likelihood, Ahmad et al. 2017). The short-term mean
    ``m_t = mean(r_{t-S+1..t})`` (``S = short_window``) against the long-run mean ``μ`` and variance
    ``σ²`` of ``m`` (EW, weight ``max(1/k, 1/long_window)``, taken before ``m_t``; floored at
@@ -20,10 +20,12 @@ Per reading ``x_t`` of a stream (``k``: the forecast errors seen so far, this on
    ``L_t = 1 - Q((m_t - μ) / σ)`` with ``Q`` the normal tail (``Q = 1 - Q(μ - m_t)`` below the mean),
    reported on a log scale, ``score_t = ln(1 - L_t + 10⁻¹⁰) / ln(10⁻¹⁰)`` in [0, 1]: 0.5 means a
    one-in-10⁵ event. ``calibration: none`` reports ``r_t`` instead (the ablation).
-3. **Alerts and the refractory period.** ``alert_t = score_t ≥ threshold`` outside a refractory period;
+3. **Records.** A score below the best the stream has had so far is multiplied by
+   ``record_discount`` (0.8): a surprise no bigger than one seen before is less of an anomaly.
+4. **Alerts and the refractory period.** ``alert_t = score_t ≥ threshold`` outside a refractory period;
    an alert starts ``refractory`` readings during which no alert is raised and ``anomaly_score`` is 0
-   (``likelihood`` keeps the calibrated value). NAB credits only a window's first detection and charges
-   every other one.
+   (``likelihood`` keeps the calibrated value before steps 3 and 4). NAB credits only a window's first
+   detection and charges every other one.
 
 No score before ``learn`` readings. Everything is causal (a reading's score depends on it and the
 readings before it only: no file length, no min/max of the future) and deterministic.
@@ -66,6 +68,7 @@ class AnomalyDetector(ForecastScoring):
         short_window: int = 10,
         long_window: int = 1000,
         calibration: Calibration = "likelihood",
+        record_discount: float | None = 0.8,
         threshold: float = 0.25,
         refractory: int = 200,
         forecaster: Forecaster = "model",
@@ -75,18 +78,20 @@ class AnomalyDetector(ForecastScoring):
         self.spatial_tolerance = spatial_tolerance
         self.short, self.long_window = short_window, long_window
         self.calibration, self.threshold, self.refractory = calibration, threshold, refractory
+        self.record_discount = record_discount
         self.forecaster = forecaster
         f = self.f
         base = 1 + 3 * f
         # row: ForecastScoring's n | mean | var | pred z, then
-        #      err scale | short ring (S) | long mean | long var | cooldown | lo (f) | hi (f)
-        self._scale = base
-        self._ring = slice(base + 1, base + 1 + short_window)
-        self._long = base + 1 + short_window
+        #      err scale (f) | short ring (S) | long mean | long var | cooldown | peak | lo (f) | hi (f)
+        self._scale = slice(base, base + f)
+        self._ring = slice(base + f, base + f + short_window)
+        self._long = base + f + short_window
         self._cool = self._long + 2
-        self._lo = slice(self._cool + 1, self._cool + 1 + f)
-        self._hi = slice(self._cool + 1 + f, self._cool + 1 + 2 * f)
-        width = self._cool + 1 + 2 * f
+        self._peak = self._cool + 1
+        self._lo = slice(self._peak + 1, self._peak + 1 + f)
+        self._hi = slice(self._peak + 1 + f, self._peak + 1 + 2 * f)
+        width = self._peak + 1 + 2 * f
         initial = np.zeros(width)
         initial[self._lo], initial[self._hi] = math.inf, -math.inf
         self.table = StreamTable(width, initial)
@@ -117,7 +122,7 @@ class AnomalyDetector(ForecastScoring):
         k = np.maximum(n - 1, 1)  # errors seen, this one included (none for a stream's first reading)
         has_error = n > 1
         learned = n > self.learn
-        raw = self._surprise(r, err, k, has_error)
+        raw = self._surprise(r, x, wave, k, has_error)
         if self.spatial_tolerance is not None:
             lo, hi = rows[r, self._lo], rows[r, self._hi]
             margin = self.spatial_tolerance * (hi - lo)
@@ -127,19 +132,30 @@ class AnomalyDetector(ForecastScoring):
         likelihood = self._calibrate(r, raw, k, has_error) if self.calibration == "likelihood" else raw
         likelihood = np.where(learned, likelihood, 0.0)
         self._likelihood[wave] = likelihood
+        score = likelihood
+        if self.record_discount is not None:  # no bigger than one seen before: discounted
+            peak = rows[r, self._peak]
+            score = np.where(likelihood < peak, self.record_discount * likelihood, likelihood)
+            rows[r, self._peak] = np.maximum(peak, likelihood)
         cooling = rows[r, self._cool] > 0
-        alert = ~cooling & (likelihood >= self.threshold)
+        alert = ~cooling & (score >= self.threshold)
         rows[r, self._cool] = np.where(alert, self.refractory, np.maximum(rows[r, self._cool] - 1, 0))
-        return np.where(cooling, 0.0, likelihood), alert
+        return np.where(cooling, 0.0, score), alert
 
-    def _surprise(self, r: np.ndarray, err: np.ndarray, k: np.ndarray, has_error: np.ndarray) -> np.ndarray:
-        """``r_t``: the error against its running scale, squashed into [0, 1); updates the scale."""
+    def _surprise(
+        self, r: np.ndarray, x: np.ndarray, wave: np.ndarray, k: np.ndarray, has_error: np.ndarray
+    ) -> np.ndarray:
+        """``r_t``: each channel's forecast error (raw units) against its running scale, averaged over
+        the channels and squashed into [0, 1); updates the scales. ``x``: the readings ``(W, channels)``."""
         rows = self.table.rows
+        _, _, pred_c, _ = self._cols()
+        predicted = rows[r, pred_c] * self._before[1][wave] + self._before[0][wave]  # raw units
+        err = np.abs(x - predicted)
         scale = rows[r, self._scale]
-        ratio = np.where(scale > 0, err / np.maximum(scale, 1e-12), np.where(err > 0, math.inf, 0.0))
-        raw = np.where(has_error, 1.0 - np.exp(-ratio / self.temperature), 0.0)
-        alpha = np.maximum(1.0 / k, 1.0 / self.err_window)
-        rows[r, self._scale] = np.where(has_error, scale + alpha * (err - scale), scale)
+        ratio = np.where(scale > 0, err / np.maximum(scale, 1e-300), np.where(err > 0, math.inf, 0.0))
+        raw = np.where(has_error, 1.0 - np.exp(-ratio.mean(axis=1) / self.temperature), 0.0)
+        alpha = np.maximum(1.0 / k, 1.0 / self.err_window)[:, None]
+        rows[r, self._scale] = np.where(has_error[:, None], scale + alpha * (err - scale), scale)
         return raw
 
     def _calibrate(self, r: np.ndarray, raw: np.ndarray, k: np.ndarray, has_error: np.ndarray) -> np.ndarray:

@@ -175,6 +175,7 @@ def nab(
     online: Annotated[bool, typer.Option(help="Adapt the forecaster online (--no-online: frozen).")] = True,
     calibration: Annotated[bool, typer.Option(help="Anomaly likelihood (off: raw surprise).")] = True,
     refractory: Annotated[bool, typer.Option(help="Refractory period after an alert.")] = True,
+    record: Annotated[bool, typer.Option(help="Discount scores below the stream's best so far.")] = True,
     forecaster: Annotated[str, typer.Option(help="model, or last (naive last value).")] = "model",
 ) -> None:
     """Score the anomaly detector on NAB files: the three profiles, windows hit, false positives, runtime.
@@ -184,7 +185,7 @@ def nab(
 
     if forecaster not in ("model", "last"):
         raise typer.BadParameter("--forecaster is model or last")
-    report = run_nab(data, labels, Variant(online, calibration, refractory, forecaster))
+    report = run_nab(data, labels, Variant(online, calibration, refractory, record, forecaster))
     table = Table(title=f"NAB: {report.files} files, {report.rows:,} rows, {report.seconds:.1f} s")
     for col in ("profile", "score", "threshold", "windows hit", "false positives"):
         table.add_column(col, justify="left" if col == "profile" else "right")

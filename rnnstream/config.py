@@ -225,6 +225,7 @@ class ScoringConfig(Strict):
     temperature: float = Field(4.0, gt=0)  # detector: surprise = 1 - exp(-error / (temperature · scale))
     spatial_tolerance: float | None = Field(0.05, ge=0)  # detector: beyond the range seen (None: off)
     calibration: Literal["likelihood", "none"] = "likelihood"  # detector
+    record_discount: float | None = Field(0.8, gt=0, le=1)  # detector: × for a score below the stream's best
     forecaster: Literal["model", "last"] = "model"  # detector: "last" is the naive last-value baseline
 
 

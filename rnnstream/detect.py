@@ -63,6 +63,7 @@ class Variant:
     online: bool = True  # adapt the forecaster online (False: the frozen generic model)
     calibration: bool = True  # the anomaly likelihood (False: the raw surprise is the score)
     refractory: bool = True  # hold alerts back after one (False: every reading may alert)
+    record: bool = True  # discount a score no bigger than the stream's best so far
     forecaster: str = "model"  # "last": the naive last-value forecast instead of the model
 
     def scoring(self) -> dict[str, Any]:
@@ -72,6 +73,7 @@ class Variant:
             "threshold": 0.25 if self.calibration else 0.99,
             "refractory": 200 if self.refractory else 0,
             "forecaster": self.forecaster,
+            "record_discount": 0.8 if self.record else None,
         }
 
 

@@ -217,6 +217,7 @@ def _scoring(config: ServiceConfig, model: StreamModel) -> Scoring:
             short_window=s.short_window or 10,
             long_window=s.long_window or 1000,
             calibration=s.calibration,
+            record_discount=s.record_discount,
             threshold=s.threshold or 0.25,
             refractory=200 if s.refractory is None else s.refractory,
             forecaster=s.forecaster,

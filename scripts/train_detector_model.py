@@ -57,7 +57,7 @@ def _component(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     length = len(t)
     period = rng.uniform(8, 400)
     phase = rng.uniform(0, 2 * np.pi)
-    noise = rng.normal(0, 10 ** rng.uniform(-3, 0), length)
+    noise = rng.normal(0, 10 ** rng.uniform(-3, -1), length)
     kind = rng.integers(0, 8)
     if kind == 0:
         x = np.sin(2 * np.pi * t / period + phase)
@@ -68,7 +68,7 @@ def _component(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     elif kind == 3:
         x = np.cumsum(rng.normal(0, 1, length)) / 10
     elif kind == 4:
-        phi = rng.uniform(0, 0.99)
+        phi = rng.uniform(0.9, 0.999)
         x = np.zeros(length)
         e = rng.normal(0, 1, length)
         for k in range(1, length):

@@ -175,15 +175,14 @@ def test_the_detector_scores_on_the_development_part_of_nab(dev_report):
     report = dev_report
     assert report.files == 25 and report.rows > 129_000
     scores = {name: r.score for name, r in report.profiles.items()}
-    # 47.1 / 29.6 / 55.4 measured (README); a broken calibration or refractory period falls far below
-    assert scores["standard"] >= 40, scores
-    assert scores["reward_low_FP"] >= 20, scores
-    assert scores["reward_low_FN"] >= 48, scores
+    # 52.4 / 43.7 / 58.0 measured (README); without calibration or refractory period: 36 / 19 and less
+    assert scores["standard"] >= 47, scores
+    assert scores["reward_low_FP"] >= 38, scores
+    assert scores["reward_low_FN"] >= 53, scores
 
 
 def test_online_adaptation_beats_the_frozen_model_on_nab(dev_nab, dev_report):
-    """Measured 46.5 online against 41.1 frozen (standard profile); the mean forecast error is not lower
-    online (README), so this is the detector's gain, not the forecaster's."""
+    """Measured 52.4 online against 41.3 frozen (standard profile)."""
     online = dev_report.profiles["standard"].score
     frozen = nab(*dev_nab, Variant(online=False)).profiles["standard"].score
-    assert online > frozen + 2, (online, frozen)
+    assert online > frozen + 5, (online, frozen)
