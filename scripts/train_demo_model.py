@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 import models
 from connectors.simulated import SensorSequences, simulate_sequences
+from models.fit import fit_forecaster
 
 DEFAULT_OUT = Path(models.__file__).parent / "assets" / "sensor_lstm.safetensors"
 HIDDEN = 32
@@ -65,25 +66,10 @@ def train(cfg: TrainConfig) -> tuple[nn.LSTM, nn.Linear, dict[str, float]]:
     mean, std = standardise(seqs.values)
     x, y = make_tensors(seqs, mean, std)
     lstm, head = nn.LSTM(1, HIDDEN), nn.Linear(HIDDEN, 1)
-    params = [*lstm.parameters(), *head.parameters()]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    steps = cfg.epochs * (cfg.num_sequences // cfg.batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loss = torch.tensor(float("nan"))
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(cfg.num_sequences, generator=gen)
-        for start in range(0, cfg.num_sequences - cfg.batch + 1, cfg.batch):
-            idx = order[start : start + cfg.batch]
-            out, _ = lstm(x[:, idx])
-            loss = nn.functional.mse_loss(head(out[WARMUP:]), y[WARMUP:, idx])
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-        print(f"epoch {epoch + 1}/{cfg.epochs}: mse {loss.item():.5f} (standardised units)")
-    return lstm, head, {"mean": mean, "std": std, "final_loss": round(loss.item(), 6)}
+    loss = fit_forecaster(
+        lstm, head, x, y, epochs=cfg.epochs, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed, warmup=WARMUP
+    )
+    return lstm, head, {"mean": mean, "std": std, "final_loss": round(loss, 6)}
 
 
 def build_model(

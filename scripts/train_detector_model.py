@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import models
+from models.fit import fit_forecaster
 
 DEFAULT_OUT = Path(models.__file__).parent / "assets" / "detector_gru.safetensors"
 HIDDEN = 32
@@ -107,25 +108,19 @@ def train(cfg: TrainConfig) -> tuple[nn.GRU, nn.Linear, float]:
     z = standardise_online(synthetic_signals(cfg.num_sequences, cfg.length, rng))
     data = torch.from_numpy(z.astype(np.float32)).T.unsqueeze(-1).contiguous()  # (T, N, 1)
     gru, head = nn.GRU(1, HIDDEN), nn.Linear(HIDDEN, 1)
-    params = [*gru.parameters(), *head.parameters()]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    steps = cfg.epochs * (cfg.num_sequences // cfg.batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loss = torch.tensor(float("nan"))
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(cfg.num_sequences, generator=gen)
-        for start in range(0, cfg.num_sequences - cfg.batch + 1, cfg.batch):
-            seqs = data[:, order[start : start + cfg.batch]]
-            out, _ = gru(seqs[1:-1])  # the first reading is always 0: start from the second
-            loss = nn.functional.huber_loss(head(out), seqs[2:])
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-        print(f"epoch {epoch + 1}/{cfg.epochs}: huber {loss.item():.5f} (standardised units)", flush=True)
-    return gru, head, float(loss.item())
+    # the first reading is always 0 (nothing to standardise it with): learn from the second on
+    loss = fit_forecaster(
+        gru,
+        head,
+        data[1:-1],
+        data[2:],
+        epochs=cfg.epochs,
+        batch=cfg.batch,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        loss_fn=nn.functional.huber_loss,
+    )
+    return gru, head, loss
 
 
 def build_model(gru: nn.GRU, head: nn.Linear, loss: float, cfg: TrainConfig) -> models.StreamModel:
