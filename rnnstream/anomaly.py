@@ -34,6 +34,7 @@ readings before it only: no file length, no min/max of the future) and determini
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -47,6 +48,36 @@ Calibration = Literal["likelihood", "none"]
 MEAN_FLOOR = 0.03  # Numenta's floors for the distribution of the short-term mean surprise
 VAR_FLOOR = 3e-4
 LOG_EPS = 1e-10  # score 1 at a likelihood of 1 - 1e-10
+WEEK_S = 7 * 86400.0
+
+
+class _Columns:
+    """Hands out consecutive column ranges of a stream row."""
+
+    def __init__(self) -> None:
+        self.width = 0
+
+    def take(self, n: int = 1) -> slice:
+        cols = slice(self.width, self.width + n)
+        self.width += n
+        return cols
+
+
+@dataclass(frozen=True)
+class _Surprise:
+    """The columns of one calibrated surprise: error scales (f), the short ring (S), the long-run mean
+    and variance of the short mean, and how many surprises it has seen."""
+
+    scale: slice
+    ring: slice
+    mean: int
+    var: int
+    count: int
+
+    @classmethod
+    def take(cls, cols: _Columns, channels: int, short: int) -> _Surprise:
+        scale, ring = cols.take(channels), cols.take(short)
+        return cls(scale, ring, cols.take().start, cols.take().start, cols.take().start)
 
 
 class AnomalyDetector(ForecastScoring):
@@ -65,6 +96,8 @@ class AnomalyDetector(ForecastScoring):
         err_window: int = 1000,
         temperature: float = 4.0,
         spatial_tolerance: float | None = 0.05,
+        season_s: float | None = WEEK_S,
+        season_bucket_s: float = 300.0,
         short_window: int = 10,
         long_window: int = 1000,
         calibration: Calibration = "likelihood",
@@ -81,21 +114,26 @@ class AnomalyDetector(ForecastScoring):
         self.record_discount = record_discount
         self.forecaster = forecaster
         f = self.f
-        base = 1 + 3 * f
-        # row: ForecastScoring's n | mean | var | pred z, then
-        #      err scale (f) | short ring (S) | long mean | long var | cooldown | peak | lo (f) | hi (f)
-        self._scale = slice(base, base + f)
-        self._ring = slice(base + f, base + f + short_window)
-        self._long = base + f + short_window
-        self._cool = self._long + 2
-        self._peak = self._cool + 1
-        self._lo = slice(self._peak + 1, self._peak + 1 + f)
-        self._hi = slice(self._peak + 1 + f, self._peak + 1 + 2 * f)
-        width = self._peak + 1 + 2 * f
-        initial = np.zeros(width)
+        cols = _Columns()
+        cols.take(1 + 3 * f)  # ForecastScoring's n | mean | var | pred z
+        self._forecast = _Surprise.take(cols, f, short_window)
+        self._cool, self._peak = cols.take().start, cols.take().start
+        self._lo, self._hi = cols.take(f), cols.take(f)
+        self.buckets = round(season_s / season_bucket_s) if season_s else 0
+        self.bucket_s = season_bucket_s
+        if self.buckets:
+            self._season = _Surprise.take(cols, f, short_window)
+            # the bucket of the last reading, the values one period before it (f) and whether there are
+            # any; then per bucket of the period its latest values (buckets × f) and its bucket number
+            self._bucket, self._past, self._has_past = cols.take().start, cols.take(f), cols.take().start
+            self._ring_values, self._ring_keys = cols.take(self.buckets * f), cols.take(self.buckets)
+        initial = np.zeros(cols.width)
         initial[self._lo], initial[self._hi] = math.inf, -math.inf
-        self.table = StreamTable(width, initial)
+        if self.buckets:
+            initial[self._bucket] = initial[self._ring_keys] = -1.0
+        self.table = StreamTable(cols.width, initial)
         self._xs = np.zeros((0, f))
+        self._ts = np.zeros(0)
         self._likelihood = np.zeros(0)
 
     def inputs(self, ids: list[str], xs: np.ndarray) -> np.ndarray:
@@ -106,6 +144,7 @@ class AnomalyDetector(ForecastScoring):
         if self.forecaster == "last":  # forecast the next reading as this one, in its z units after it
             z_after = (self._xs - self._after[0]) / self._after[1]
             ys = (z_after * self.model_std + self.model_mean).astype(np.float32)
+        self._ts = np.array([math.nan if it[3].ts is None else float(it[3].ts) for it in batch.items])
         self._likelihood = np.zeros(len(batch.ids))
         docs = super().documents(batch, xs, ys, version)
         for doc, lik in zip(docs, self._likelihood.tolist(), strict=True):
@@ -115,21 +154,27 @@ class AnomalyDetector(ForecastScoring):
     def _score(
         self, r: np.ndarray, err: np.ndarray, n: np.ndarray, wave: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and alerts of one wave's rows ``r`` ``(W,)`` from their errors ``err (W,)`` and readings
-        seen ``n (W,)`` (this one included); updates the rows."""
+        """Scores and alerts of one wave's rows ``r`` ``(W,)`` with readings seen ``n (W,)`` (this one
+        included); updates the rows. (``err``, the error in standard deviations, is not used: the
+        surprise is measured in the readings' units.)"""
         rows = self.table.rows
         x = self._xs[wave]
-        k = np.maximum(n - 1, 1)  # errors seen, this one included (none for a stream's first reading)
-        has_error = n > 1
         learned = n > self.learn
-        raw = self._surprise(r, x, wave, k, has_error)
+        has_error = n > 1  # nothing was forecast for a stream's first reading
+        _, _, pred_c, _ = self._cols()
+        predicted = rows[r, pred_c] * self._before[1][wave] + self._before[0][wave]  # raw units
+        raw = self._surprise(self._forecast, r, np.abs(x - predicted), has_error)
         if self.spatial_tolerance is not None:
             lo, hi = rows[r, self._lo], rows[r, self._hi]
             margin = self.spatial_tolerance * (hi - lo)
             outside = ((x > hi + margin) | (x < lo - margin)).any(axis=1)
             raw = np.where(learned & outside, 1.0, raw)
             rows[r, self._lo], rows[r, self._hi] = np.minimum(lo, x), np.maximum(hi, x)
-        likelihood = self._calibrate(r, raw, k, has_error) if self.calibration == "likelihood" else raw
+        likelihood = self._calibrated(self._forecast, r, raw, has_error)
+        if self.buckets:
+            past, has_past = self._period_ago(r, x, self._ts[wave])
+            seasonal = self._surprise(self._season, r, np.abs(x - past), has_past)
+            likelihood = np.maximum(likelihood, self._calibrated(self._season, r, seasonal, has_past))
         likelihood = np.where(learned, likelihood, 0.0)
         self._likelihood[wave] = likelihood
         score = likelihood
@@ -142,39 +187,65 @@ class AnomalyDetector(ForecastScoring):
         rows[r, self._cool] = np.where(alert, self.refractory, np.maximum(rows[r, self._cool] - 1, 0))
         return np.where(cooling, 0.0, score), alert
 
-    def _surprise(
-        self, r: np.ndarray, x: np.ndarray, wave: np.ndarray, k: np.ndarray, has_error: np.ndarray
-    ) -> np.ndarray:
-        """``r_t``: each channel's forecast error (raw units) against its running scale, averaged over
-        the channels and squashed into [0, 1); updates the scales. ``x``: the readings ``(W, channels)``."""
+    def _surprise(self, c: _Surprise, r: np.ndarray, err: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """``r_t`` for the ``active`` rows: each channel's error ``err (W, f)`` (readings' units) against
+        its running scale, averaged over channels and squashed into [0, 1); updates the scales and
+        counts."""
         rows = self.table.rows
-        _, _, pred_c, _ = self._cols()
-        predicted = rows[r, pred_c] * self._before[1][wave] + self._before[0][wave]  # raw units
-        err = np.abs(x - predicted)
-        scale = rows[r, self._scale]
+        k = rows[r, c.count] + active  # surprises seen, this one included
+        rows[r, c.count] = k
+        scale = rows[r, c.scale]
         ratio = np.where(scale > 0, err / np.maximum(scale, 1e-300), np.where(err > 0, math.inf, 0.0))
-        raw = np.where(has_error, 1.0 - np.exp(-ratio.mean(axis=1) / self.temperature), 0.0)
-        alpha = np.maximum(1.0 / k, 1.0 / self.err_window)[:, None]
-        rows[r, self._scale] = np.where(has_error[:, None], scale + alpha * (err - scale), scale)
+        raw = np.where(active & (k > 1), 1.0 - np.exp(-ratio.mean(axis=1) / self.temperature), 0.0)
+        alpha = (1.0 / np.maximum(k, 1.0)).clip(min=1.0 / self.err_window)[:, None]
+        rows[r, c.scale] = np.where(active[:, None], scale + alpha * (err - scale), scale)
         return raw
 
-    def _calibrate(self, r: np.ndarray, raw: np.ndarray, k: np.ndarray, has_error: np.ndarray) -> np.ndarray:
-        """The log-scaled anomaly likelihood of the short-term mean surprise; updates its statistics."""
+    def _calibrated(self, c: _Surprise, r: np.ndarray, raw: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """The score of surprises ``raw (W,)``: their log-scaled anomaly likelihood (``calibration:
+        none``: ``raw`` itself); updates the statistics of the ``active`` rows."""
         rows = self.table.rows
-        ring = rows[r, self._ring]
+        k = np.maximum(rows[r, c.count], 1.0)  # _surprise counted this one
+        if self.calibration == "none":
+            return np.where(active & (k >= self.learn), raw, 0.0)
+        ring = rows[r, c.ring]
         slot = ((k - 1) % self.short).astype(np.int64)
         ring[np.arange(len(r)), slot] = raw
-        filled = np.minimum(k, self.short)
-        short_mean = ring.sum(axis=1) / filled
-        mu, var = rows[r, self._long], rows[r, self._long + 1]
+        short_mean = ring.sum(axis=1) / np.minimum(k, self.short)
+        mu, var = rows[r, c.mean], rows[r, c.var]
         sd = np.sqrt(np.maximum(var, VAR_FLOOR))
         tail = 1.0 - _normal_cdf(np.abs(short_mean - np.maximum(mu, MEAN_FLOOR)) / sd)
         tail = np.where(short_mean >= np.maximum(mu, MEAN_FLOOR), tail, 1.0 - tail)
         score = np.clip(np.log(tail + LOG_EPS) / math.log(LOG_EPS), 0.0, 1.0)
         alpha = np.maximum(1.0 / k, 1.0 / self.long_window)
         delta = short_mean - mu
-        upd = has_error
-        rows[r, self._ring] = np.where(upd[:, None], ring, rows[r, self._ring])
-        rows[r, self._long] = np.where(upd, mu + alpha * delta, mu)
-        rows[r, self._long + 1] = np.where(upd, (1 - alpha) * (var + alpha * delta * delta), var)
-        return np.where(has_error, score, 0.0)
+        rows[r, c.ring] = np.where(active[:, None], ring, rows[r, c.ring])
+        rows[r, c.mean] = np.where(active, mu + alpha * delta, mu)
+        rows[r, c.var] = np.where(active, (1 - alpha) * (var + alpha * delta * delta), var)
+        return np.where(active & (k >= self.learn), score, 0.0)  # each surprise learns its own statistics
+
+    def _period_ago(self, r: np.ndarray, x: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The readings one period (``season_s``) before ``x (W, f)`` at times ``ts (W,)`` (seconds), to the
+        bucket, and whether there are any; records ``x``. The buckets of the last period are a ring of
+        ``buckets`` slots per stream; a slot holds the latest readings of its bucket and the bucket's
+        number, so a slot last written one period ago holds the readings to compare with."""
+        rows = self.table.rows
+        f, b = self.f, self.buckets
+        ok = np.isfinite(ts)
+        key = np.where(ok, np.floor(np.where(ok, ts, 0.0) / self.bucket_s), -1.0)
+        slot = (key % b).astype(np.int64)
+        new_bucket = ok & (key != rows[r, self._bucket])
+        value_cols = self._ring_values.start + slot[:, None] * f + np.arange(f)[None, :]
+        key_cols = self._ring_keys.start + slot
+        if new_bucket.any():  # entering a bucket: fetch what its slot holds before overwriting it
+            had = rows[r, key_cols] == key - b
+            rows[r, self._past] = np.where(
+                new_bucket[:, None], rows[r[:, None], value_cols], rows[r, self._past]
+            )
+            rows[r, self._has_past] = np.where(new_bucket, had, rows[r, self._has_past])
+            rows[r, self._bucket] = np.where(new_bucket, key, rows[r, self._bucket])
+        has_past = ok & (rows[r, self._has_past] > 0)
+        past = rows[r, self._past]
+        rows[r[ok, None], value_cols[ok]] = x[ok]
+        rows[r[ok], key_cols[ok]] = key[ok]
+        return past, has_past

@@ -176,6 +176,7 @@ def nab(
     calibration: Annotated[bool, typer.Option(help="Anomaly likelihood (off: raw surprise).")] = True,
     refractory: Annotated[bool, typer.Option(help="Refractory period after an alert.")] = True,
     record: Annotated[bool, typer.Option(help="Discount scores below the stream's best so far.")] = True,
+    season: Annotated[bool, typer.Option(help="Compare with the same time a week before.")] = True,
     forecaster: Annotated[str, typer.Option(help="model, or last (naive last value).")] = "model",
 ) -> None:
     """Score the anomaly detector on NAB files: the three profiles, windows hit, false positives, runtime.
@@ -185,7 +186,7 @@ def nab(
 
     if forecaster not in ("model", "last"):
         raise typer.BadParameter("--forecaster is model or last")
-    report = run_nab(data, labels, Variant(online, calibration, refractory, record, forecaster))
+    report = run_nab(data, labels, Variant(online, calibration, refractory, record, season, forecaster))
     table = Table(title=f"NAB: {report.files} files, {report.rows:,} rows, {report.seconds:.1f} s")
     for col in ("profile", "score", "threshold", "windows hit", "false positives"):
         table.add_column(col, justify="left" if col == "profile" else "right")

@@ -224,6 +224,8 @@ class ScoringConfig(Strict):
     err_window: int = Field(1000, ge=1)  # detector: readings of the running error scale
     temperature: float = Field(4.0, gt=0)  # detector: surprise = 1 - exp(-error / (temperature · scale))
     spatial_tolerance: float | None = Field(0.05, ge=0)  # detector: beyond the range seen (None: off)
+    season_s: float | None = Field(604_800.0, gt=0)  # detector: compare with one period ago (None: off)
+    season_bucket_s: float = Field(300.0, gt=0)  # detector: time resolution of that comparison
     calibration: Literal["likelihood", "none"] = "likelihood"  # detector
     record_discount: float | None = Field(0.8, gt=0, le=1)  # detector: × for a score below the stream's best
     forecaster: Literal["model", "last"] = "model"  # detector: "last" is the naive last-value baseline

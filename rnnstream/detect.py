@@ -64,6 +64,7 @@ class Variant:
     calibration: bool = True  # the anomaly likelihood (False: the raw surprise is the score)
     refractory: bool = True  # hold alerts back after one (False: every reading may alert)
     record: bool = True  # discount a score no bigger than the stream's best so far
+    season: bool = True  # also compare each reading with the same time a week before
     forecaster: str = "model"  # "last": the naive last-value forecast instead of the model
 
     def scoring(self) -> dict[str, Any]:
@@ -74,6 +75,7 @@ class Variant:
             "refractory": 200 if self.refractory else 0,
             "forecaster": self.forecaster,
             "record_discount": 0.8 if self.record else None,
+            "season_s": 604_800.0 if self.season else None,
         }
 
 

@@ -214,6 +214,8 @@ def _scoring(config: ServiceConfig, model: StreamModel) -> Scoring:
             err_window=s.err_window,
             temperature=s.temperature,
             spatial_tolerance=s.spatial_tolerance,
+            season_s=s.season_s,
+            season_bucket_s=s.season_bucket_s,
             short_window=s.short_window or 10,
             long_window=s.long_window or 1000,
             calibration=s.calibration,
