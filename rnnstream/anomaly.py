@@ -39,10 +39,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from engine.batcher import plan_waves
 from rnnstream.sensors import ForecastScoring, _normal_cdf
 from rnnstream.stream_table import StreamTable
 
 Forecaster = Literal["model", "last"]
+Predicts = Literal["value", "change"]
 Calibration = Literal["likelihood", "none"]
 
 MEAN_FLOOR = 0.03  # Numenta's floors for the distribution of the short-term mean surprise
@@ -105,6 +107,7 @@ class AnomalyDetector(ForecastScoring):
         threshold: float = 0.25,
         refractory: int = 200,
         forecaster: Forecaster = "model",
+        predicts: Predicts = "value",
     ) -> None:
         super().__init__(channels, model_norm, window=window, clip=clip)
         self.learn, self.err_window, self.temperature = learn, err_window, temperature
@@ -112,13 +115,14 @@ class AnomalyDetector(ForecastScoring):
         self.short, self.long_window = short_window, long_window
         self.calibration, self.threshold, self.refractory = calibration, threshold, refractory
         self.record_discount = record_discount
-        self.forecaster = forecaster
+        self.forecaster, self.predicts = forecaster, predicts
         f = self.f
         cols = _Columns()
         cols.take(1 + 3 * f)  # ForecastScoring's n | mean | var | pred z
         self._forecast = _Surprise.take(cols, f, short_window)
         self._cool, self._peak = cols.take().start, cols.take().start
         self._lo, self._hi = cols.take(f), cols.take(f)
+        self._last = cols.take(f)  # the stream's previous readings
         self.buckets = round(season_s / season_bucket_s) if season_s else 0
         self.bucket_s = season_bucket_s
         if self.buckets:
@@ -137,13 +141,32 @@ class AnomalyDetector(ForecastScoring):
         self._likelihood = np.zeros(0)
 
     def inputs(self, ids: list[str], xs: np.ndarray) -> np.ndarray:
+        """The model's inputs: standardised readings (``predicts: value``) or standardised changes
+        ``(x_t - x_{t-1}) / std`` (``predicts: change``; 0 for a stream's first reading), ``(N, f)``."""
         self._xs = np.asarray(xs, np.float64)
-        return super().inputs(ids, xs)
+        z = super().inputs(ids, xs)
+        idx = self.table.indices(ids)
+        rows = self.table.rows
+        change = np.zeros_like(self._xs)
+        for wave in plan_waves(idx):
+            r = idx[wave]
+            first = (self._seen[wave] == 1)[:, None]
+            change[wave] = np.where(
+                first, 0.0, (self._xs[wave] - rows[r, self._last]) / self._before[1][wave]
+            )
+            rows[r, self._last] = self._xs[wave]
+        if self.predicts == "value":
+            return z
+        np.clip(change, -self.clip, self.clip, out=change)
+        return (change * self.model_std + self.model_mean).astype(np.float32)
 
     def documents(self, batch: Any, xs: np.ndarray, ys: np.ndarray, version: int) -> list[dict]:
-        if self.forecaster == "last":  # forecast the next reading as this one, in its z units after it
-            z_after = (self._xs - self._after[0]) / self._after[1]
-            ys = (z_after * self.model_std + self.model_mean).astype(np.float32)
+        if self.forecaster == "last" or self.predicts == "change":
+            # the next reading in this one's z units after it: this one (last), plus the forecast change
+            z_next = (self._xs - self._after[0]) / self._after[1]
+            if self.forecaster == "model":
+                z_next = z_next + (ys.astype(np.float64) - self.model_mean) / self.model_std
+            ys = (z_next * self.model_std + self.model_mean).astype(np.float32)
         self._ts = np.array([math.nan if it[3].ts is None else float(it[3].ts) for it in batch.items])
         self._likelihood = np.zeros(len(batch.ids))
         docs = super().documents(batch, xs, ys, version)

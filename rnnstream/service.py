@@ -223,6 +223,7 @@ def _scoring(config: ServiceConfig, model: StreamModel) -> Scoring:
             threshold=s.threshold or 0.25,
             refractory=200 if s.refractory is None else s.refractory,
             forecaster=s.forecaster,
+            predicts=model.info.features.get("predicts", "value"),
         )
     return ForecastScoring(
         channels,

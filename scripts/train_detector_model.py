@@ -1,8 +1,10 @@
 """Train the anomaly detector's generic forecaster: ``models/assets/detector_gru.safetensors``.
 
-``nn.GRU(1, 32)`` → ``nn.Linear(32, 1)`` reads one reading per event, standardised online exactly as the
-detector stage does it (``rnnstream.anomaly``: exponentially weighted mean and variance, weight
-``max(1/n, 1/window)``, clipped to ±``clip``), and forecasts the next reading in the same units. It is
+``nn.GRU(1, 32)`` → ``nn.Linear(32, 1)`` reads one change per event, ``(x_t - x_{t-1}) / std``, with the
+running standard deviation the detector stage keeps (``rnnstream.anomaly``: exponentially weighted, weight
+``max(1/n, 1/window)``; clipped to ±``clip``), and forecasts the next change in the same units: the
+detector's forecast is the last reading plus that change, so a model with nothing to add is the naive
+last-value forecast. It is
 trained on synthetic signals only (no benchmark data): sums of sines, square and sawtooth waves, random
 walks, AR(1) noise, level shifts, counts, flat lines and rare spikes, with random periods, amplitudes
 and noise. It is the frozen, generic starting point; the detector adapts it to each deployment online.
@@ -85,30 +87,31 @@ def _component(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return x + noise + spikes * rng.normal(0, 5, length)
 
 
-def standardise_online(x: np.ndarray) -> np.ndarray:
-    """``z (n, T)``: each reading standardised with the running statistics of the readings before it
-    (0 for the first), as ``rnnstream.sensors.ForecastScoring.inputs`` does."""
+def standardised_changes(x: np.ndarray) -> np.ndarray:
+    """``(n, T)``: each reading's change ``(x_t - x_{t-1}) / std_t``, with ``std_t`` the running standard
+    deviation of the readings before it, as ``rnnstream.anomaly.AnomalyDetector.inputs`` computes it (0 for
+    the first reading; clipped to ±``CLIP``)."""
     n, length = x.shape
-    z = np.zeros_like(x)
+    change = np.zeros_like(x)
     mean, var = x[:, 0].copy(), np.zeros(n)
     for k in range(1, length):
         std = np.maximum(np.sqrt(np.maximum(var, 0)), 1e-3 * np.abs(mean) + 1e-6)
-        z[:, k] = (x[:, k] - mean) / std
+        change[:, k] = (x[:, k] - x[:, k - 1]) / std
         alpha = max(1.0 / (k + 1), 1.0 / WINDOW)
         delta = x[:, k] - mean
         mean, var = mean + alpha * delta, (1 - alpha) * (var + alpha * delta * delta)
-    return np.clip(z, -CLIP, CLIP)
+    return np.clip(change, -CLIP, CLIP)
 
 
 def train(cfg: TrainConfig) -> tuple[nn.GRU, nn.Linear, float]:
-    """Fit GRU + head to forecast each next standardised reading; returns them and the last loss."""
+    """Fit GRU + head to forecast each next standardised change; returns them and the last loss."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
-    z = standardise_online(synthetic_signals(cfg.num_sequences, cfg.length, rng))
-    data = torch.from_numpy(z.astype(np.float32)).T.unsqueeze(-1).contiguous()  # (T, N, 1)
+    change = standardised_changes(synthetic_signals(cfg.num_sequences, cfg.length, rng))
+    data = torch.from_numpy(change.astype(np.float32)).T.unsqueeze(-1).contiguous()  # (T, N, 1)
     gru, head = nn.GRU(1, HIDDEN), nn.Linear(HIDDEN, 1)
-    # the first reading is always 0 (nothing to standardise it with): learn from the second on
+    # the first change is always 0 (no reading before it): learn from the second on
     loss = fit_forecaster(
         gru,
         head,
@@ -129,15 +132,17 @@ def build_model(gru: nn.GRU, head: nn.Linear, loss: float, cfg: TrainConfig) -> 
     model.info.features = {
         "kind": "sensor",
         "features": 1,
-        "input": f"one reading per event, standardised online (EW window {WINDOW}, clip ±{CLIP})",
-        "output": "forecast of the stream's next reading, in the same standardised units",
+        "input": f"the change of a reading from the one before, over the running std (EW window {WINDOW}, "
+        f"clip ±{CLIP})",
+        "output": "forecast of the stream's next change, in the same units",
+        "predicts": "change",
         "normalisation": {"mean": 0.0, "std": 1.0},
     }
     model.info.trained_on = {
         "script": "scripts/train_detector_model.py",
         "data": "synthetic signals (train_detector_model.synthetic_signals)",
         **asdict(cfg),
-        "loss": "huber on the next standardised reading",
+        "loss": "huber on the next standardised change",
         "final_loss": round(loss, 6),
     }
     return model
