@@ -218,7 +218,8 @@ class AnomalyDetector(ForecastScoring):
         k = rows[r, c.count] + active  # surprises seen, this one included
         rows[r, c.count] = k
         scale = rows[r, c.scale]
-        ratio = np.where(scale > 0, err / np.maximum(scale, 1e-300), np.where(err > 0, math.inf, 0.0))
+        with np.errstate(over="ignore"):  # an error far beyond a tiny scale: ratio inf, surprise 1
+            ratio = np.where(scale > 0, err / np.maximum(scale, 1e-300), np.where(err > 0, math.inf, 0.0))
         raw = np.where(active & (k > 1), 1.0 - np.exp(-ratio.mean(axis=1) / self.temperature), 0.0)
         alpha = (1.0 / np.maximum(k, 1.0)).clip(min=1.0 / self.err_window)[:, None]
         rows[r, c.scale] = np.where(active[:, None], scale + alpha * (err - scale), scale)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from connectors.base import Message
 from rnnstream.config import ServiceConfig
@@ -219,3 +221,35 @@ def test_the_weekly_comparison_waits_for_a_week(tmp_path):
     plain = _docs(path, tmp_path / "plain", Variant(season=False))
     week = 7 * 288
     assert [d["likelihood"] for d in weekly[:week]] == [d["likelihood"] for d in plain[:week]]
+
+
+# ---- hostile readings ------------------------------------------------------------------------------------
+
+_values = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.sampled_from([0.0, -0.0, 1e15, -1e15, 1e-300, 5e-324, 1e300]),
+    st.integers(-(10**18), 10**18).map(float),
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    values=st.lists(_values, min_size=1, max_size=400),
+    steps=st.lists(st.sampled_from([0.0, 1.0, 300.0, 301.5, 86_400.0, 604_800.0, -5.0, 1e9]), min_size=1),
+    start=st.sampled_from([0.0, 1.7e9, -1e9, 3e12]),
+)
+def test_any_readings_give_scores_in_0_1_and_a_row_each(tmp_path_factory, values, steps, start):
+    """Extreme, flat, repeated and out-of-order readings at any spacing: every row comes back, scored in
+    [0, 1] or refused with a reason; nothing raises."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    stamps = start + np.cumsum([steps[i % len(steps)] for i in range(len(values))])
+    with open(tmp / "h.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["timestamp", "value"])
+        out.writerows([repr(float(t)), repr(v)] for t, v in zip(stamps, values, strict=True))
+    run = run_files([tmp / "h.csv"], tmp, Variant(online=False))["h"]
+    assert len(run.docs) == len(values)
+    for doc, why in zip(run.docs, run.refused, strict=True):
+        assert (doc is None) == bool(why)
+        if doc is not None:
+            assert 0.0 <= doc["anomaly_score"] <= 1.0 and 0.0 <= doc["likelihood"] <= 1.0, doc
