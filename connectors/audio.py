@@ -67,6 +67,15 @@ def mfcc_frames(frames: np.ndarray, s: MFCCSettings) -> np.ndarray:
     return (mel_db @ s.dct).astype(np.float32)
 
 
+def mfcc_of(signal: np.ndarray, s: MFCCSettings) -> np.ndarray:
+    """MFCCs of a whole signal ``(n,)`` at once, ``(frames, n_mfcc)``: what streaming it gives."""
+    x = np.asarray(signal, np.float32).reshape(-1)
+    if len(x) < s.n_fft:
+        return np.zeros((0, s.n_mfcc), np.float32)
+    frames = np.lib.stride_tricks.sliding_window_view(x, s.n_fft)[:: s.hop_length]
+    return mfcc_frames(np.ascontiguousarray(frames), s)
+
+
 class _FrameCutter:
     """The samples of one stream not yet used up: cuts complete frames as samples arrive."""
 
@@ -104,6 +113,10 @@ class StreamingMFCC:
     ) -> None:
         self.settings = MFCCSettings(sample_rate, n_mfcc, n_fft, hop_length, n_mels, fmin, fmax)
         self._cutter = _FrameCutter(self.settings)
+
+    @classmethod
+    def of(cls, s: MFCCSettings) -> StreamingMFCC:
+        return cls(s.sample_rate, s.n_mfcc, s.n_fft, s.hop_length, s.n_mels, s.fmin, s.fmax)
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         """``samples``: 1-D float32 (any length, 0 included)."""

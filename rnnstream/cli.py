@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 kafka_app = typer.Typer(help="A local Apache Kafka broker for development and tests.", no_args_is_help=True)
 app.add_typer(kafka_app, name="kafka")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 mqtt_app = typer.Typer(help="A local Mosquitto MQTT broker for development and tests.", no_args_is_help=True)
 app.add_typer(mqtt_app, name="mqtt")
 finetune_app = typer.Typer(
@@ -26,6 +27,8 @@ finetune_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(finetune_app, name="finetune")
+train_app = typer.Typer(help="Train the shipped models from the data in ../shared.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 console = Console()
 
 
@@ -329,3 +332,21 @@ def finetune_stop(admin: AdminOption = "127.0.0.1:9100") -> None:
 
 if __name__ == "__main__":
     app()
+
+
+@train_app.command("digits")
+def train_digits(
+    data: Annotated[Path, typer.Option(help="FSDD recordings folder.")] = REPO_ROOT.parent
+    / "shared"
+    / "data"
+    / "fsdd"
+    / "recordings",
+    out: Annotated[Path | None, typer.Option(help="Bundle to write (default: the shipped asset).")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 40,
+    seed: int = 0,
+) -> None:
+    """Train the spoken-digit recognizer (GRU over MFCCs) on FSDD; writes the bundle and its .log.json."""
+    from rnnstream.digits import ASSET, DigitsConfig, main
+
+    result = main(data, out or ASSET, DigitsConfig(seed=seed, epochs=epochs))
+    typer.echo(json.dumps(result))
