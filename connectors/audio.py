@@ -19,6 +19,7 @@ frames completed in all of them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
@@ -158,3 +159,102 @@ class MFCCBank:
 
     def __len__(self) -> int:
         return len(self._cutters)
+
+
+@dataclass
+class EndpointSettings:
+    """Energy endpointing with hysteresis, in frames of the features' hop (10 ms at the defaults).
+
+    A frame's level is its mean log-mel energy in dB (``mfcc[0] / sqrt(n_mels)``: the DCT's first
+    coefficient is the mel dB values' sum over ``sqrt(n_mels)``). Broadband sound such as speech raises
+    it; a narrowband one (a hum, a whistle) barely does, as most bands stay empty. The noise floor follows the level down at once and
+    up slowly (``floor_rise_db`` per frame); a sound that goes on for ``max_frames`` (a hum, a fan that
+    starts) is dropped and its median level becomes the floor."""
+
+    start_db: float = 12.0  # above the floor: speech may start
+    stop_db: float = 8.0  # below floor + this: silence
+    stop_below_peak_db: float = 30.0  # or this far below the utterance's loudest frame: silence too
+    min_start: int = 3  # frames above start_db in a row to start
+    hangover: int = 6  # silent frames in a row that end an utterance (the label waits this long)
+    min_frames: int = 8  # utterances with fewer frames above the silence level (clicks) are dropped
+    max_frames: int = 200  # a sound this long is not an utterance but a new noise floor
+    pre_roll: int = 10  # frames before the detected start that belong to the utterance
+    floor_rise_db: float = 0.05
+    floor_start_db: float = -60.0  # the floor before any frame (digital silence is about -100 dB)
+
+
+@dataclass
+class Utterance:
+    """One endpointed utterance of a stream: frame numbers ``[start, end)`` and its features."""
+
+    start: int
+    end: int
+    features: np.ndarray  # (frames, n_mfcc)
+
+
+class Endpointer:
+    """Splits one stream's feature frames into utterances (see ``EndpointSettings``). ``push`` takes the
+    frames ``(F, n_mfcc)`` as they come and returns the utterances they complete."""
+
+    def __init__(self, n_mels: int, s: EndpointSettings | None = None) -> None:
+        self.s = s or EndpointSettings()
+        self._scale = 1.0 / np.sqrt(n_mels)
+        self.floor = self.s.floor_start_db
+        self.frame = 0  # frames seen
+        self._recent: list[np.ndarray] = []  # the last pre_roll + min_start frames, while silent
+        self._loud = 0  # loud frames in a row (while silent)
+        self._quiet = 0  # quiet frames in a row (in speech)
+        self._speech: list[np.ndarray] | None = None
+        self._start = 0
+        self._peak = -math.inf  # the loudest frame of the utterance in progress
+        self._voiced = 0  # its frames above the silence level
+
+    @property
+    def in_speech(self) -> bool:
+        return self._speech is not None
+
+    def push(self, frames: np.ndarray) -> list[Utterance]:
+        done = []
+        for f in frames:
+            u = self._step(f)
+            if u is not None:
+                done.append(u)
+        return done
+
+    def flush(self) -> Utterance | None:
+        """The stream ended: the utterance in progress, if long enough."""
+        return self._finish(self.frame) if self._speech is not None else None
+
+    def _step(self, f: np.ndarray) -> Utterance | None:
+        s = self.s
+        level = float(f[0]) * self._scale
+        self.frame += 1
+        if self._speech is None:
+            self._loud = self._loud + 1 if level > self.floor + s.start_db else 0
+            self._recent.append(f)
+            del self._recent[: -(s.pre_roll + s.min_start)]
+            if self._loud >= s.min_start:
+                self._speech, self._recent = self._recent, []
+                self._start, self._quiet = self.frame - len(self._speech), 0
+                self._peak, self._voiced = level, s.min_start
+            else:
+                self.floor = min(level, self.floor + s.floor_rise_db)
+            return None
+        self._speech.append(f)
+        self._peak = max(self._peak, level)
+        quiet = level < max(self.floor + s.stop_db, self._peak - s.stop_below_peak_db)
+        self._quiet = self._quiet + 1 if quiet else 0
+        self._voiced += not quiet
+        if len(self._speech) >= s.max_frames:  # not speech: the new background
+            self.floor = float(np.median([g[0] for g in self._speech])) * self._scale
+            self._speech, self._loud = None, 0
+            return None
+        if self._quiet >= s.hangover:
+            return self._finish(self.frame)
+        return None
+
+    def _finish(self, end: int) -> Utterance | None:
+        frames, self._speech, self._loud = self._speech or [], None, 0
+        if self._voiced < self.s.min_frames:
+            return None
+        return Utterance(self._start, end, np.stack(frames))

@@ -350,3 +350,33 @@ def train_digits(
 
     result = main(data, out or ASSET, DigitsConfig(seed=seed, epochs=epochs))
     typer.echo(json.dumps(result))
+
+
+@app.command()
+def transcribe(
+    files: Annotated[list[Path], typer.Argument(help="Audio files (WAV, FLAC, ...; any rate, mono or not).")],
+    model: Annotated[
+        Path | None, typer.Option(help="Recognizer bundle (default: the shipped digits).")
+    ] = None,
+) -> None:
+    """Recognise the spoken digits in audio files, replayed through the live path (100 ms chunks, MFCC,
+    endpointing, recognizer). One JSON line per utterance: file, start_s, end_s, label, confidence.
+    A file that cannot be used gets one line on stderr and the others go on (exit 1 at the end)."""
+    from rnnstream.digits import ASSET
+    from rnnstream.speech import transcribe as run
+
+    failed = 0
+    for result in run(files, model or ASSET):
+        for note in result.notes:
+            typer.echo(f"{result.path}: note: {note}", err=True)
+        if result.error is not None:
+            failed += 1
+            typer.echo(f"{result.path}: error: {result.error}", err=True)
+            continue
+        if not result.recognitions:
+            typer.echo(f"{result.path}: no speech found", err=True)
+        for r in result.recognitions:
+            line = {"file": str(result.path), "start_s": r.start_s, "end_s": r.end_s, "label": r.label}
+            typer.echo(json.dumps({**line, "confidence": round(r.confidence, 4)}))
+    if failed:
+        raise typer.Exit(1)
