@@ -167,9 +167,9 @@ class EndpointSettings:
 
     A frame's level is its mean log-mel energy in dB (``mfcc[0] / sqrt(n_mels)``: the DCT's first
     coefficient is the mel dB values' sum over ``sqrt(n_mels)``). Broadband sound such as speech raises
-    it; a narrowband one (a hum, a whistle) barely does, as most bands stay empty. The noise floor follows the level down at once and
-    up slowly (``floor_rise_db`` per frame); a sound that goes on for ``max_frames`` (a hum, a fan that
-    starts) is dropped and its median level becomes the floor."""
+    it; a narrowband one (a hum, a whistle) barely does, as most bands stay empty. The noise floor
+    follows the level down at once and up slowly (``floor_rise_db`` per frame); a sound that goes on for
+    ``max_frames`` (a fan that starts) is dropped and its median level becomes the floor."""
 
     start_db: float = 12.0  # above the floor: speech may start
     stop_db: float = 8.0  # below floor + this: silence
