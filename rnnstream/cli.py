@@ -344,11 +344,20 @@ def train_digits(
     out: Annotated[Path | None, typer.Option(help="Bundle to write (default: the shipped asset).")] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 40,
     seed: int = 0,
+    leave_out_speaker: Annotated[
+        str | None, typer.Option(help="Hold out all of this speaker's recordings instead of 5-9.")
+    ] = None,
+    threads: Annotated[int, typer.Option(min=1)] = 2,
 ) -> None:
     """Train the spoken-digit recognizer (GRU over MFCCs) on FSDD; writes the bundle and its .log.json."""
     from rnnstream.digits import ASSET, DigitsConfig, main
 
-    result = main(data, out or ASSET, DigitsConfig(seed=seed, epochs=epochs))
+    cfg = DigitsConfig(seed=seed, epochs=epochs, held_out_speaker=leave_out_speaker, threads=threads)
+    if leave_out_speaker and out is None:
+        raise typer.BadParameter(
+            "--leave-out-speaker trains an experiment: give --out (not the shipped asset)"
+        )
+    result = main(data, out or ASSET, cfg)
     typer.echo(json.dumps(result))
 
 

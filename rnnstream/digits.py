@@ -48,6 +48,7 @@ class DigitsConfig:
     batch: int = 64
     lr: float = 3e-3
     held_out: tuple[int, int] = (5, 9)  # recording indices kept out of training (inclusive)
+    held_out_speaker: str | None = None  # instead: all of one speaker's recordings (leave one speaker out)
     threads: int = 2
 
 
@@ -145,8 +146,12 @@ def train(recordings: list[Recording], cfg: DigitsConfig, log: list[dict]) -> tu
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
     lo, hi = cfg.held_out
-    train_set = [r for r in recordings if not lo <= r.index <= hi]
-    test_set = [r for r in recordings if lo <= r.index <= hi]
+
+    def held(r: Recording) -> bool:
+        return r.speaker == cfg.held_out_speaker if cfg.held_out_speaker else lo <= r.index <= hi
+
+    train_set = [r for r in recordings if not held(r)]
+    test_set = [r for r in recordings if held(r)]
     clean = [features(r.audio) for r in train_set]
     stacked = np.concatenate(clean)
     mean, std = stacked.mean(0).astype(np.float32), (stacked.std(0) + 1e-3).astype(np.float32)
@@ -206,7 +211,12 @@ def to_stream_model(net: DigitNet, cfg: DigitsConfig, result: dict) -> models.St
     }
     model.info.trained_on = {
         "script": "rnnstream train digits (rnnstream/digits.py)",
-        "data": "Free Spoken Digit Dataset, recordings 10-49 (5-9 held out)",
+        "data": "Free Spoken Digit Dataset, "
+        + (
+            f"all speakers but {cfg.held_out_speaker}"
+            if cfg.held_out_speaker
+            else "recordings 10-49 (5-9 held out)"
+        ),
         **{k: v for k, v in asdict(cfg).items() if k != "threads"},
         **result,
     }
