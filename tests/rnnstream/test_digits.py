@@ -75,3 +75,15 @@ def test_the_training_command_writes_a_bundle_and_its_log(tmp_path):
     log = json.loads((tmp_path / "digits.log.json").read_text())
     assert len(log["epochs"]) == 1 and log["config"]["hidden"] == 16
     assert load_bundle(tmp_path / "digits.safetensors").info.features["labels"][7] == "7"
+
+
+def test_leaving_one_speaker_out_holds_out_all_their_recordings(tmp_path):
+    data = tmp_path / "fsdd"
+    data.mkdir()
+    for d in range(10):
+        for who in ("george", "theo"):
+            shutil.copy(FSDD / f"{d}_{who}_20.wav", data)
+    cfg = DigitsConfig(epochs=1, hidden=8, layers=1, held_out_speaker="theo")
+    result = main(data, tmp_path / "loso.safetensors", cfg)
+    assert result["held_out_files"] == 10
+    assert "all speakers but theo" in load_bundle(tmp_path / "loso.safetensors").info.trained_on["data"]
