@@ -122,7 +122,7 @@ class AnomalyDetector(ForecastScoring):
         self._forecast = _Surprise.take(cols, f, short_window)
         self._cool, self._peak = cols.take().start, cols.take().start
         self._lo, self._hi = cols.take(f), cols.take(f)
-        self._last = cols.take(f)  # the stream's previous readings
+        self._last = cols.take(f)  # the stream's previous readings (``predicts: change``)
         self.buckets = round(season_s / season_bucket_s) if season_s else 0
         self.bucket_s = season_bucket_s
         if self.buckets:
@@ -145,6 +145,8 @@ class AnomalyDetector(ForecastScoring):
         ``(x_t - x_{t-1}) / std`` (``predicts: change``; 0 for a stream's first reading), ``(N, f)``."""
         self._xs = np.asarray(xs, np.float64)
         z = super().inputs(ids, xs)
+        if self.predicts == "value":
+            return z
         idx = self.table.indices(ids)
         rows = self.table.rows
         change = np.zeros_like(self._xs)
@@ -155,8 +157,6 @@ class AnomalyDetector(ForecastScoring):
                 first, 0.0, (self._xs[wave] - rows[r, self._last]) / self._before[1][wave]
             )
             rows[r, self._last] = self._xs[wave]
-        if self.predicts == "value":
-            return z
         np.clip(change, -self.clip, self.clip, out=change)
         return (change * self.model_std + self.model_mean).astype(np.float32)
 

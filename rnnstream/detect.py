@@ -68,15 +68,17 @@ class Variant:
     forecaster: str = "model"  # "last": the naive last-value forecast instead of the model
 
     def scoring(self) -> dict[str, Any]:
-        return {
-            "kind": "detector",
-            "calibration": "likelihood" if self.calibration else "none",
-            "threshold": 0.25 if self.calibration else 0.99,
-            "refractory": 200 if self.refractory else 0,
-            "forecaster": self.forecaster,
-            "record_discount": 0.8 if self.record else None,
-            "season_s": 604_800.0 if self.season else None,
-        }
+        """The ``scoring`` config section: the detector's defaults, with the switched-off parts."""
+        section: dict[str, Any] = {"kind": "detector", "forecaster": self.forecaster}
+        if not self.calibration:  # the raw surprise is the score: alert on a large one
+            section.update(calibration="none", threshold=0.99)
+        if not self.refractory:
+            section["refractory"] = 0
+        if not self.record:
+            section["record_discount"] = None
+        if not self.season:
+            section["season_s"] = None
+        return section
 
 
 TIMESTAMP_COLUMN, VALUE_COLUMN = "timestamp", "value"

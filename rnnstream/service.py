@@ -205,6 +205,12 @@ def _scoring(config: ServiceConfig, model: StreamModel) -> Scoring:
     if model.output_size != model.feature_size:
         raise ValueError(f"scoring.kind {s.kind} needs a model whose output forecasts its input")
     norm = model.info.features.get("normalisation")
+    # fields whose default depends on the kind: None leaves the scorer's own default
+    per_kind = {
+        k: v
+        for k in ("short_window", "long_window", "threshold", "refractory")
+        if (v := getattr(s, k)) is not None
+    }
     if s.kind == "detector":
         return AnomalyDetector(
             channels,
@@ -216,25 +222,13 @@ def _scoring(config: ServiceConfig, model: StreamModel) -> Scoring:
             spatial_tolerance=s.spatial_tolerance,
             season_s=s.season_s,
             season_bucket_s=s.season_bucket_s,
-            short_window=s.short_window or 10,
-            long_window=s.long_window or 1000,
             calibration=s.calibration,
             record_discount=s.record_discount,
-            threshold=s.threshold or 0.25,
-            refractory=200 if s.refractory is None else s.refractory,
             forecaster=s.forecaster,
             predicts=model.info.features.get("predicts", "value"),
+            **per_kind,
         )
-    return ForecastScoring(
-        channels,
-        norm,
-        window=s.window,
-        warmup=s.warmup,
-        short_window=s.short_window or 1,
-        long_window=s.long_window or 2000,
-        threshold=s.threshold or 0.999,
-        refractory=50 if s.refractory is None else s.refractory,
-    )
+    return ForecastScoring(channels, norm, window=s.window, warmup=s.warmup, **per_kind)
 
 
 def _sink(config: ServiceConfig, kafka: Any) -> Sink:
