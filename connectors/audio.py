@@ -22,10 +22,12 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import librosa
 import numpy as np
 import scipy.fft
+import soxr
 
 AMIN = 1e-10  # librosa.power_to_db's floor
 
@@ -183,18 +185,37 @@ class EndpointSettings:
     floor_start_db: float = -60.0  # the floor before any frame (digital silence is about -100 dB)
 
 
-@dataclass
-class Utterance:
-    """One endpointed utterance of a stream: frame numbers ``[start, end)`` and its features."""
+SegmentControl = Literal["start", "end", "cancel"]
 
-    start: int
-    end: int
-    features: np.ndarray  # (frames, n_mfcc)
+
+@dataclass
+class Segment:
+    """A piece of one stream's utterance, in the order the endpointer finds them.
+
+    - ``control``: ``"start"`` (an utterance begins: start the stream, then step ``frames``), ``None``
+      (more frames of it), ``"end"`` (step ``frames``, then the utterance is over: read its label) or
+      ``"cancel"`` (step nothing more; what began was not speech, a click or a new noise: forget it).
+    - ``frames``: ``(T, n_mfcc) float32`` features, ``T >= 0``.
+    - ``first``: the stream's frame number of ``frames[0]`` (frames count from the stream's first sample,
+      one every hop).
+    """
+
+    control: SegmentControl | None
+    frames: np.ndarray
+    first: int
+
+    @property
+    def last(self) -> int:
+        """The frame number after ``frames``."""
+        return self.first + len(self.frames)
 
 
 class Endpointer:
-    """Splits one stream's feature frames into utterances (see ``EndpointSettings``). ``push`` takes the
-    frames ``(F, n_mfcc)`` as they come and returns the utterances they complete."""
+    """Splits one stream's feature frames into utterances (see ``EndpointSettings``) as they come.
+
+    ``push(frames (F, n_mfcc))`` returns ``Segment``s: an utterance's frames go out as soon as they are
+    known to belong to it (from ``min_start`` loud frames on, with ``pre_roll`` frames before them), so a
+    recognizer steps them during the speech and only reads the label at the ``end``."""
 
     def __init__(self, n_mels: int, s: EndpointSettings | None = None) -> None:
         self.s = s or EndpointSettings()
@@ -203,58 +224,131 @@ class Endpointer:
         self.frame = 0  # frames seen
         self._recent: list[np.ndarray] = []  # the last pre_roll + min_start frames, while silent
         self._loud = 0  # loud frames in a row (while silent)
+        self._in_speech = False
+        self._levels: list[float] = []  # the utterance's frame levels so far (dB)
         self._quiet = 0  # quiet frames in a row (in speech)
-        self._speech: list[np.ndarray] | None = None
-        self._start = 0
         self._peak = -math.inf  # the loudest frame of the utterance in progress
         self._voiced = 0  # its frames above the silence level
+        self._none = np.zeros((0, 0), np.float32)  # no frames, of the frames' width once known
 
     @property
     def in_speech(self) -> bool:
-        return self._speech is not None
+        return self._in_speech
 
-    def push(self, frames: np.ndarray) -> list[Utterance]:
-        done = []
+    def push(self, frames: np.ndarray) -> list[Segment]:
+        if len(frames):
+            self._none = np.zeros((0, frames.shape[1]), np.float32)
+        segments: list[Segment] = []
+        pending: list[np.ndarray] = []  # frames of the utterance in progress not handed out yet
         for f in frames:
-            u = self._step(f)
-            if u is not None:
-                done.append(u)
-        return done
+            control = self._step(f)
+            if control == "start":
+                segments.append(Segment("start", np.stack(self._recent), self.frame - len(self._recent)))
+                self._recent = []
+            elif self._in_speech or control == "end":
+                pending.append(f)
+            if control in ("end", "cancel"):
+                segments.append(self._segment(control, pending))
+                pending = []
+        if pending:
+            segments.append(self._segment(None, pending))
+        return segments
 
-    def flush(self) -> Utterance | None:
-        """The stream ended: the utterance in progress, if long enough."""
-        return self._finish(self.frame) if self._speech is not None else None
+    def flush(self) -> list[Segment]:
+        """The stream ended: the utterance in progress ends here (or is cancelled when too short)."""
+        if not self._in_speech:
+            return []
+        self._in_speech = False
+        return [Segment(self._verdict(), self._none, self.frame)]
 
-    def _step(self, f: np.ndarray) -> Utterance | None:
+    def _segment(self, control: SegmentControl | None, frames: list[np.ndarray]) -> Segment:
+        block = np.stack(frames) if frames else self._none
+        return Segment(control, block, self.frame - len(frames))
+
+    def _verdict(self) -> SegmentControl:
+        return "end" if self._voiced >= self.s.min_frames else "cancel"
+
+    def _step(self, f: np.ndarray) -> str | None:
+        """One frame: ``"start"``, ``"end"`` or ``"cancel"`` when the utterance state changes."""
         s = self.s
         level = float(f[0]) * self._scale
         self.frame += 1
-        if self._speech is None:
+        if not self._in_speech:
             self._loud = self._loud + 1 if level > self.floor + s.start_db else 0
             self._recent.append(f)
             del self._recent[: -(s.pre_roll + s.min_start)]
-            if self._loud >= s.min_start:
-                self._speech, self._recent = self._recent, []
-                self._start, self._quiet = self.frame - len(self._speech), 0
-                self._peak, self._voiced = level, s.min_start
-            else:
+            if self._loud < s.min_start:
                 self.floor = min(level, self.floor + s.floor_rise_db)
-            return None
-        self._speech.append(f)
+                return None
+            self._in_speech, self._quiet, self._peak, self._voiced = True, 0, level, s.min_start
+            self._levels = [float(g[0]) * self._scale for g in self._recent]
+            return "start"
+        self._levels.append(level)
         self._peak = max(self._peak, level)
         quiet = level < max(self.floor + s.stop_db, self._peak - s.stop_below_peak_db)
         self._quiet = self._quiet + 1 if quiet else 0
         self._voiced += not quiet
-        if len(self._speech) >= s.max_frames:  # not speech: the new background
-            self.floor = float(np.median([g[0] for g in self._speech])) * self._scale
-            self._speech, self._loud = None, 0
-            return None
+        if len(self._levels) >= s.max_frames:  # not speech: the new background
+            self.floor = float(np.median(self._levels))
+            self._in_speech, self._loud = False, 0
+            return "cancel"
         if self._quiet >= s.hangover:
-            return self._finish(self.frame)
+            self._in_speech, self._loud = False, 0
+            return self._verdict()
         return None
 
-    def _finish(self, end: int) -> Utterance | None:
-        frames, self._speech, self._loud = self._speech or [], None, 0
-        if self._voiced < self.s.min_frames:
-            return None
-        return Utterance(self._start, end, np.stack(frames))
+
+class AudioFrontEnd:
+    """Many audio streams in, utterance segments out; the one path for microphones and files alike.
+
+    Per stream: samples at any rate → resampled to ``settings.sample_rate`` (soxr, streaming, HQ; about
+    1 ms of delay) → frames → MFCC → ``Endpointer``. ``push`` queues samples; ``tick`` computes the MFCCs
+    of every stream's completed frames in one vectorised call (``MFCCBank``) and endpoints them."""
+
+    def __init__(self, settings: MFCCSettings, endpoint: EndpointSettings | None = None) -> None:
+        self.settings = settings
+        self.endpoint = endpoint or EndpointSettings()
+        self._bank = MFCCBank(settings)
+        self._endpointers: dict[Hashable, Endpointer] = {}
+        self._resamplers: dict[Hashable, tuple[int, soxr.ResampleStream]] = {}
+
+    def push(self, stream: Hashable, samples: np.ndarray, rate: int | None = None) -> None:
+        """``samples``: ``(n,) float32`` mono of ``stream`` at ``rate`` Hz (default: the features' rate)."""
+        if stream not in self._endpointers:
+            self._endpointers[stream] = Endpointer(self.settings.n_mels, self.endpoint)
+        x = np.asarray(samples, np.float32).reshape(-1)
+        if rate is not None and rate != self.settings.sample_rate:
+            x = self._resampler(stream, rate).resample_chunk(x)
+        self._bank.push(stream, x)
+
+    def tick(self) -> list[tuple[Hashable, Segment]]:
+        """The segments found in every stream's frames completed since the last tick, stream by stream."""
+        out = []
+        for stream, frames in self._bank.tick().items():
+            out.extend((stream, seg) for seg in self._endpointers[stream].push(frames))
+        return out
+
+    def end(self, stream: Hashable) -> list[tuple[Hashable, Segment]]:
+        """``stream`` is over: its resampler's tail is pushed, the utterance in progress ends, the stream
+        is forgotten. Returns ``tick()``'s segments (of every stream) and the closing one."""
+        rs = self._resamplers.pop(stream, None)
+        if rs is not None:
+            self._bank.push(stream, rs[1].resample_chunk(np.zeros(0, np.float32), last=True))
+        out = self.tick()
+        ep = self._endpointers.pop(stream, None)
+        if ep is not None:
+            out.extend((stream, seg) for seg in ep.flush())
+        self._bank.drop(stream)
+        return out
+
+    def __contains__(self, stream: Hashable) -> bool:
+        return stream in self._endpointers
+
+    def __len__(self) -> int:
+        return len(self._endpointers)
+
+    def _resampler(self, stream: Hashable, rate: int) -> soxr.ResampleStream:
+        held = self._resamplers.get(stream)
+        if held is None or held[0] != rate:  # a new stream, or its rate changed (a device reopened)
+            held = self._resamplers[stream] = (rate, soxr.ResampleStream(rate, self.settings.sample_rate, 1))
+        return held[1]

@@ -7,6 +7,7 @@ would deliver them.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import librosa
 import numpy as np
 import soundfile
 
-from connectors.audio import Endpointer, EndpointSettings, MFCCBank, MFCCSettings
+from connectors.audio import AudioFrontEnd, EndpointSettings, MFCCSettings, Segment
 from engine import Engine
 from models import StreamModel, load_bundle
 from rnnstream.digits import ASSET
@@ -34,9 +35,11 @@ class Recognition:
 
 
 class Recognizer:
-    """Many audio streams at the model's sample rate in, recognitions out. ``push`` queues samples;
-    ``tick`` computes the features of every stream in one call, endpoints them and labels the utterances
-    that ended."""
+    """Many audio streams in, recognitions out, in this process. ``push`` queues samples; ``tick`` runs the
+    front end (features of every stream in one call, endpointing) and steps every utterance's new frames
+    through the engine in one batch, reading the label of each utterance that ended.
+
+    An utterance's frames are stepped while it is spoken, so at its end only the label is left to read."""
 
     def __init__(self, model: StreamModel, endpoint: EndpointSettings | None = None) -> None:
         m = model.info.features["mfcc"]
@@ -45,49 +48,73 @@ class Recognizer:
         )
         self.labels: list[str] = list(model.info.features["labels"])
         self.engine = Engine(model, max_delay_ms=0)
-        self._bank = MFCCBank(self.settings)
-        self._endpoint = endpoint or EndpointSettings()
-        self._endpointers: dict[Hashable, Endpointer] = {}
-        self._utterances = 0
+        self.front = AudioFrontEnd(self.settings, endpoint)
+        self._started: dict[Hashable, int] = {}  # stream → frame number of its utterance's start
+        self._ids: dict[Hashable, int] = {}  # stream → its engine stream id
+        self._next_id = itertools.count()
 
     @property
     def sample_rate(self) -> int:
         return self.settings.sample_rate
 
-    def push(self, stream: Hashable, samples: np.ndarray) -> None:
-        """``samples``: float32 mono at ``sample_rate``."""
-        if stream not in self._endpointers:
-            self._endpointers[stream] = Endpointer(self.settings.n_mels, self._endpoint)
-        self._bank.push(stream, samples)
+    def push(self, stream: Hashable, samples: np.ndarray, rate: int | None = None) -> None:
+        """``samples``: ``(n,) float32`` mono at ``rate`` Hz (default ``sample_rate``; others resampled)."""
+        self.front.push(stream, samples, rate)
 
     def tick(self) -> list[Recognition]:
-        done = []
-        for stream, frames in self._bank.tick().items():
-            for u in self._endpointers[stream].push(frames):
-                done.append(self._label(stream, u.start, u.end, u.features))
-        return done
+        return self._apply(self.front.tick())
 
     def end(self, stream: Hashable) -> list[Recognition]:
         """The stream is over: label the utterance in progress, forget the stream."""
-        done = self.tick()
-        ep = self._endpointers.pop(stream, None)
-        u = ep.flush() if ep is not None else None
-        if u is not None:
-            done.append(self._label(stream, u.start, u.end, u.features))
-        self._bank.drop(stream)
-        return done
+        try:
+            return self._apply(self.front.end(stream))
+        finally:
+            self._ids.pop(stream, None)
 
     def close(self) -> None:
         self.engine.close()
 
-    def _label(self, stream: Hashable, start: int, end: int, features: np.ndarray) -> Recognition:
-        self._utterances += 1
-        uid = f"utterance-{self._utterances}"
-        self.engine.step_many([uid] * len(features), features)
-        probs = self.engine.end(uid)
+    def _apply(self, segments: list[tuple[Hashable, Segment]]) -> list[Recognition]:
+        """Steps the segments' frames, batched across streams; a stream's start or end waits for its
+        frames before it in the batch."""
+        done: list[Recognition] = []
+        ids: list[int] = []
+        rows: list[np.ndarray] = []
+
+        def step() -> None:
+            if ids:
+                self.engine.step_many(list(ids), np.concatenate(rows))
+                ids.clear()
+                rows.clear()
+
+        for stream, seg in segments:
+            sid = self._ids.get(stream)
+            if sid is None:
+                sid = self._ids[stream] = next(self._next_id)
+            if seg.control is not None and sid in ids:
+                step()
+            if seg.control == "start":
+                self.engine.start(sid)
+                self._started[stream] = seg.first
+            if seg.control == "cancel":
+                self.engine.release([sid])
+                self._started.pop(stream, None)
+                continue
+            if len(seg.frames):
+                ids.extend([sid] * len(seg.frames))
+                rows.append(seg.frames)
+            if seg.control == "end":
+                step()
+                done.append(self._label(stream, seg.last))
+        step()
+        return done
+
+    def _label(self, stream: Hashable, end: int) -> Recognition:
+        probs = self.engine.end(self._ids[stream])
         k = int(np.argmax(probs))
         hop_s = self.settings.hop_length / self.sample_rate
         win_s = self.settings.n_fft / self.sample_rate
+        start = self._started.pop(stream)
         return Recognition(
             stream,
             round(start * hop_s, 3),
