@@ -19,15 +19,22 @@ frames completed in all of them.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import librosa
 import numpy as np
 import scipy.fft
 import soxr
+
+from connectors.base import Assignment, Guarantee, Message
+from connectors.codec import Decoded, DecodeError
+
+log = logging.getLogger("connectors.audio")
 
 AMIN = 1e-10  # librosa.power_to_db's floor
 
@@ -198,11 +205,13 @@ class Segment:
     - ``frames``: ``(T, n_mfcc) float32`` features, ``T >= 0``.
     - ``first``: the stream's frame number of ``frames[0]`` (frames count from the stream's first sample,
       one every hop).
+    - ``began``: the frame number where the utterance began (its ``start`` segment's ``first``).
     """
 
     control: SegmentControl | None
     frames: np.ndarray
     first: int
+    began: int = 0
 
     @property
     def last(self) -> int:
@@ -230,6 +239,7 @@ class Endpointer:
         self._peak = -math.inf  # the loudest frame of the utterance in progress
         self._voiced = 0  # its frames above the silence level
         self._none = np.zeros((0, 0), np.float32)  # no frames, of the frames' width once known
+        self._began = 0  # the frame number where the utterance in progress began
 
     @property
     def in_speech(self) -> bool:
@@ -243,7 +253,8 @@ class Endpointer:
         for f in frames:
             control = self._step(f)
             if control == "start":
-                segments.append(Segment("start", np.stack(self._recent), self.frame - len(self._recent)))
+                self._began = self.frame - len(self._recent)
+                segments.append(Segment("start", np.stack(self._recent), self._began, self._began))
                 self._recent = []
             elif self._in_speech or control == "end":
                 pending.append(f)
@@ -259,11 +270,18 @@ class Endpointer:
         if not self._in_speech:
             return []
         self._in_speech = False
-        return [Segment(self._verdict(), self._none, self.frame)]
+        return [Segment(self._verdict(), self._none, self.frame, self._began)]
+
+    def cancel(self) -> list[Segment]:
+        """Drop the utterance in progress (its audio was cut off): a ``cancel`` segment, or none."""
+        if not self._in_speech:
+            return []
+        self._in_speech = False
+        return [Segment("cancel", self._none, self.frame, self._began)]
 
     def _segment(self, control: SegmentControl | None, frames: list[np.ndarray]) -> Segment:
         block = np.stack(frames) if frames else self._none
-        return Segment(control, block, self.frame - len(frames))
+        return Segment(control, block, self.frame - len(frames), self._began)
 
     def _verdict(self) -> SegmentControl:
         return "end" if self._voiced >= self.s.min_frames else "cancel"
@@ -328,16 +346,17 @@ class AudioFrontEnd:
             out.extend((stream, seg) for seg in self._endpointers[stream].push(frames))
         return out
 
-    def end(self, stream: Hashable) -> list[tuple[Hashable, Segment]]:
-        """``stream`` is over: its resampler's tail is pushed, the utterance in progress ends, the stream
-        is forgotten. Returns ``tick()``'s segments (of every stream) and the closing one."""
+    def end(self, stream: Hashable, cut: bool = False) -> list[tuple[Hashable, Segment]]:
+        """``stream`` is over: its resampler's tail is pushed, the utterance in progress ends (``cut``: the
+        audio was cut off, so it is cancelled instead), the stream is forgotten. Returns ``tick()``'s
+        segments (of every stream) and the closing one."""
         rs = self._resamplers.pop(stream, None)
-        if rs is not None:
+        if rs is not None and not cut:
             self._bank.push(stream, rs[1].resample_chunk(np.zeros(0, np.float32), last=True))
         out = self.tick()
         ep = self._endpointers.pop(stream, None)
         if ep is not None:
-            out.extend((stream, seg) for seg in ep.flush())
+            out.extend((stream, seg) for seg in (ep.cancel() if cut else ep.flush()))
         self._bank.drop(stream)
         return out
 
@@ -352,3 +371,211 @@ class AudioFrontEnd:
         if held is None or held[0] != rate:  # a new stream, or its rate changed (a device reopened)
             held = self._resamplers[stream] = (rate, soxr.ResampleStream(rate, self.settings.sample_rate, 1))
         return held[1]
+
+
+# ---- the audio source: captures → front end → segments as messages ---------------------------------
+class AudioUnusable(ValueError):
+    """Audio that cannot be used (an unreadable file, NaN samples), with the reason."""
+
+
+class Capture(Protocol):
+    """Where one stream's samples come from: a microphone (``connectors.microphone``) or a file
+    (``connectors.audio_files``).
+
+    - ``name``: the stream id; ``rate``: samples per second (known once open).
+    - ``open()``: start; raises ``DeviceLost`` or ``AudioUnusable``.
+    - ``read()``: the samples that arrived since the last read, ``(n,) float32`` mono; raises
+      ``DeviceLost`` (a device gone: the source reopens it later).
+    - ``finished``: everything was read (a file); a microphone never finishes.
+    """
+
+    name: str
+    rate: int | None
+
+    def open(self) -> None: ...
+
+    def read(self) -> np.ndarray: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    def counters(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+class DeviceLost(RuntimeError):
+    """A capture device stopped delivering audio (unplugged, its sound server gone)."""
+
+
+@dataclass(frozen=True)
+class BadAudio:
+    """A message payload standing for audio that was refused; the decoder dead-letters it with ``reason``."""
+
+    reason: str
+
+
+class AudioSource:
+    """Audio streams as a pipeline source (``connectors.base.Source``): every capture is one stream; its
+    samples go through ``AudioFrontEnd`` (resampled, features batched across streams, endpointed) and
+    each ``Segment`` becomes a ``Message`` (payload: the segment; key: the stream; position: the frame
+    number of its first frame).
+
+    Guarantee: best-effort. What a microphone captured while the process was down is gone, and a file is
+    read from its start again (the front end's state is not checkpointed).
+
+    A capture that fails gives a ``BadAudio`` message (a dead letter with the reason) and the other
+    streams go on: a file that cannot be read is skipped; a device that disappears has its utterance in
+    progress cancelled and is reopened every ``reopen_s`` seconds until it is back. Blocks holding NaN
+    or infinite samples are refused whole."""
+
+    guarantee: Guarantee = "best-effort"
+
+    def __init__(
+        self,
+        captures: list[Capture],
+        settings: MFCCSettings,
+        endpoint: EndpointSettings | None = None,
+        reopen_s: float = 1.0,
+    ) -> None:
+        names = [c.name for c in captures]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two captures share a stream name: {names}")
+        self.captures = captures
+        self.front = AudioFrontEnd(settings, endpoint)
+        self.reopen_s = reopen_s
+        self._down: dict[str, float] = {}  # stream → when it last failed to open or was lost
+        self._done: set[str] = set()  # finished or unusable captures
+        self._frames: dict[str, int] = {}  # stream → frames handed out
+        self._refused = 0
+
+    def open(self, assignment: Assignment, resume: Mapping[str, Any]) -> None:
+        assignment.assigned([0])
+        self._pending: list[Message] = []
+        for c in self.captures:
+            self._pending.extend(self._open(c))
+
+    def poll(self, timeout_s: float) -> list[Message]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            messages, self._pending = self._pending + self._gather(), []
+            left = deadline - time.monotonic()
+            if messages or left <= 0 or self.exhausted:
+                return messages
+            time.sleep(min(left, 0.005))
+
+    @property
+    def exhausted(self) -> bool:
+        return len(self._done) == len(self.captures) and not self._pending
+
+    def positions(self) -> dict[str, Any]:
+        return dict(self._frames)
+
+    def commit(self) -> None:
+        pass
+
+    def rollback(self) -> list[int]:
+        return [0]
+
+    def close(self) -> None:
+        for c in self.captures:
+            c.close()
+
+    def counters(self) -> dict[str, int]:
+        """Every capture's counters summed (overflows, dropped samples, losses, reopens...), and the
+        blocks refused."""
+        total: dict[str, int] = {"refused_blocks": self._refused, "streams_down": len(self._down)}
+        for c in self.captures:
+            for k, v in c.counters().items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    # ---- inside ----------------------------------------------------------------------------------------
+    def _open(self, c: Capture) -> list[Message]:
+        try:
+            c.open()
+        except DeviceLost as exc:
+            if c.name not in self._down:
+                log.error("%s (retrying every %g s)", exc, self.reopen_s)
+            self._down[c.name] = time.monotonic()
+            return []
+        except AudioUnusable as exc:
+            self._done.add(c.name)
+            return [self._bad(c.name, str(exc))]
+        if self._down.pop(c.name, None) is not None:
+            log.warning("%s: back", c.name)
+        return []
+
+    def _gather(self) -> list[Message]:
+        """Read every capture, run the front end once, return the segments (and refusals) as messages."""
+        messages: list[Message] = []
+        ended: list[tuple[str, bool]] = []  # (stream, cut off)
+        for c in self.captures:
+            if c.name in self._done:
+                continue
+            if c.name in self._down:
+                if time.monotonic() - self._down[c.name] >= self.reopen_s:
+                    messages.extend(self._open(c))
+                continue
+            try:
+                x = c.read()
+            except DeviceLost as exc:
+                log.error("%s: the other streams go on; reopening every %g s", exc, self.reopen_s)
+                self._down[c.name] = time.monotonic()
+                messages.append(self._bad(c.name, str(exc)))
+                ended.append((c.name, True))
+                continue
+            if len(x) and not np.isfinite(x).all():
+                self._refused += 1
+                bad = int((~np.isfinite(x)).sum())
+                messages.append(
+                    self._bad(c.name, f"{bad} of {len(x)} samples NaN or infinite: block refused")
+                )
+            elif len(x):
+                self.front.push(c.name, x, c.rate)
+            if c.finished:
+                self._done.add(c.name)
+                ended.append((c.name, False))
+        segments = self.front.tick()
+        for name, cut in ended:
+            if name in self.front:
+                segments.extend(self.front.end(name, cut))
+        return messages + [self._message(str(name), seg) for name, seg in segments]
+
+    def _message(self, name: str, seg: Segment) -> Message:
+        self._frames[name] = seg.last
+        return Message(seg, name, 0, seg.first, name, time.monotonic())
+
+    def _bad(self, name: str, reason: str) -> Message:
+        return Message(BadAudio(reason), name, 0, self._frames.get(name, 0), name, time.monotonic())
+
+
+class AudioDecoder:
+    """Turns the ``AudioSource``'s messages into events: a segment's frames ``(T, n_mfcc)`` with its control
+    (``cancel`` becomes ``reset``: the stream's state restarts and nothing is output); ``BadAudio`` and
+    anything else raise ``DecodeError`` (a dead letter with the reason)."""
+
+    CONTROLS: Mapping[str | None, str | None] = {
+        "start": "start",
+        None: None,
+        "end": "end",
+        "cancel": "reset",
+    }
+
+    def __init__(self, n_mfcc: int) -> None:
+        self.n_mfcc = n_mfcc
+
+    def decode(self, message: Message) -> Decoded:
+        seg = message.payload
+        if isinstance(seg, BadAudio):
+            raise DecodeError(seg.reason, kind="bad_audio")
+        if not isinstance(seg, Segment):
+            raise DecodeError(f"not an audio segment: {type(seg).__name__}")
+        frames = np.asarray(seg.frames, np.float32)
+        if len(frames) and (frames.ndim != 2 or frames.shape[1] != self.n_mfcc):
+            raise DecodeError(f"frames of shape {frames.shape}; expected (T, {self.n_mfcc})")
+        if len(frames) and not np.isfinite(frames).all():
+            raise DecodeError("features NaN or infinite")
+        return Decoded(
+            frames if len(frames) else [], self.CONTROLS[seg.control], stream_id=message.key_text() or ""
+        )

@@ -385,7 +385,7 @@ def transcribe(
         if not result.recognitions:
             typer.echo(f"{result.path}: no speech found", err=True)
         for r in result.recognitions:
-            line = {"file": str(result.path), "start_s": r.start_s, "end_s": r.end_s, "label": r.label}
-            typer.echo(json.dumps({**line, "confidence": round(r.confidence, 4)}))
+            keys = ("start_s", "end_s", "label", "confidence")
+            typer.echo(json.dumps({"file": str(result.path), **{k: r[k] for k in keys}}))
     if failed:
         raise typer.Exit(1)

@@ -131,8 +131,38 @@ class CsvSourceConfig(ReadingFormat):
     speed: float | None = Field(None, gt=0)  # None: as fast as possible; 1: real pace; 60: an hour a minute
 
 
+class MicrophoneSourceConfig(Strict):
+    """Live audio from capture devices (sounddevice/PortAudio), one stream per device; best-effort.
+    ``null`` picks the headless sound server of ``rnnstream audio up`` when it runs, else the default
+    input."""
+
+    type: Literal["microphone"]
+    devices: list[str | int | None] = Field(default_factory=lambda: [None], min_length=1)  # names or indices
+    names: list[str] | None = None  # stream ids, one per device (default: mic, mic:<device>)
+    rate: int | None = Field(None, gt=0)  # capture rate, Hz (default: the device's own)
+    block_ms: float = Field(10.0, gt=0, le=1000)  # the capture callback's block
+    buffer_s: float = Field(10.0, gt=0)  # the ring buffer between the callback and the pipeline
+    reopen_s: float = Field(1.0, gt=0)  # a lost device is reopened this often
+
+
+class AudioFilesSourceConfig(Strict):
+    """Audio files (WAV, FLAC...) replayed through the microphone's path, one stream per file."""
+
+    type: Literal["audio_files"]
+    paths: list[str] = Field(min_length=1)  # files or glob patterns
+    speed: float | None = Field(None, gt=0)  # None: as fast as possible; 1: real pace
+
+
+AUDIO_SOURCES = (MicrophoneSourceConfig, AudioFilesSourceConfig)
+
 SourceConfig = Annotated[
-    KafkaSourceConfig | MqttSourceConfig | SerialSourceConfig | CsvSourceConfig, Field(discriminator="type")
+    KafkaSourceConfig
+    | MqttSourceConfig
+    | SerialSourceConfig
+    | CsvSourceConfig
+    | MicrophoneSourceConfig
+    | AudioFilesSourceConfig,
+    Field(discriminator="type"),
 ]
 
 
@@ -211,9 +241,11 @@ class ScoringConfig(Strict):
     """What the sink receives: ``raw`` model outputs with the input position; ``forecast``: a next-value
     forecaster's error as a tail probability (``rnnstream.sensors.ForecastScoring``); ``detector``: the
     anomaly detector (``rnnstream.anomaly.AnomalyDetector``: surprise, anomaly likelihood, refractory
-    period). Fields a kind does not use are ignored."""
+    period); ``recognition``: one document per utterance of an audio source, with its label
+    (``rnnstream.speech.RecognitionScoring``; the only kind for audio sources). Fields a kind does not
+    use are ignored."""
 
-    kind: Literal["raw", "forecast", "detector"] = "raw"
+    kind: Literal["raw", "forecast", "detector", "recognition"] = "raw"
     window: int = Field(1000, ge=2)  # readings of the running normalisation
     warmup: int = Field(20, ge=0)  # forecast: readings before the first score
     short_window: int | None = Field(None, ge=1)  # forecast: 1, detector: 10
@@ -253,6 +285,8 @@ class ServiceConfig(Strict):
         kinds = {getattr(p, "type", None) for p in parts}
         if "kafka" in kinds and self.kafka is None:
             raise ValueError("kafka: a Kafka source, sink or dead-letter topic needs a 'kafka' section")
+        if isinstance(self.source, AUDIO_SOURCES) != (self.scoring.kind == "recognition"):
+            raise ValueError("scoring.kind: recognition goes with an audio source (microphone, audio_files)")
         return self
 
     @property

@@ -33,7 +33,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import chain
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -71,7 +71,8 @@ class Scoring(Protocol):
     - ``inputs(ids, xs)``: the model's inputs for events ``xs (N, F) float32`` of ``ids`` (identity, or
       an online normalisation).
     - ``documents(batch, xs, ys, version)``: one document per message of ``batch`` from the inputs as
-      decoded ``xs (N, F)`` and the model's outputs ``ys (N, out)``, rows in the batch's order.
+      decoded ``xs (N, F)`` and the model's outputs ``ys (N, out)``, rows in the batch's order; ``None``
+      for a message that gets no output (the frames of an utterance whose label comes at its end).
     - ``table``: per-stream bookkeeping, or ``None``; ``dtype``: the float type it reads decoded values as.
     """
 
@@ -80,7 +81,16 @@ class Scoring(Protocol):
 
     def inputs(self, ids: list[str], xs: np.ndarray) -> np.ndarray: ...
 
-    def documents(self, batch: Batch, xs: np.ndarray, ys: np.ndarray, version: int) -> list[dict]: ...
+    def documents(self, batch: Batch, xs: np.ndarray, ys: np.ndarray, version: int) -> list[dict | None]: ...
+
+
+@runtime_checkable
+class EndScoring(Protocol):
+    """Optional, for a scoring that also shapes the output of a stream's ``end`` (a many-to-one model's
+    answer): ``ended(message, stream_id, y, version)`` with ``y (out,)`` the model's final output; the
+    default document is ``{"y", "topic", "partition", "offset", "control", "model_version"}``."""
+
+    def ended(self, message: Message, stream_id: str, y: np.ndarray, version: int) -> dict: ...
 
 
 class ReadingChecks(Protocol):
@@ -122,8 +132,10 @@ class Batch:
     ids: list[str] = field(default_factory=list)
     chunks: list[list | np.ndarray] = field(default_factory=list)
     items: list[tuple[Message, str, int, Decoded]] = field(default_factory=list)
+    streams: set[str] = field(default_factory=set)
 
     def add(self, message: Message, sid: str, decoded: Decoded) -> None:
+        self.streams.add(sid)
         xs = decoded.xs
         n = len(xs)
         if n == 1:
@@ -358,13 +370,15 @@ class Pipeline:
                 batch = self._flush(batch)
                 self._apply_label(msg, sid, decoded.label, start=-len(decoded.xs), end=None)
                 continue
-            if decoded.control in ("start", "reset"):
+            if decoded.control is not None and sid in batch.streams:  # its earlier steps go first
                 batch = self._flush(batch)
+            if decoded.control in ("start", "reset"):
                 self._start(msg, sid)
             if len(decoded.xs):
                 batch.add(msg, sid, decoded)
             if decoded.control == "end":
-                batch = self._flush(batch)
+                if sid in batch.streams:
+                    batch = self._flush(batch)
                 self._end(msg, sid)
         self._flush(batch)
         for msg in feedback:
@@ -421,7 +435,8 @@ class Pipeline:
         outputs = []
         for (msg, sid, _n, _dec), doc in zip(batch.items, docs, strict=True):
             self._mark_dirty(msg.partition, sid)
-            outputs.append(Output(sid, doc, msg.partition, msg.position))
+            if doc is not None:
+                outputs.append(Output(sid, doc, msg.partition, msg.position))
         self.sink.write(outputs)
         self.counters.outputs += len(outputs)
         return Batch()
@@ -474,14 +489,18 @@ class Pipeline:
         self._tasks.get(msg.partition, set()).discard(sid)
         self._dirty.get(msg.partition, set()).discard(sid)
         self._ended.setdefault(msg.partition, set()).add(sid)
-        doc = {
-            "y": final[None, :],
-            "topic": msg.topic,
-            "partition": msg.partition,
-            "offset": msg.position,
-            "control": "end",
-            "model_version": self.engine.model.info.version,
-        }
+        version = self.engine.model.info.version
+        if isinstance(self.scoring, EndScoring):
+            doc = self.scoring.ended(msg, sid, final, version)
+        else:
+            doc = {
+                "y": final[None, :],
+                "topic": msg.topic,
+                "partition": msg.partition,
+                "offset": msg.position,
+                "control": "end",
+                "model_version": version,
+            }
         self.sink.write([Output(sid, doc, msg.partition, msg.position)])
         self.counters.outputs += 1
 

@@ -16,8 +16,11 @@ from rnnstream.admin import AdminServer
 from rnnstream.anomaly import AnomalyDetector
 from rnnstream.checkpoint import EphemeralState, LocalCheckpoint
 from rnnstream.config import (
+    AUDIO_SOURCES,
+    AudioFilesSourceConfig,
     CsvSourceConfig,
     KafkaSourceConfig,
+    MicrophoneSourceConfig,
     MqttSourceConfig,
     ReadingsConfig,
     SerialSourceConfig,
@@ -145,10 +148,39 @@ def _source(config: ServiceConfig, kafka: Any) -> Source:
         from connectors.serial import SerialSource
 
         return SerialSource(src.port, src.stream_id, src.baudrate)
+    if isinstance(src, AUDIO_SOURCES):
+        return _audio_source(config)
     from connectors.csv import CsvSource
 
     assert isinstance(src, CsvSourceConfig)
     return CsvSource(_expand(src.paths), src.stream_column, src.timestamp_column, src.speed)
+
+
+def _audio_source(config: ServiceConfig) -> Source:
+    """Microphones or audio files through the audio front end, at the model's feature settings."""
+    from connectors.audio import AudioSource
+    from rnnstream.speech import feature_settings, microphone_device
+
+    src = config.source
+    captures: list = []
+    if isinstance(src, MicrophoneSourceConfig):
+        from connectors.microphone import Microphone
+
+        names = src.names or [None] * len(src.devices)
+        if len(names) != len(src.devices):
+            raise ValueError(f"source.names has {len(names)} names for {len(src.devices)} devices")
+        for device, name in zip(src.devices, names, strict=True):
+            block, buffer = src.block_ms / 1e3, src.buffer_s
+            mic = Microphone(microphone_device(device), src.rate, block, buffer, name=name)
+            captures.append(mic)
+        reopen_s = src.reopen_s
+    else:
+        from connectors.audio_files import AudioFile
+
+        assert isinstance(src, AudioFilesSourceConfig)
+        captures = [AudioFile(p, src.speed) for p in _expand(src.paths)]
+        reopen_s = 1.0
+    return AudioSource(captures, feature_settings(load_bundle(config.model)), reopen_s=reopen_s)
 
 
 def _expand(patterns: list[str]) -> list[Path]:
@@ -167,6 +199,10 @@ def _expand(patterns: list[str]) -> list[Path]:
 
 def _decoder(config: ServiceConfig, model: StreamModel) -> MessageDecoder:
     src = config.source
+    if isinstance(src, AUDIO_SOURCES):
+        from connectors.audio import AudioDecoder
+
+        return AudioDecoder(model.feature_size)
     if isinstance(src, KafkaSourceConfig):
         payload = Decoder(
             src.format, model.feature_size, model.spec.num_embeddings, src.max_timesteps_per_message
@@ -190,7 +226,7 @@ def _decoder(config: ServiceConfig, model: StreamModel) -> MessageDecoder:
 
 def _checks(config: ServiceConfig) -> ReadingGuard | None:
     """Reading checks: on for sensor sources (defaults unless ``readings:`` says otherwise)."""
-    if isinstance(config.source, KafkaSourceConfig):
+    if isinstance(config.source, KafkaSourceConfig | MicrophoneSourceConfig | AudioFilesSourceConfig):
         return None
     r = config.readings or ReadingsConfig()
     return ReadingGuard(len(config.source.channels), r.max_gap_s, r.on_gap, r.flatline_after)
@@ -198,6 +234,10 @@ def _checks(config: ServiceConfig) -> ReadingGuard | None:
 
 def _scoring(config: ServiceConfig, model: StreamModel) -> Scoring:
     s = config.scoring
+    if s.kind == "recognition":
+        from rnnstream.speech import RecognitionScoring
+
+        return RecognitionScoring(model)
     if s.kind == "raw":
         return RawOutputs()
     src = config.source

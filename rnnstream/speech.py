@@ -1,26 +1,29 @@
 """Spoken-digit recognition of audio streams: samples → MFCC (batched across streams) → endpointing →
-the recognizer (one engine stream per utterance, its label read at the utterance's end).
+the recognizer (each utterance's frames stepped while it is spoken, its label read at its end).
 
-``rnnstream transcribe FILE...`` replays files through ``Recognizer`` in 100 ms chunks, as a live source
-would deliver them.
+- In a pipeline (``rnnstream run``, ``listen``, ``transcribe``): ``connectors.audio.AudioSource`` feeds
+  segments, ``RecognitionScoring`` turns each utterance's end into a recognition document.
+- In this process: ``Recognizer`` (push samples, tick, read recognitions), what the benchmark drives.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-from collections.abc import Hashable, Iterator, Sequence
+import time
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import librosa
 import numpy as np
-import soundfile
 
-from connectors.audio import AudioFrontEnd, EndpointSettings, MFCCSettings, Segment
+from connectors.audio import AudioDecoder, AudioFrontEnd, AudioSource, EndpointSettings, MFCCSettings, Segment
+from connectors.audio_files import AudioFile
+from connectors.base import Message
 from engine import Engine
 from models import StreamModel, load_bundle
+from rnnstream.checkpoint import EphemeralState
 from rnnstream.digits import ASSET
+from rnnstream.pipeline import Batch, Pipeline
 
 CHUNK_S = 0.1
 
@@ -42,10 +45,7 @@ class Recognizer:
     An utterance's frames are stepped while it is spoken, so at its end only the label is left to read."""
 
     def __init__(self, model: StreamModel, endpoint: EndpointSettings | None = None) -> None:
-        m = model.info.features["mfcc"]
-        self.settings = MFCCSettings(
-            m["sample_rate"], m["n_mfcc"], m["n_fft"], m["hop_length"], m["n_mels"], m["fmin"], m["fmax"]
-        )
+        self.settings = feature_settings(model)
         self.labels: list[str] = list(model.info.features["labels"])
         self.engine = Engine(model, max_delay_ms=0)
         self.front = AudioFrontEnd(self.settings, endpoint)
@@ -124,65 +124,115 @@ class Recognizer:
         )
 
 
-class AudioError(ValueError):
-    """A file that cannot be recognised, with the reason."""
+class RecognitionScoring:
+    """The pipeline's scoring for audio sources: an utterance's frames get no output; its end gets
+    ``{"stream", "start_s", "end_s", "label", "confidence", "model_version", "at"}`` (``start_s``/``end_s``
+    from the stream's first sample; ``end_s`` includes the endpointer's hangover; ``at``: Unix time of
+    the recognition)."""
+
+    table = None
+    dtype = np.float32
+
+    def __init__(self, model: StreamModel) -> None:
+        self.labels: list[str] = list(model.info.features["labels"])
+        s = feature_settings(model)
+        self.hop_s, self.window_s = s.hop_length / s.sample_rate, s.n_fft / s.sample_rate
+
+    def inputs(self, ids: list[str], xs: np.ndarray) -> np.ndarray:
+        return xs
+
+    def documents(self, batch: Batch, xs: np.ndarray, ys: np.ndarray, version: int) -> list[dict | None]:
+        return [None] * len(batch.items)
+
+    def ended(self, message: Message, stream_id: str, y: np.ndarray, version: int) -> dict:
+        seg = message.payload
+        k = int(np.argmax(y))
+        return {
+            "stream": stream_id,
+            "start_s": round(seg.began * self.hop_s, 3),
+            "end_s": round((seg.last - 1) * self.hop_s + self.window_s, 3),
+            "label": self.labels[k],
+            "confidence": round(float(y[k]), 4),
+            "model_version": version,
+            "at": round(time.time(), 3),
+        }
 
 
-def read_audio(path: Path, sample_rate: int) -> tuple[np.ndarray, list[str]]:
-    """A file's samples as float32 mono at ``sample_rate``, and notes on what was done to them (mixed
-    down, resampled). Raises ``AudioError`` for a file that cannot be read, is empty, or holds NaN/Inf."""
-    try:
-        audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, OSError) as exc:
-        raise AudioError(f"cannot read audio: {exc}") from exc
-    notes = []
-    if audio.size == 0:
-        raise AudioError("no samples (empty or truncated file)")
-    if not np.isfinite(audio).all():
-        raise AudioError(f"{int((~np.isfinite(audio)).sum())} samples are NaN or infinite")
-    if audio.shape[1] > 1:
-        notes.append(f"{audio.shape[1]} channels mixed down to mono")
-    mono = audio.mean(axis=1)
-    if rate != sample_rate:
-        notes.append(f"resampled from {rate} Hz to {sample_rate} Hz")
-        mono = librosa.resample(mono, orig_sr=rate, target_sr=sample_rate)
-    if np.abs(mono).max() >= 0.999:
-        notes.append("clipped samples")
-    return mono.astype(np.float32), notes
+def feature_settings(model: StreamModel) -> MFCCSettings:
+    """The MFCC settings a recognizer bundle was trained on (its ``info.features["mfcc"]``)."""
+    m = model.info.features["mfcc"]
+    return MFCCSettings(
+        m["sample_rate"], m["n_mfcc"], m["n_fft"], m["hop_length"], m["n_mels"], m["fmin"], m["fmax"]
+    )
+
+
+def microphone_device(device: str | int | None) -> str | int | None:
+    """The device to capture from: ``device`` as given, or when ``None``, the headless sound server of
+    ``rnnstream audio up`` if one runs (its environment is then set for PortAudio, which must not have
+    been loaded yet), else ``None`` (the system's default input)."""
+    if device is not None:
+        return device
+    from rnnstream import pulseaudio
+
+    server = pulseaudio.status()
+    if server is None:
+        return None
+    pulseaudio.use_server(server)
+    return server.device
+
+
+class _Collected:
+    """An in-memory sink and dead-letter output (``connectors.base.Sink``, ``DeadLetters``)."""
+
+    def __init__(self) -> None:
+        self.items: list = []
+
+    def write(self, item: object) -> None:
+        self.items.extend(item if isinstance(item, list) else [item])
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
 class FileResult:
     path: Path
-    recognitions: list[Recognition]
+    recognitions: list[dict]  # RecognitionScoring's documents
     notes: list[str]
     error: str | None = None
 
 
-def transcribe(paths: Sequence[Path], bundle: Path = ASSET) -> Iterator[FileResult]:
-    """Each file through the recognizer in 100 ms chunks (all files' chunks interleaved, as concurrent
-    live streams would arrive); a file that cannot be used gives its error and the others go on."""
-    rec = Recognizer(load_bundle(bundle))
-    try:
-        audio: dict[Path, np.ndarray] = {}
-        notes: dict[Path, list[str]] = {}
-        for p in paths:
-            try:
-                audio[p], notes[p] = read_audio(p, rec.sample_rate)
-            except AudioError as exc:
-                yield FileResult(p, [], [], str(exc))
-        chunk = int(CHUNK_S * rec.sample_rate)
-        found: dict[Path, list[Recognition]] = {p: [] for p in audio}
-        for k in range(max((math.ceil(len(a) / chunk) for a in audio.values()), default=0)):
-            for p, a in audio.items():
-                if k * chunk < len(a):
-                    rec.push(p, a[k * chunk : (k + 1) * chunk])
-            for r in rec.tick():
-                found[r.stream].append(r)  # type: ignore[index]
-            for p, a in audio.items():
-                if (k + 1) * chunk >= len(a) > k * chunk:
-                    found[p].extend(rec.end(p))
-        for p in audio:
-            yield FileResult(p, found[p], notes[p])
-    finally:
-        rec.close()
+def transcribe(paths: Sequence[Path], bundle: Path = ASSET, speed: float | None = None) -> list[FileResult]:
+    """Every file through the audio pipeline at once, one stream each (``AudioFile`` →
+    ``AudioSource`` → ``AudioDecoder`` → engine → ``RecognitionScoring``), as fast as possible (or at
+    ``speed`` times real pace). A file that cannot be used gets its error and the others go on."""
+    model = load_bundle(bundle)
+    files = [AudioFile(p, speed, name=f"{i}:{p}") for i, p in enumerate(paths)]
+    outputs, letters = _Collected(), _Collected()
+    source = AudioSource(list(files), feature_settings(model))
+    engine = Engine(model, max_delay_ms=0)
+    pipeline = Pipeline(
+        engine,
+        source,
+        AudioDecoder(model.feature_size),
+        outputs,
+        letters,
+        EphemeralState(),
+        scoring=RecognitionScoring(model),
+        checkpoint_interval_s=3600,
+    )
+    pipeline.run()
+    found: dict[str, list[dict]] = {f.name: [] for f in files}
+    for out in outputs.items:
+        found[out.stream_id].append(out.doc)
+    errors = {letter.key: letter.reason for letter in letters.items}
+    rate = feature_settings(model).sample_rate
+
+    def notes(f: AudioFile) -> list[str]:
+        resampled = [f"resampled from {f.rate} Hz to {rate} Hz"] if f.rate not in (None, rate) else []
+        return f.notes + resampled
+
+    return [FileResult(f.path, found[f.name], notes(f), errors.get(f.name)) for f in files]
