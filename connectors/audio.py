@@ -360,6 +360,12 @@ class AudioFrontEnd:
         self._bank.drop(stream)
         return out
 
+    def close(self) -> None:
+        """Forget every stream (and release the resamplers)."""
+        self._resamplers.clear()
+        self._endpointers.clear()
+        self._bank = MFCCBank(self.settings)
+
     def __contains__(self, stream: Hashable) -> bool:
         return stream in self._endpointers
 
@@ -480,6 +486,7 @@ class AudioSource:
     def close(self) -> None:
         for c in self.captures:
             c.close()
+        self.front.close()
 
     def counters(self) -> dict[str, int]:
         """Every capture's counters summed (overflows, dropped samples, losses, reopens...), and the

@@ -1,5 +1,5 @@
-"""The ``rnnstream`` command line: ``run``, ``demo``, ``bench``, ``detect``, ``nab``,
-``kafka``/``mqtt`` ``up/down/status``, ``info``, ``finetune``."""
+"""The ``rnnstream`` command line: ``run``, ``demo``, ``bench``, ``detect``, ``nab``, ``transcribe``,
+``listen``, ``kafka``/``mqtt``/``audio`` ``up/down/status``, ``info``, ``finetune``, ``train``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ finetune_app = typer.Typer(
 app.add_typer(finetune_app, name="finetune")
 train_app = typer.Typer(help="Train the shipped models from the data in ../shared.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+audio_app = typer.Typer(
+    help="A headless sound server (PulseAudio with a null sink) for machines without a sound card.",
+    no_args_is_help=True,
+)
+app.add_typer(audio_app, name="audio")
 console = Console()
 
 
@@ -37,6 +42,7 @@ class BenchSuite(StrEnum):
     kafka = "kafka"
     finetune = "finetune"
     sensors = "sensors"
+    audio = "audio"
 
 
 @app.command()
@@ -87,6 +93,10 @@ def bench(
         from benchmarks import sensors_bench
 
         raise typer.Exit(sensors_bench.main(argv))
+    if suite is BenchSuite.audio:
+        from benchmarks import audio_bench
+
+        raise typer.Exit(audio_bench.main(argv))
     from benchmarks import engine_bench
 
     raise typer.Exit(engine_bench.main(["--device", device, *argv]))
@@ -389,3 +399,132 @@ def transcribe(
             typer.echo(json.dumps({"file": str(result.path), **{k: r[k] for k in keys}}))
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def listen(
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Input device name (or part of it) or index. Default: the sound server of "
+            "`rnnstream audio up` when it runs, else the system's default input."
+        ),
+    ] = None,
+    count: Annotated[int | None, typer.Option(help="Exit after this many utterances.", min=1)] = None,
+    timeout: Annotated[float | None, typer.Option(help="Exit after this many seconds.", min=0)] = None,
+    rate: Annotated[int | None, typer.Option(help="Capture rate in Hz (default: the device's).")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Recognizer bundle (default: the shipped digits).")
+    ] = None,
+) -> None:
+    """Recognise spoken digits from a microphone as they are said: one JSON line per utterance (stream,
+    start_s, end_s, label, confidence), with a live view when stdout is a terminal."""
+    import logging
+    import threading
+    import time
+
+    from connectors.microphone import find_input_device
+    from rnnstream.digits import ASSET
+    from rnnstream.speech import listener, microphone_device
+
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    chosen = int(device) if device is not None and device.isdigit() else device
+    try:
+        _, info = find_input_device(microphone_device(chosen))
+    except (ValueError, OSError) as exc:  # OSError: PortAudio itself is missing
+        console.print(f"[red]no microphone:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    heard: list[dict] = []
+    started = time.monotonic()
+    live_view = console.is_terminal
+
+    def on_recognition(doc: dict) -> None:
+        heard.append(doc)
+        line = json.dumps({k: doc[k] for k in ("stream", "start_s", "end_s", "label", "confidence")})
+        if live_view:
+            console.print(line, highlight=False, soft_wrap=True)
+        else:
+            typer.echo(line)
+        if count is not None and len(heard) >= count:
+            pipeline.stop()
+
+    pipeline, source = listener(chosen, on_recognition, rate, model or ASSET)
+    if timeout is not None:
+        timer = threading.Timer(timeout, pipeline.stop)
+        timer.daemon = True
+        timer.start()
+
+    def view() -> Table:
+        c = source.counters()
+        mic = source.captures[0]
+        table = Table(title=f"listening: {info['name']} at {mic.rate or '?'} Hz", title_justify="left")
+        for col in ("elapsed", "utterances", "last", "overflows", "dropped samples", "device lost"):
+            table.add_column(col, justify="right")
+        last = f"{heard[-1]['label']} ({heard[-1]['confidence']:.2f})" if heard else "-"
+        table.add_row(
+            f"{time.monotonic() - started:.0f} s",
+            str(len(heard)),
+            last,
+            str(c.get("overflows", 0)),
+            str(c.get("dropped_samples", 0)),
+            str(c.get("lost", 0)),
+        )
+        return table
+
+    if live_view:
+        from rich.live import Live
+
+        with Live(get_renderable=view, console=console, refresh_per_second=4, transient=True):
+            pipeline.run()
+    else:
+        pipeline.run()
+    counts = source.counters()
+    typer.echo(
+        f"stopped: {len(heard)} utterances, {counts.get('overflows', 0)} overflows, "
+        f"{counts.get('dropped_samples', 0)} dropped samples, {counts.get('lost', 0)} device losses",
+        err=True,
+    )
+
+
+@audio_app.command("up")
+def audio_up(
+    rate: Annotated[
+        int, typer.Option(help="The null sink's rate in Hz (48 kHz: like most microphones).")
+    ] = 48000,
+) -> None:
+    """Start a headless PulseAudio with a null sink (sound played into it is captured as from a
+    microphone); prints the device name to pass to `listen --device`."""
+    from rnnstream import pulseaudio
+
+    try:
+        server = pulseaudio.up(rate=rate)
+    except pulseaudio.AudioServerError as exc:
+        console.print(f"[red]cannot start the sound server:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from exc
+    typer.echo(server.device)
+    hint = f"play into it: {_env_line(server.env)} paplay --device={server.sink} FILE.wav"
+    typer.echo(hint, err=True)
+
+
+@audio_app.command("down")
+def audio_down() -> None:
+    """Stop the sound server started by `rnnstream audio up`."""
+    from rnnstream import pulseaudio
+
+    console.print("stopped" if pulseaudio.down() else "no sound server was running")
+
+
+@audio_app.command("status")
+def audio_status() -> None:
+    """Print the running sound server's device name, if any."""
+    from rnnstream import pulseaudio
+
+    server = pulseaudio.status()
+    if server is None:
+        console.print("no sound server is running")
+        raise typer.Exit(1)
+    typer.echo(server.device)
+
+
+def _env_line(env: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(env.items()))
