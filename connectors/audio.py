@@ -575,14 +575,25 @@ class AudioDecoder:
     def decode(self, message: Message) -> Decoded:
         seg = message.payload
         if isinstance(seg, BadAudio):
-            raise DecodeError(seg.reason, kind="bad_audio")
+            raise DecodeError(str(seg.reason) or "refused audio", kind="bad_audio")
         if not isinstance(seg, Segment):
             raise DecodeError(f"not an audio segment: {type(seg).__name__}")
-        frames = np.asarray(seg.frames, np.float32)
-        if len(frames) and (frames.ndim != 2 or frames.shape[1] != self.n_mfcc):
+        if not (seg.control is None or isinstance(seg.control, str)) or seg.control not in self.CONTROLS:
+            raise DecodeError(f"unknown segment control {seg.control!r}"[:200])
+        try:
+            raw = np.asarray(seg.frames)
+            if raw.dtype.kind not in "fiub":
+                raise TypeError(f"dtype {raw.dtype}")
+            with np.errstate(over="ignore", invalid="ignore"):  # too large: inf, refused below
+                frames = raw.astype(np.float32)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise DecodeError(f"frames are not real numbers ({exc})"[:200]) from exc
+        if frames.size and (frames.ndim != 2 or frames.shape[1] != self.n_mfcc):
             raise DecodeError(f"frames of shape {frames.shape}; expected (T, {self.n_mfcc})")
-        if len(frames) and not np.isfinite(frames).all():
+        if frames.size and not np.isfinite(frames).all():
             raise DecodeError("features NaN or infinite")
-        return Decoded(
-            frames if len(frames) else [], self.CONTROLS[seg.control], stream_id=message.key_text() or ""
-        )
+        try:
+            stream = message.key_text() or ""
+        except UnicodeDecodeError as exc:
+            raise DecodeError("the stream name is not UTF-8") from exc
+        return Decoded(frames if frames.size else [], self.CONTROLS[seg.control], stream_id=stream)

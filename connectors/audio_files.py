@@ -15,14 +15,24 @@ import soundfile
 
 from connectors.audio import AudioUnusable
 
+MAX_SECONDS = 4 * 3600.0  # a longer file is refused (a hostile header must not make us allocate gigabytes)
+MAX_SAMPLES = 2**28  # frames × channels: 1 GiB of float32
+
 
 def load(path: Path) -> tuple[np.ndarray, int, list[str]]:
     """``(samples (n,) float32 mono, rate in Hz, notes)``: a file's audio, its channels averaged; notes say
     what was done or seen (channels mixed down, clipped samples). Raises ``AudioUnusable`` for a file
-    that cannot be read, holds no samples (empty, truncated) or holds NaN/infinite samples."""
+    that cannot be read, holds no samples (empty, truncated), claims more than ``MAX_SECONDS`` or
+    ``MAX_SAMPLES``, or holds NaN/infinite samples."""
     try:
-        audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as exc:
+        with soundfile.SoundFile(path) as f:
+            if (
+                f.samplerate > 0 and f.frames / f.samplerate > MAX_SECONDS
+            ) or f.frames * f.channels > MAX_SAMPLES:
+                raise AudioUnusable(f"claims {f.frames} frames of {f.channels} channels: more than we read")
+            audio = f.read(dtype="float32", always_2d=True)
+            rate = f.samplerate
+    except (soundfile.LibsndfileError, RuntimeError, OSError, ValueError, TypeError, MemoryError) as exc:
         raise AudioUnusable(f"cannot read audio: {exc}") from exc
     if audio.size == 0:
         raise AudioUnusable("no samples (empty or truncated file)")
