@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from connectors.audio import AudioDecoder, AudioFrontEnd, AudioSource, EndpointSettings, MFCCSettings, Segment
 from connectors.audio_files import AudioFile
-from connectors.base import Message
+from connectors.base import Message, Output
 from engine import Engine
 from models import StreamModel, load_bundle
 from rnnstream.checkpoint import EphemeralState
@@ -236,3 +236,48 @@ def transcribe(paths: Sequence[Path], bundle: Path = ASSET, speed: float | None 
         return f.notes + resampled
 
     return [FileResult(f.path, found[f.name], notes(f), errors.get(f.name)) for f in files]
+
+
+class _Recognitions:
+    """A sink handing each recognition document to ``on_recognition``."""
+
+    def __init__(self, on_recognition: Callable[[dict], None]) -> None:
+        self.on_recognition = on_recognition
+
+    def write(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            self.on_recognition(out.doc)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def listener(
+    device: str | int | None,
+    on_recognition: Callable[[dict], None],
+    rate: int | None = None,
+    bundle: Path = ASSET,
+) -> tuple[Pipeline, AudioSource]:
+    """A pipeline from one microphone (``device``: name, index, or ``None``: see ``microphone_device``)
+    to ``on_recognition(document)``; dead letters (a lost device, refused audio) as JSON lines on
+    stderr. ``pipeline.run()`` until ``pipeline.stop()``."""
+    from connectors.files import JsonLinesDeadLetters
+    from connectors.microphone import Microphone
+
+    model = load_bundle(bundle)
+    mic = Microphone(microphone_device(device), rate, name="mic" if device is None else str(device))
+    source = AudioSource([mic], feature_settings(model))
+    pipeline = Pipeline(
+        Engine(model, max_delay_ms=0),
+        source,
+        AudioDecoder(model.feature_size),
+        _Recognitions(on_recognition),
+        JsonLinesDeadLetters("-"),
+        EphemeralState(),
+        scoring=RecognitionScoring(model),
+        checkpoint_interval_s=3600,
+    )
+    return pipeline, source
