@@ -178,7 +178,10 @@ class EndpointSettings:
     coefficient is the mel dB values' sum over ``sqrt(n_mels)``). Broadband sound such as speech raises
     it; a narrowband one (a hum, a whistle) barely does, as most bands stay empty. The noise floor
     follows the level down at once and up slowly (``floor_rise_db`` per frame); a sound that goes on for
-    ``max_frames`` (a fan that starts) is dropped and its median level becomes the floor."""
+    ``max_frames``, or whose level stays within ``steady_db`` over its first ``steady_frames`` (a fan
+    that starts; speech rises and falls by tens of dB), is dropped and its median level becomes the
+    floor. The floor stays above ``floor_min_db``, so that the low noise of a microphone after digital
+    silence (a device that just opened) does not count as speech."""
 
     start_db: float = 12.0  # above the floor: speech may start
     stop_db: float = 8.0  # below floor + this: silence
@@ -189,7 +192,10 @@ class EndpointSettings:
     max_frames: int = 200  # a sound this long is not an utterance but a new noise floor
     pre_roll: int = 10  # frames before the detected start that belong to the utterance
     floor_rise_db: float = 0.05
-    floor_start_db: float = -60.0  # the floor before any frame (digital silence is about -100 dB)
+    floor_start_db: float = -60.0  # the floor before any frame
+    floor_min_db: float = -75.0  # the floor never falls below (digital silence is about -100 dB)
+    steady_frames: int = 30  # a sound whose level stays within steady_db over its first frames ...
+    steady_db: float = 4.0  # ... is a new background (a fan starting), not speech: that much sooner
 
 
 SegmentControl = Literal["start", "end", "cancel"]
@@ -240,6 +246,7 @@ class Endpointer:
         self._voiced = 0  # its frames above the silence level
         self._none = np.zeros((0, 0), np.float32)  # no frames, of the frames' width once known
         self._began = 0  # the frame number where the utterance in progress began
+        self._heard = 0  # its frames from the first loud one on
 
     @property
     def in_speech(self) -> bool:
@@ -258,8 +265,11 @@ class Endpointer:
                 self._recent = []
             elif self._in_speech or control == "end":
                 pending.append(f)
-            if control in ("end", "cancel"):
+            if control == "end":
                 segments.append(self._segment(control, pending))
+            elif control == "cancel":  # none of its frames are wanted
+                segments.append(Segment("cancel", self._none, self.frame, self._began))
+            if control in ("end", "cancel"):
                 pending = []
         if pending:
             segments.append(self._segment(None, pending))
@@ -296,18 +306,23 @@ class Endpointer:
             self._recent.append(f)
             del self._recent[: -(s.pre_roll + s.min_start)]
             if self._loud < s.min_start:
-                self.floor = min(level, self.floor + s.floor_rise_db)
+                self.floor = max(min(level, self.floor + s.floor_rise_db), s.floor_min_db)
                 return None
             self._in_speech, self._quiet, self._peak, self._voiced = True, 0, level, s.min_start
             self._levels = [float(g[0]) * self._scale for g in self._recent]
+            self._heard = s.min_start  # frames since the first loud one
             return "start"
         self._levels.append(level)
+        self._heard += 1
         self._peak = max(self._peak, level)
         quiet = level < max(self.floor + s.stop_db, self._peak - s.stop_below_peak_db)
         self._quiet = self._quiet + 1 if quiet else 0
         self._voiced += not quiet
-        if len(self._levels) >= s.max_frames:  # not speech: the new background
-            self.floor = float(np.median(self._levels))
+        # from the frame after the first min_start loud ones on (those may straddle the sound's onset)
+        onset = self._levels[len(self._levels) - self._heard + s.min_start :]
+        steady = len(onset) == s.steady_frames and max(onset) - min(onset) < s.steady_db
+        if steady or len(self._levels) >= s.max_frames:  # not speech: the new background
+            self.floor = float(np.median(onset if steady else self._levels))
             self._in_speech, self._loud = False, 0
             return "cancel"
         if self._quiet >= s.hangover:

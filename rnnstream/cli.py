@@ -340,10 +340,6 @@ def finetune_stop(admin: AdminOption = "127.0.0.1:9100") -> None:
     _finetune_call("stop", admin)
 
 
-if __name__ == "__main__":
-    app()
-
-
 @train_app.command("digits")
 def train_digits(
     data: Annotated[Path, typer.Option(help="FSDD recordings folder.")] = REPO_ROOT.parent
@@ -471,6 +467,7 @@ def listen(
         )
         return table
 
+    typer.echo(f"listening: {info['name']} (Ctrl-C stops)", err=True)
     if live_view:
         from rich.live import Live
 
@@ -528,3 +525,7 @@ def audio_status() -> None:
 
 def _env_line(env: dict[str, str]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(env.items()))
+
+
+if __name__ == "__main__":
+    app()

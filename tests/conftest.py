@@ -188,3 +188,29 @@ def _assert_close(mine: object, theirs: object, tol: float, where: str) -> None:
 def docs_close():
     """``_assert_docs_close`` for test modules."""
     return _assert_docs_close
+
+
+# ---- the headless audio device (rnnstream.pulseaudio) ----------------------------------------------------
+@pytest.fixture(scope="session")
+def audio_server(tmp_path_factory):
+    """The PulseAudio null-sink server (``rnnstream.pulseaudio.AudioServer``, 48 kHz), its env in
+    ``os.environ``: import sounddevice only after this fixture. Reuses a running 48 kHz ``rnnstream audio
+    up`` server (left running); otherwise starts one in a run dir of the session's own (exported as
+    ``RNNSTREAM_AUDIO_RUN_DIR`` so ``status()`` finds it, also in subprocesses; another test session or
+    ``rnnstream audio down`` cannot stop it) and stops it at the end."""
+    from rnnstream import pulseaudio as pa
+
+    running = pa.status()
+    started_here = running is None or running.rate != 48000
+    with pytest.MonkeyPatch.context() as mp:
+        if started_here:
+            mp.setenv(pa.RUN_DIR_ENV, str(tmp_path_factory.mktemp("audio")))
+        try:
+            server = pa.up(48000)
+        except pa.AudioServerError as exc:
+            _unavailable(f"cannot start the PulseAudio null-sink server: {exc}")
+            raise
+        pa.use_server(server)
+        yield server
+        if started_here:
+            pa.down()

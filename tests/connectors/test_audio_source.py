@@ -263,3 +263,24 @@ def test_the_decoder_lets_no_exception_but_decode_error_escape(payload, key):
     assert got.control in (None, "start", "end", "reset")
     xs = np.asarray(got.xs, np.float32)
     assert len(xs) == 0 or (xs.shape[1:] == (FEATURES.n_mfcc,) and np.isfinite(xs).all())
+
+
+@pytest.mark.parametrize(("noise", "clip"), [(3e-4, "3_theo_5.wav"), (1e-3, "0_george_5.wav")])
+def test_noise_that_starts_after_digital_silence_does_not_hide_the_speech_after_it(noise, clip):
+    """A device that opens on digital silence, then its own noise, then a digit 0.6 s later."""
+    rng = np.random.default_rng(3)
+    speech = _clip(clip)
+    audio = np.concatenate(
+        [
+            np.zeros(SR // 2, np.float32),
+            rng.normal(0, noise, int(0.6 * SR)).astype(np.float32),
+            speech + rng.normal(0, noise, len(speech)).astype(np.float32),
+            rng.normal(0, noise, SR // 2).astype(np.float32),
+        ]
+    )
+    front = AudioFrontEnd(FEATURES)
+    front.push("s", audio)
+    got = _utterances([seg for _, seg in front.tick() + front.end("s")])
+    assert len(got) == 1, got
+    began_s = got[0][0] * FEATURES.hop_length / SR
+    assert 0.95 <= began_s <= 1.3, began_s  # the digit's file starts at 1.1 s
