@@ -185,14 +185,16 @@ class EndpointSettings:
 
     start_db: float = 12.0  # above the floor: speech may start
     stop_db: float = 8.0  # below floor + this: silence
-    stop_below_peak_db: float = 30.0  # or this far below the utterance's loudest frame: silence too
+    stop_below_peak_db: float = 26.0  # or this far below the utterance's loudest frame (5% amplitude)
     min_start: int = 3  # frames above start_db in a row to start
-    hangover: int = 6  # silent frames in a row that end an utterance (the label waits this long)
+    hangover: int = 8  # silent frames in a row that end an utterance (the label waits this long)
     min_frames: int = 8  # utterances with fewer frames above the silence level (clicks) are dropped
+    follow_frames: int = 10  # a sound starting this soon after an utterance ended ...
+    follow_min_frames: int = 35  # ... needs this many: it is mostly the word's trailing burst (a "t")
     max_frames: int = 200  # a sound this long is not an utterance but a new noise floor
     pre_roll: int = 10  # frames before the detected start that belong to the utterance
     floor_rise_db: float = 0.05
-    floor_start_db: float = -60.0  # the floor before any frame
+    floor_start_db: float = -75.0  # the floor before any frame (quiet speakers are near -55 dB)
     floor_min_db: float = -75.0  # the floor never falls below (digital silence is about -100 dB)
     steady_frames: int = 30  # a sound whose level stays within steady_db over its first frames ...
     steady_db: float = 4.0  # ... is a new background (a fan starting), not speech: that much sooner
@@ -247,6 +249,8 @@ class Endpointer:
         self._none = np.zeros((0, 0), np.float32)  # no frames, of the frames' width once known
         self._began = 0  # the frame number where the utterance in progress began
         self._heard = 0  # its frames from the first loud one on
+        self._last_end = -(10**9)  # the frame the last utterance ended at
+        self._min_voiced = self.s.min_frames  # voiced frames the utterance in progress needs
 
     @property
     def in_speech(self) -> bool:
@@ -294,7 +298,10 @@ class Endpointer:
         return Segment(control, block, self.frame - len(frames), self._began)
 
     def _verdict(self) -> SegmentControl:
-        return "end" if self._voiced >= self.s.min_frames else "cancel"
+        if self._voiced < self._min_voiced:
+            return "cancel"
+        self._last_end = self.frame
+        return "end"
 
     def _step(self, f: np.ndarray) -> str | None:
         """One frame: ``"start"``, ``"end"`` or ``"cancel"`` when the utterance state changes."""
@@ -311,6 +318,8 @@ class Endpointer:
             self._in_speech, self._quiet, self._peak, self._voiced = True, 0, level, s.min_start
             self._levels = [float(g[0]) * self._scale for g in self._recent]
             self._heard = s.min_start  # frames since the first loud one
+            soon = self.frame - self._last_end <= s.follow_frames + s.min_start
+            self._min_voiced = s.follow_min_frames if soon else s.min_frames
             return "start"
         self._levels.append(level)
         self._heard += 1
