@@ -11,6 +11,10 @@ Nothing is dropped silently (``counters()``):
   were lost before they reached us);
 - ``dropped_samples``: samples the ring buffer had no room for (the pipeline fell more than
   ``buffer_s`` behind), counted and logged;
+- ``behind_ms``: how far the samples received trail the wall clock since the device opened. A sound
+  server may hold a backlog for a slow reader instead of flagging an overflow (PulseAudio keeps about
+  20 s, then drops what is older without a flag), so this is how such a backlog or loss shows; over
+  ``warn_behind_s`` it is logged (at most every 10 s);
 - ``lost``: times the device disappeared (the stream stopped with an error, or no block for
   ``stall_s`` seconds while it should be running). ``read()`` then raises ``DeviceLost`` once; the
   source keeps the other streams running and calls ``open()`` again every ``reopen_s`` until the device
@@ -39,6 +43,7 @@ log = logging.getLogger("connectors.microphone")
 class MicrophoneCounters:
     overflows: int = 0
     dropped_samples: int = 0
+    behind_ms: int = 0
     lost: int = 0
     reopens: int = 0
     open_errors: int = 0
@@ -98,6 +103,11 @@ class Microphone:
         self._last_block = 0.0  # time.monotonic() of the last callback
         self._failed: str | None = None  # why the stream ended, from PortAudio's thread
         self._opened_once = False
+        self._opened_at = 0.0  # time.monotonic() when the stream started
+        self._since_open = 0  # samples received since then
+        self._warned = -1e9  # time.monotonic() of the last warning
+        self._dropped_seen = 0
+        self.warn_behind_s = 1.0
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def open(self) -> None:
@@ -126,6 +136,7 @@ class Microphone:
             self._failed, self._last_block = None, time.monotonic()
         self._stream = stream
         stream.start()
+        self._opened_at, self._since_open = time.monotonic(), 0
         if self._opened_once:
             self._counts.reopens += 1
         self._opened_once = True
@@ -168,7 +179,28 @@ class Microphone:
             self._counts.lost += 1
             self.close()
             raise DeviceLost(f"{self.name}: device lost ({failed})")
+        self._since_open += len(out)
+        self._check_pace()
         return out
+
+    def _check_pace(self) -> None:
+        """Update ``behind_ms``; warn (at most every 10 s) about a backlog or dropped samples."""
+        rate = self.rate or 1
+        behind = (time.monotonic() - self._opened_at) - self._since_open / rate
+        self._counts.behind_ms = max(int(behind * 1000), 0)
+        dropped = self._counts.dropped_samples
+        if (
+            behind > self.warn_behind_s or dropped > self._dropped_seen
+        ) and time.monotonic() - self._warned > 10:
+            self._warned = time.monotonic()
+            log.warning(
+                "%s: %.1f s behind the clock, %d samples dropped so far (ring buffer full), %d overflows",
+                self.name,
+                behind,
+                dropped,
+                self._counts.overflows,
+            )
+        self._dropped_seen = dropped
 
     def _take(self) -> np.ndarray:
         """Everything in the ring, oldest first (under the lock)."""
