@@ -373,15 +373,19 @@ def transcribe(
     model: Annotated[
         Path | None, typer.Option(help="Recognizer bundle (default: the shipped digits).")
     ] = None,
+    speed: Annotated[
+        float | None, typer.Option(help="Replay at this many times real pace (default: as fast as possible).")
+    ] = None,
 ) -> None:
-    """Recognise the spoken digits in audio files, replayed through the live path (100 ms chunks, MFCC,
-    endpointing, recognizer). One JSON line per utterance: file, start_s, end_s, label, confidence.
-    A file that cannot be used gets one line on stderr and the others go on (exit 1 at the end)."""
+    """Recognise the spoken digits in audio files, replayed through the live path (the pipeline's audio
+    source: 100 ms chunks, resampling, MFCC, endpointing, recognizer), all files at once as concurrent
+    streams. One JSON line per utterance: file, start_s, end_s, label, confidence. A file that cannot be
+    used gets one line on stderr and the others go on (exit 1 at the end)."""
     from rnnstream.digits import ASSET
     from rnnstream.speech import transcribe as run
 
     failed = 0
-    for result in run(files, model or ASSET):
+    for result in run(files, model or ASSET, speed):
         for note in result.notes:
             typer.echo(f"{result.path}: note: {note}", err=True)
         if result.error is not None:
