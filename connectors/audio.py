@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 import librosa
 import numpy as np
 import scipy.fft
-import soxr
+import scipy.signal
 
 from connectors.base import Assignment, Guarantee, Message
 from connectors.codec import Decoded, DecodeError
@@ -340,11 +340,59 @@ class Endpointer:
         return None
 
 
+class Resampler:
+    """One stream's samples from ``rate_in`` to ``rate_out`` Hz, as they arrive.
+
+    The filter is ``scipy.signal.resample_poly``'s: with ``L/M = rate_out/rate_in`` in lowest terms, a
+    Kaiser-windowed sinc (β = 5) of ``2·10·max(L, M) + 1`` taps, cut off at ``1/max(L, M)`` of the
+    upsampled band, applied polyphase: output ``n`` sits at ``j = n·M`` of the upsampled signal, and
+
+        y[n] = Σ_k h[(j mod L) + k·L] · x[j // L - k]        (x before the first sample: 0)
+
+    It is causal, so ``y`` trails ``resample_poly``'s output (which shifts the filter's delay away) by
+    ``delay`` = 10 output samples when downsampling (1.25 ms at 8 kHz): a sample is out as soon as the
+    input it needs has arrived, whatever the chunking."""
+
+    def __init__(self, rate_in: int, rate_out: int) -> None:
+        if rate_in <= 0 or rate_out <= 0:
+            raise ValueError(f"rates must be positive, got {rate_in} → {rate_out}")
+        g = math.gcd(rate_in, rate_out)
+        self.up, self.down = rate_out // g, rate_in // g
+        widest = max(self.up, self.down)
+        h = scipy.signal.firwin(2 * 10 * widest + 1, 1.0 / widest, window=("kaiser", 5.0)) * self.up
+        self.taps = -(-len(h) // self.up)  # input samples each output reads
+        h = np.concatenate([h, np.zeros(self.taps * self.up - len(h))])
+        phases = h.reshape(self.taps, self.up).T  # (L, K): phase p's taps h[p + k·L]
+        self._reversed = np.ascontiguousarray(phases[:, ::-1], np.float32)  # to meet x oldest first
+        self.delay = 10 * widest // self.down  # output samples behind resample_poly
+        self._history = np.zeros(self.taps - 1, np.float32)  # the last K-1 inputs
+        self._inputs = 0  # samples received
+        self._outputs = 0  # samples produced
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        """``x (n,) float32`` → the output samples it completes, ``(m,) float32``."""
+        x = np.asarray(x, np.float32).reshape(-1)
+        last = self._inputs + len(x) - 1  # the newest input index
+        end = -(-(last + 1) * self.up // self.down)  # outputs n < end have j // L <= last
+        buf = np.concatenate([self._history, x])
+        n = np.arange(self._outputs, end)
+        j = n * self.down
+        first = j // self.up - self._inputs  # buffer row of x[i-K+1 .. i]: rows of K inputs, oldest first
+        rows = np.lib.stride_tricks.sliding_window_view(buf, self.taps)
+        if self.up == 1:  # decimation: the rows are evenly spaced, one phase
+            y = rows[first[0] : first[-1] + 1 : self.down] @ self._reversed[0] if len(n) else n[:0]
+        else:
+            y = np.einsum("mk,mk->m", rows[first], self._reversed[j % self.up])
+        self._history = buf[len(buf) - (self.taps - 1) :]
+        self._inputs, self._outputs = last + 1, max(end, self._outputs)
+        return y.astype(np.float32)
+
+
 class AudioFrontEnd:
     """Many audio streams in, utterance segments out; the one path for microphones and files alike.
 
-    Per stream: samples at any rate → resampled to ``settings.sample_rate`` (soxr, streaming, HQ; about
-    1 ms of delay) → frames → MFCC → ``Endpointer``. ``push`` queues samples; ``tick`` computes the MFCCs
+    Per stream: samples at any rate → ``Resampler`` to ``settings.sample_rate`` (1.25 ms of delay) →
+    frames → MFCC → ``Endpointer``. ``push`` queues samples; ``tick`` computes the MFCCs
     of every stream's completed frames in one vectorised call (``MFCCBank``) and endpoints them."""
 
     def __init__(self, settings: MFCCSettings, endpoint: EndpointSettings | None = None) -> None:
@@ -352,7 +400,7 @@ class AudioFrontEnd:
         self.endpoint = endpoint or EndpointSettings()
         self._bank = MFCCBank(settings)
         self._endpointers: dict[Hashable, Endpointer] = {}
-        self._resamplers: dict[Hashable, tuple[int, soxr.ResampleStream]] = {}
+        self._resamplers: dict[Hashable, tuple[int, Resampler]] = {}
 
     def push(self, stream: Hashable, samples: np.ndarray, rate: int | None = None) -> None:
         """``samples``: ``(n,) float32`` mono of ``stream`` at ``rate`` Hz (default: the features' rate)."""
@@ -360,7 +408,7 @@ class AudioFrontEnd:
             self._endpointers[stream] = Endpointer(self.settings.n_mels, self.endpoint)
         x = np.asarray(samples, np.float32).reshape(-1)
         if rate is not None and rate != self.settings.sample_rate:
-            x = self._resampler(stream, rate).resample_chunk(x)
+            x = self._resampler(stream, rate).push(x)
         self._bank.push(stream, x)
 
     def tick(self) -> list[tuple[Hashable, Segment]]:
@@ -375,8 +423,8 @@ class AudioFrontEnd:
         audio was cut off, so it is cancelled instead), the stream is forgotten. Returns ``tick()``'s
         segments (of every stream) and the closing one."""
         rs = self._resamplers.pop(stream, None)
-        if rs is not None and not cut:
-            self._bank.push(stream, rs[1].resample_chunk(np.zeros(0, np.float32), last=True))
+        if rs is not None and not cut:  # the filter's tail: the last input's samples
+            self._bank.push(stream, rs[1].push(np.zeros(rs[1].taps, np.float32))[: rs[1].delay])
         out = self.tick()
         ep = self._endpointers.pop(stream, None)
         if ep is not None:
@@ -396,10 +444,10 @@ class AudioFrontEnd:
     def __len__(self) -> int:
         return len(self._endpointers)
 
-    def _resampler(self, stream: Hashable, rate: int) -> soxr.ResampleStream:
+    def _resampler(self, stream: Hashable, rate: int) -> Resampler:
         held = self._resamplers.get(stream)
         if held is None or held[0] != rate:  # a new stream, or its rate changed (a device reopened)
-            held = self._resamplers[stream] = (rate, soxr.ResampleStream(rate, self.settings.sample_rate, 1))
+            held = self._resamplers[stream] = (rate, Resampler(rate, self.settings.sample_rate))
         return held[1]
 
 

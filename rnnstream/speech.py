@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,41 +74,53 @@ class Recognizer:
 
     def close(self) -> None:
         self.engine.close()
+        self.front.close()
 
     def _apply(self, segments: list[tuple[Hashable, Segment]]) -> list[Recognition]:
-        """Steps the segments' frames, batched across streams; a stream's start or end waits for its
-        frames before it in the batch."""
-        done: list[Recognition] = []
-        ids: list[int] = []
-        rows: list[np.ndarray] = []
-
-        def step() -> None:
-            if ids:
-                self.engine.step_many(list(ids), np.concatenate(rows))
-                ids.clear()
-                rows.clear()
-
+        """Runs the segments, each stream's in order, with one ``step_many`` for the frames of every
+        stream between two of its controls (a tick holds one or two such runs per stream, so a tick
+        costs one or two batched calls, however many streams start or end in it)."""
+        queues: dict[Hashable, deque[Segment]] = {}
         for stream, seg in segments:
-            sid = self._ids.get(stream)
-            if sid is None:
-                sid = self._ids[stream] = next(self._next_id)
-            if seg.control is not None and sid in ids:
-                step()
-            if seg.control == "start":
-                self.engine.start(sid)
-                self._started[stream] = seg.first
-            if seg.control == "cancel":
-                self.engine.release([sid])
-                self._started.pop(stream, None)
-                continue
-            if len(seg.frames):
-                ids.extend([sid] * len(seg.frames))
-                rows.append(seg.frames)
-            if seg.control == "end":
-                step()
-                done.append(self._label(stream, seg.last))
-        step()
+            queues.setdefault(stream, deque()).append(seg)
+        done: list[Recognition] = []
+        while queues:
+            ids: list[int] = []
+            rows: list[np.ndarray] = []
+            ending: list[tuple[Hashable, Segment]] = []
+            for stream, queue in list(queues.items()):
+                sid = self._engine_id(stream)
+                seg = queue.popleft()
+                if seg.control == "start":
+                    self.engine.start(sid)
+                    self._started[stream] = seg.first
+                elif seg.control == "cancel":
+                    self.engine.release([sid])
+                    self._started.pop(stream, None)
+                if seg.control != "cancel" and len(seg.frames):
+                    ids.extend([sid] * len(seg.frames))
+                    rows.append(seg.frames)
+                while queue and queue[0].control in (None, "end"):  # more frames of this run
+                    seg = queue.popleft()
+                    if len(seg.frames):
+                        ids.extend([sid] * len(seg.frames))
+                        rows.append(seg.frames)
+                    if seg.control == "end":
+                        break
+                if seg.control == "end":
+                    ending.append((stream, seg))
+                if not queue:
+                    del queues[stream]
+            if ids:
+                self.engine.step_many(ids, np.concatenate(rows))
+            done.extend(self._label(stream, seg.last) for stream, seg in ending)
         return done
+
+    def _engine_id(self, stream: Hashable) -> int:
+        sid = self._ids.get(stream)
+        if sid is None:
+            sid = self._ids[stream] = next(self._next_id)
+        return sid
 
     def _label(self, stream: Hashable, end: int) -> Recognition:
         probs = self.engine.end(self._ids[stream])

@@ -108,3 +108,23 @@ def test_settings_are_checked():
         MFCCSettings(16000, n_mfcc=50, n_mels=40)
     with pytest.raises(ValueError):
         MFCCSettings(0)
+
+
+@pytest.mark.parametrize("rate_in", [16000, 44100, 48000, 22050])
+@pytest.mark.parametrize("chunk", [1, 7, 480, 4410, 100_000])
+def test_the_streaming_resampler_equals_resample_poly_behind_its_delay(rate_in, chunk):
+    """``Resampler`` over any chunking equals ``scipy.signal.resample_poly`` (the same filter) on the whole
+    signal, ``delay`` samples later: causal, so a sample is out as soon as its inputs are."""
+    import scipy.signal
+
+    from connectors.audio import Resampler
+
+    x = _signal(rate_in, seconds=0.3)
+    r = Resampler(rate_in, 8000)
+    got = np.concatenate([r.push(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+    g = np.gcd(rate_in, 8000)
+    want = scipy.signal.resample_poly(x.astype(np.float64), 8000 // g, rate_in // g)
+    assert r.delay == 10
+    n = min(len(got) - r.delay, len(want))
+    assert n > 0.29 * 8000
+    assert np.abs(got[r.delay : r.delay + n] - want[:n]).max() < 1e-5 * np.abs(want).max() + 1e-6
