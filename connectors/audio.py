@@ -24,12 +24,13 @@ import math
 import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import librosa
 import numpy as np
 import scipy.fft
 import scipy.signal
+import torch
 
 from connectors.base import Assignment, Guarantee, Message
 from connectors.codec import Decoded, DecodeError
@@ -86,25 +87,46 @@ def mfcc_of(signal: np.ndarray, s: MFCCSettings) -> np.ndarray:
     return mfcc_frames(np.ascontiguousarray(frames), s)
 
 
+def _groups(keys: list[Hashable]) -> dict[Hashable, list[int]]:
+    """Positions of equal keys: streams in the same state are computed together."""
+    out: dict[Hashable, list[int]] = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return out
+
+
 class _FrameCutter:
     """The samples of one stream not yet used up: cuts complete frames as samples arrive."""
 
     def __init__(self, s: MFCCSettings) -> None:
         self.s = s
-        self._pending = np.zeros(0, np.float32)  # starts at the next frame's first sample
+        self.pending = np.zeros(0, np.float32)  # starts at the next frame's first sample
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         """Append ``samples (n,)``; returns the frames they complete, ``(F, n_fft) float32``."""
-        x = np.asarray(samples, np.float32).reshape(-1)
-        buf = np.concatenate([self._pending, x]) if len(self._pending) else x
-        n_fft, hop = self.s.n_fft, self.s.hop_length
-        count = 0 if len(buf) < n_fft else 1 + (len(buf) - n_fft) // hop
-        if count == 0:
-            self._pending = buf.copy()
-            return np.zeros((0, n_fft), np.float32)
-        frames = np.lib.stride_tricks.sliding_window_view(buf, n_fft)[::hop][:count]
-        self._pending = buf[count * hop :].copy()
-        return np.ascontiguousarray(frames)
+        return cut_frames([self], [np.asarray(samples, np.float32).reshape(-1)])[0]
+
+
+def cut_frames(cutters: list[_FrameCutter], chunks: list[np.ndarray]) -> list[np.ndarray]:
+    """Each cutter's frames completed by its chunk, ``(F, n_fft)`` views; cutters holding as many pending
+    samples and getting as many new ones are cut as one ``(streams, samples)`` array."""
+    out: list[np.ndarray] = [np.zeros(0)] * len(cutters)
+    for (p, n), idx in _groups(
+        [(len(c.pending), len(x)) for c, x in zip(cutters, chunks, strict=True)]
+    ).items():
+        s = cutters[idx[0]].s
+        new = np.stack([chunks[i] for i in idx])
+        buf = np.concatenate([np.stack([cutters[i].pending for i in idx]), new], axis=1) if p else new
+        count = 0 if p + n < s.n_fft else 1 + (p + n - s.n_fft) // s.hop_length
+        if count:
+            windows = np.lib.stride_tricks.sliding_window_view(buf, s.n_fft, axis=1)
+            frames = windows[:, :: s.hop_length][:, :count]  # (G, count, n_fft)
+        else:
+            frames = np.zeros((len(idx), 0, s.n_fft), np.float32)
+        rest = buf[:, count * s.hop_length :]
+        for g, i in enumerate(idx):
+            cutters[i].pending, out[i] = rest[g].copy(), frames[g]  # a copy: frees buf
+    return out
 
 
 class StreamingMFCC:
@@ -134,37 +156,37 @@ class StreamingMFCC:
 
 
 class MFCCBank:
-    """MFCCs of many streams with the same settings: ``push`` queues a stream's samples, ``tick`` computes
-    every frame completed since the last tick in one vectorised call."""
+    """MFCCs of many streams with the same settings: ``push`` queues a stream's samples, ``tick`` cuts the
+    frames completed since the last tick (``cut_frames``) and computes all of them in one call."""
 
     def __init__(self, settings: MFCCSettings) -> None:
         self.settings = settings
         self._cutters: dict[Hashable, _FrameCutter] = {}
-        self._ready: dict[Hashable, list[np.ndarray]] = {}
+        self._queued: dict[Hashable, list[np.ndarray]] = {}
 
     def push(self, stream: Hashable, samples: np.ndarray) -> None:
-        cutter = self._cutters.get(stream)
-        if cutter is None:
-            cutter = self._cutters[stream] = _FrameCutter(self.settings)
-        frames = cutter.push(samples)
-        if len(frames):
-            self._ready.setdefault(stream, []).append(frames)
+        if stream not in self._cutters:
+            self._cutters[stream] = _FrameCutter(self.settings)
+        self._queued.setdefault(stream, []).append(np.asarray(samples, np.float32).reshape(-1))
 
     def tick(self) -> Mapping[Hashable, np.ndarray]:
         """Each stream's newly completed frames' MFCCs, ``(frames, n_mfcc) float32``, in order."""
-        if not self._ready:
+        order = list(self._queued)
+        if not order:
             return {}
-        order = list(self._ready)
-        blocks = [np.concatenate(self._ready[k]) for k in order]
-        self._ready = {}
-        features = mfcc_frames(np.concatenate(blocks), self.settings)
-        bounds = np.cumsum([0, *(len(b) for b in blocks)])
-        return {k: features[bounds[i] : bounds[i + 1]] for i, k in enumerate(order)}
+        chunks = [q[0] if len(q) == 1 else np.concatenate(q) for q in self._queued.values()]
+        self._queued = {}
+        cut = cut_frames([self._cutters[k] for k in order], chunks)
+        features = mfcc_frames(np.concatenate(cut), self.settings)
+        bounds = np.cumsum([0, *(len(b) for b in cut)])
+        return {
+            k: features[bounds[i] : bounds[i + 1]] for i, k in enumerate(order) if bounds[i + 1] > bounds[i]
+        }
 
     def drop(self, stream: Hashable) -> None:
         """Forget a stream (its pending samples and unreturned frames)."""
         self._cutters.pop(stream, None)
-        self._ready.pop(stream, None)
+        self._queued.pop(stream, None)
 
     def __len__(self) -> int:
         return len(self._cutters)
@@ -227,117 +249,235 @@ class Segment:
         return self.first + len(self.frames)
 
 
-class Endpointer:
-    """Splits one stream's feature frames into utterances (see ``EndpointSettings``) as they come.
+class Endpointers:
+    """The endpointers of many streams (see ``EndpointSettings``), one slot each, their state in arrays:
+    each tick's frames are stepped frame by frame, all streams at once.
 
-    ``push(frames (F, n_mfcc))`` returns ``Segment``s: an utterance's frames go out as soon as they are
-    known to belong to it (from ``min_start`` loud frames on, with ``pre_roll`` frames before them), so a
-    recognizer steps them during the speech and only reads the label at the ``end``."""
+    ``push({stream: frames (F, n_mfcc)})`` returns each stream's ``Segment``s: an utterance's frames go out
+    as soon as they are known to belong to it (from ``min_start`` loud frames on, with ``pre_roll`` frames
+    before them), so a recognizer steps them during the speech and only reads the label at the ``end``."""
+
+    _FIELDS: ClassVar[dict[str, type]] = {  # per-slot state: dtype
+        "floor": np.float64,  # the noise floor, dB
+        "loud": np.int32,  # loud frames in a row (while silent)
+        "speech": np.bool_,  # an utterance is in progress
+        "quiet": np.int32,  # quiet frames in a row (in speech)
+        "voiced": np.int32,  # the utterance's frames above the silence level
+        "need": np.int32,  # voiced frames it needs (min_frames, or follow_min_frames right after one)
+        "peak": np.float64,  # its loudest frame, dB
+        "heard": np.int32,  # its frames from the first loud one on
+        "nlev": np.int32,  # its frames so far (levels held)
+        "frame": np.int64,  # frames seen
+        "began": np.int64,  # the frame number where it began
+        "last_end": np.int64,  # the frame number where the last utterance ended
+        "ring_n": np.int32,  # frames in the pre-roll ring
+    }
 
     def __init__(self, n_mels: int, s: EndpointSettings | None = None) -> None:
         self.s = s or EndpointSettings()
         self._scale = 1.0 / np.sqrt(n_mels)
-        self.floor = self.s.floor_start_db
-        self.frame = 0  # frames seen
-        self._recent: list[np.ndarray] = []  # the last pre_roll + min_start frames, while silent
-        self._loud = 0  # loud frames in a row (while silent)
-        self._in_speech = False
-        self._levels: list[float] = []  # the utterance's frame levels so far (dB)
-        self._quiet = 0  # quiet frames in a row (in speech)
-        self._peak = -math.inf  # the loudest frame of the utterance in progress
-        self._voiced = 0  # its frames above the silence level
-        self._none = np.zeros((0, 0), np.float32)  # no frames, of the frames' width once known
-        self._began = 0  # the frame number where the utterance in progress began
-        self._heard = 0  # its frames from the first loud one on
-        self._last_end = -(10**9)  # the frame the last utterance ended at
-        self._min_voiced = self.s.min_frames  # voiced frames the utterance in progress needs
+        self._ring_size = self.s.pre_roll + self.s.min_start
+        self._slots: dict[Hashable, int] = {}
+        self._free: list[int] = []
+        self._width = 0  # n_mfcc, known at the first frames
+        self._grow(16)
+
+    # ---- slots ---------------------------------------------------------------------------------------
+    def _grow(self, capacity: int) -> None:
+        old = getattr(self, "_capacity", 0)
+        for name, dtype in self._FIELDS.items():
+            arr = np.zeros(capacity, dtype)
+            if old:
+                arr[:old] = getattr(self, name)
+            setattr(self, name, arr)
+        levels = np.zeros((capacity, self.s.max_frames), np.float32)  # the utterance's levels
+        ring = np.zeros((capacity, self._ring_size, max(self._width, 1)), np.float32)  # the last frames
+        ring_lv = np.zeros((capacity, self._ring_size), np.float32)  # and their levels
+        if old:
+            levels[:old], ring[:old], ring_lv[:old] = self.levels, self.ring, self.ring_lv
+        self.levels, self.ring, self.ring_lv = levels, ring, ring_lv
+        self._free.extend(range(capacity - 1, old - 1, -1))
+        self._capacity = capacity
+
+    def _slot(self, stream: Hashable) -> int:
+        slot = self._slots.get(stream)
+        if slot is None:
+            if not self._free:
+                self._grow(2 * self._capacity)
+            slot = self._slots[stream] = self._free.pop()
+            for name in self._FIELDS:
+                getattr(self, name)[slot] = 0
+            self.floor[slot] = self.s.floor_start_db
+            self.last_end[slot] = -(10**9)
+        return slot
+
+    def drop(self, stream: Hashable) -> None:
+        slot = self._slots.pop(stream, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def in_speech(self, stream: Hashable) -> bool:
+        slot = self._slots.get(stream)
+        return slot is not None and bool(self.speech[slot])
+
+    def __contains__(self, stream: Hashable) -> bool:
+        return stream in self._slots
+
+    # ---- stepping ------------------------------------------------------------------------------------
+    def push(self, frames: Mapping[Hashable, np.ndarray]) -> dict[Hashable, list[Segment]]:
+        streams = [k for k, f in frames.items() if len(f)]
+        if not streams:
+            return {}
+        if self._width == 0:
+            self._width = frames[streams[0]].shape[1]
+            self.ring = np.zeros((self._capacity, self._ring_size, self._width), np.float32)
+        slots = np.array([self._slot(k) for k in streams])
+        counts = np.array([len(frames[k]) for k in streams])
+        x = np.zeros((len(streams), counts.max(), self._width), np.float32)
+        for r, k in enumerate(streams):
+            x[r, : counts[r]] = frames[k]
+        first_frame = self.frame[slots].copy()
+        member = np.zeros(x.shape[:2], bool)  # frames that belong to an utterance (stepped)
+        events: list[tuple] = []  # (row, f, control, pre-roll frames or None, the utterance's first frame)
+        for f in range(x.shape[1]):
+            rows = np.nonzero(counts > f)[0]
+            self._step(rows, slots[rows], x[rows, f], member, f, events)
+        return self._segments(streams, slots, x, counts, first_frame, member, events)
+
+    def _step(self, rows, slots, x, member, f, events) -> None:
+        """One frame of each of ``slots`` (its rows ``rows`` of the tick)."""
+        s = self.s
+        level = x[:, 0].astype(np.float64) * self._scale
+        self.frame[slots] += 1
+        silent = ~self.speech[slots]
+        # silent streams: track the floor, fill the pre-roll ring, start on min_start loud frames
+        r0, s0, l0 = rows[silent], slots[silent], level[silent]
+        if len(s0):
+            loud = np.where(l0 > self.floor[s0] + s.start_db, self.loud[s0] + 1, 0)
+            self.loud[s0] = loud
+            pos = (self.frame[s0] - 1) % self._ring_size
+            self.ring[s0, pos], self.ring_lv[s0, pos] = x[silent], l0
+            self.ring_n[s0] = np.minimum(self.ring_n[s0] + 1, self._ring_size)
+            starting = loud >= s.min_start
+            q = s0[~starting]
+            self.floor[q] = np.maximum(
+                np.minimum(l0[~starting], self.floor[q] + s.floor_rise_db), s.floor_min_db
+            )
+            for r, slot in zip(r0[starting], s0[starting], strict=True):
+                self._start(int(r), int(slot), f, events)
+        # streams in an utterance: the frame belongs to it; end it after hangover, drop a new background
+        r1, s1, l1 = rows[~silent], slots[~silent], level[~silent]
+        if not len(s1):
+            return
+        member[r1, f] = True
+        self.levels[s1, self.nlev[s1]] = l1
+        self.nlev[s1] += 1
+        self.heard[s1] += 1
+        self.peak[s1] = np.maximum(self.peak[s1], l1)
+        quiet = l1 < np.maximum(self.floor[s1] + s.stop_db, self.peak[s1] - s.stop_below_peak_db)
+        self.quiet[s1] = np.where(quiet, self.quiet[s1] + 1, 0)
+        self.voiced[s1] += ~quiet
+        steady = self.heard[s1] - s.min_start == s.steady_frames  # the onset's first frames are skipped
+        if steady.any():
+            nlev = self.nlev[s1[steady]]
+            window = self.levels[s1[steady][:, None], nlev[:, None] - np.arange(1, s.steady_frames + 1)]
+            steady[steady] = window.max(axis=1) - window.min(axis=1) < s.steady_db
+        background = steady | (self.nlev[s1] >= s.max_frames)
+        for r, slot, was_steady in zip(r1[background], s1[background], steady[background], strict=True):
+            kept = self.levels[
+                slot, self.nlev[slot] - (s.steady_frames if was_steady else self.nlev[slot]) : self.nlev[slot]
+            ]
+            self.floor[slot] = float(np.median(kept))
+            self._close(int(r), int(slot), "cancel", f, member, events)
+        over = ~background & (self.quiet[s1] >= s.hangover)
+        for r, slot in zip(r1[over], s1[over], strict=True):
+            self._close(int(r), int(slot), self._verdict(int(slot)), f, member, events)
+
+    def _start(self, row: int, slot: int, f: int, events: list) -> None:
+        s = self.s
+        n = int(self.ring_n[slot])
+        order = (self.frame[slot] - n + np.arange(n)) % self._ring_size  # oldest first
+        self.levels[slot, :n] = self.ring_lv[slot, order]
+        self.speech[slot], self.quiet[slot], self.nlev[slot], self.ring_n[slot] = True, 0, n, 0
+        self.peak[slot], self.voiced[slot], self.heard[slot] = (
+            self.ring_lv[slot, order[-1]],
+            s.min_start,
+            s.min_start,
+        )
+        self.began[slot] = self.frame[slot] - n
+        soon = self.frame[slot] - self.last_end[slot] <= s.follow_frames + s.min_start
+        self.need[slot] = s.follow_min_frames if soon else s.min_frames
+        events.append((row, f, "start", self.ring[slot, order].copy(), int(self.began[slot])))
+
+    def _verdict(self, slot: int) -> SegmentControl:
+        return "end" if self.voiced[slot] >= self.need[slot] else "cancel"
+
+    def _close(self, row: int, slot: int, control: SegmentControl, f: int, member, events: list) -> None:
+        self.speech[slot], self.loud[slot] = False, 0
+        if control == "end":
+            self.last_end[slot] = self.frame[slot]
+        elif row >= 0:
+            member[row, f] = False  # a cancelled utterance's frame is not stepped
+        events.append((row, f, control, None, int(self.began[slot])))
+
+    def _segments(
+        self, streams, slots, x, counts, first_frame, member, events
+    ) -> dict[Hashable, list[Segment]]:
+        """The tick's segments per stream, from its events and the frames that belong to utterances."""
+        by_row: dict[int, list] = {}
+        for e in events:
+            by_row.setdefault(e[0], []).append(e)
+        out: dict[Hashable, list[Segment]] = {}
+        in_progress = np.nonzero(member.any(axis=1))[0]
+        for r in sorted(set(by_row).union(in_progress.tolist())):
+            segs, pos, began = [], 0, int(self.began[slots[r]])
+            start_of = int(first_frame[r])
+            for _, f, control, preroll, began in by_row.get(r, ()):
+                if control == "start":
+                    segs.append(Segment("start", preroll, began, began))
+                elif control == "end":
+                    segs.append(Segment("end", x[r, pos : f + 1], start_of + pos, began))
+                else:
+                    segs.append(Segment("cancel", x[r, :0], start_of + f + 1, began))
+                pos = f + 1
+            if pos < counts[r] and self.speech[slots[r]]:  # the utterance goes on into the next tick
+                segs.append(Segment(None, x[r, pos : counts[r]], start_of + pos, int(self.began[slots[r]])))
+            out[streams[r]] = segs
+        return out
+
+    def flush(self, stream: Hashable, cut: bool = False) -> list[Segment]:
+        """The stream ended: the utterance in progress ends here (or is cancelled: ``cut``, or too short)."""
+        slot = self._slots.get(stream)
+        if slot is None or not self.speech[slot]:
+            return []
+        control: SegmentControl = "cancel" if cut else self._verdict(slot)
+        events: list = []
+        self._close(-1, slot, control, 0, None, events)
+        return [
+            Segment(
+                control, np.zeros((0, self._width), np.float32), int(self.frame[slot]), int(self.began[slot])
+            )
+        ]
+
+
+class Endpointer:
+    """One stream's endpointer: ``Endpointers`` with one slot."""
+
+    def __init__(self, n_mels: int, s: EndpointSettings | None = None) -> None:
+        self._bank = Endpointers(n_mels, s)
 
     @property
     def in_speech(self) -> bool:
-        return self._in_speech
+        return self._bank.in_speech(0)
 
     def push(self, frames: np.ndarray) -> list[Segment]:
-        if len(frames):
-            self._none = np.zeros((0, frames.shape[1]), np.float32)
-        segments: list[Segment] = []
-        pending: list[np.ndarray] = []  # frames of the utterance in progress not handed out yet
-        for f in frames:
-            control = self._step(f)
-            if control == "start":
-                self._began = self.frame - len(self._recent)
-                segments.append(Segment("start", np.stack(self._recent), self._began, self._began))
-                self._recent = []
-            elif self._in_speech or control == "end":
-                pending.append(f)
-            if control == "end":
-                segments.append(self._segment(control, pending))
-            elif control == "cancel":  # none of its frames are wanted
-                segments.append(Segment("cancel", self._none, self.frame, self._began))
-            if control in ("end", "cancel"):
-                pending = []
-        if pending:
-            segments.append(self._segment(None, pending))
-        return segments
+        return self._bank.push({0: frames}).get(0, [])
 
     def flush(self) -> list[Segment]:
-        """The stream ended: the utterance in progress ends here (or is cancelled when too short)."""
-        if not self._in_speech:
-            return []
-        self._in_speech = False
-        return [Segment(self._verdict(), self._none, self.frame, self._began)]
+        return self._bank.flush(0)
 
     def cancel(self) -> list[Segment]:
-        """Drop the utterance in progress (its audio was cut off): a ``cancel`` segment, or none."""
-        if not self._in_speech:
-            return []
-        self._in_speech = False
-        return [Segment("cancel", self._none, self.frame, self._began)]
-
-    def _segment(self, control: SegmentControl | None, frames: list[np.ndarray]) -> Segment:
-        block = np.stack(frames) if frames else self._none
-        return Segment(control, block, self.frame - len(frames), self._began)
-
-    def _verdict(self) -> SegmentControl:
-        if self._voiced < self._min_voiced:
-            return "cancel"
-        self._last_end = self.frame
-        return "end"
-
-    def _step(self, f: np.ndarray) -> str | None:
-        """One frame: ``"start"``, ``"end"`` or ``"cancel"`` when the utterance state changes."""
-        s = self.s
-        level = float(f[0]) * self._scale
-        self.frame += 1
-        if not self._in_speech:
-            self._loud = self._loud + 1 if level > self.floor + s.start_db else 0
-            self._recent.append(f)
-            del self._recent[: -(s.pre_roll + s.min_start)]
-            if self._loud < s.min_start:
-                self.floor = max(min(level, self.floor + s.floor_rise_db), s.floor_min_db)
-                return None
-            self._in_speech, self._quiet, self._peak, self._voiced = True, 0, level, s.min_start
-            self._levels = [float(g[0]) * self._scale for g in self._recent]
-            self._heard = s.min_start  # frames since the first loud one
-            soon = self.frame - self._last_end <= s.follow_frames + s.min_start
-            self._min_voiced = s.follow_min_frames if soon else s.min_frames
-            return "start"
-        self._levels.append(level)
-        self._heard += 1
-        self._peak = max(self._peak, level)
-        quiet = level < max(self.floor + s.stop_db, self._peak - s.stop_below_peak_db)
-        self._quiet = self._quiet + 1 if quiet else 0
-        self._voiced += not quiet
-        # from the frame after the first min_start loud ones on (those may straddle the sound's onset)
-        onset = self._levels[len(self._levels) - self._heard + s.min_start :]
-        steady = len(onset) == s.steady_frames and max(onset) - min(onset) < s.steady_db
-        if steady or len(self._levels) >= s.max_frames:  # not speech: the new background
-            self.floor = float(np.median(onset if steady else self._levels))
-            self._in_speech, self._loud = False, 0
-            return "cancel"
-        if self._quiet >= s.hangover:
-            self._in_speech, self._loud = False, 0
-            return self._verdict()
-        return None
+        return self._bank.flush(0, cut=True)
 
 
 class Resampler:
@@ -351,104 +491,135 @@ class Resampler:
 
     It is causal, so ``y`` trails ``resample_poly``'s output (which shifts the filter's delay away) by
     ``delay`` = 10 output samples when downsampling (1.25 ms at 8 kHz): a sample is out as soon as the
-    input it needs has arrived, whatever the chunking."""
+    input it needs has arrived, whatever the chunking. ``resample`` runs many streams at once."""
 
     def __init__(self, rate_in: int, rate_out: int) -> None:
         if rate_in <= 0 or rate_out <= 0:
             raise ValueError(f"rates must be positive, got {rate_in} → {rate_out}")
         g = math.gcd(rate_in, rate_out)
+        self.rates = (rate_in, rate_out)
         self.up, self.down = rate_out // g, rate_in // g
         widest = max(self.up, self.down)
         h = scipy.signal.firwin(2 * 10 * widest + 1, 1.0 / widest, window=("kaiser", 5.0)) * self.up
         self.taps = -(-len(h) // self.up)  # input samples each output reads
         h = np.concatenate([h, np.zeros(self.taps * self.up - len(h))])
         phases = h.reshape(self.taps, self.up).T  # (L, K): phase p's taps h[p + k·L]
-        self._reversed = np.ascontiguousarray(phases[:, ::-1], np.float32)  # to meet x oldest first
+        self.reversed = np.ascontiguousarray(phases[:, ::-1], np.float32)  # to meet x oldest first
         self.delay = 10 * widest // self.down  # output samples behind resample_poly
-        self._history = np.zeros(self.taps - 1, np.float32)  # the last K-1 inputs
-        self._inputs = 0  # samples received
-        self._outputs = 0  # samples produced
+        self.history = np.zeros(self.taps - 1, np.float32)  # the last K-1 inputs
+        self.inputs = 0  # samples received
+        self.outputs = 0  # samples produced
 
     def push(self, x: np.ndarray) -> np.ndarray:
         """``x (n,) float32`` → the output samples it completes, ``(m,) float32``."""
-        x = np.asarray(x, np.float32).reshape(-1)
-        last = self._inputs + len(x) - 1  # the newest input index
-        end = -(-(last + 1) * self.up // self.down)  # outputs n < end have j // L <= last
-        buf = np.concatenate([self._history, x])
-        n = np.arange(self._outputs, end)
-        j = n * self.down
-        first = j // self.up - self._inputs  # buffer row of x[i-K+1 .. i]: rows of K inputs, oldest first
-        rows = np.lib.stride_tricks.sliding_window_view(buf, self.taps)
-        if self.up == 1:  # decimation: the rows are evenly spaced, one phase
-            y = rows[first[0] : first[-1] + 1 : self.down] @ self._reversed[0] if len(n) else n[:0]
-        else:
-            y = np.einsum("mk,mk->m", rows[first], self._reversed[j % self.up])
-        self._history = buf[len(buf) - (self.taps - 1) :]
-        self._inputs, self._outputs = last + 1, max(end, self._outputs)
-        return y.astype(np.float32)
+        return resample([self], [np.asarray(x, np.float32).reshape(-1)])[0]
+
+
+def resample(resamplers: list[Resampler], chunks: list[np.ndarray]) -> list[np.ndarray]:
+    """Each resampler's output for its chunk. The output positions depend on the rates, the inputs so far
+    modulo ``M`` and the chunk's length only: resamplers alike in those run as one array."""
+    out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(resamplers)
+    keys = [(r.rates, r.inputs % r.down, len(x)) for r, x in zip(resamplers, chunks, strict=True)]
+    for (_, _, size), idx in _groups(keys).items():
+        r0 = resamplers[idx[0]]
+        end = -(-(r0.inputs + size) * r0.up // r0.down)  # outputs n < end have j // L <= the newest input
+        n = np.arange(r0.outputs, end)
+        history = np.stack([resamplers[i].history for i in idx])
+        buf = np.concatenate([history, np.stack([chunks[i] for i in idx])], axis=1)  # (G, K-1+size)
+        if len(n):
+            j = n * r0.down
+            first = j // r0.up - r0.inputs  # buf[:, first:first+K] holds x[i-K+1 .. i] for output n
+            if r0.up == 1:  # decimation: evenly spaced windows, one phase: a strided correlation
+                x = torch.from_numpy(buf[:, first[0] : first[-1] + r0.taps])[:, None]
+                w = torch.from_numpy(r0.reversed[:1])[None]
+                y = torch.nn.functional.conv1d(x, w, stride=r0.down)[:, 0].numpy()
+            else:
+                rows = np.lib.stride_tricks.sliding_window_view(buf, r0.taps, axis=1)  # oldest first
+                y = np.einsum("gmk,mk->gm", rows[:, first], r0.reversed[j % r0.up]).astype(np.float32)
+        tails = buf[:, buf.shape[1] - (r0.taps - 1) :]
+        for g, i in enumerate(idx):
+            r = resamplers[i]
+            r.history = tails[g].copy()
+            r.inputs, r.outputs = r.inputs + size, r.outputs + len(n)
+            if len(n):
+                out[i] = y[g]
+    return out
 
 
 class AudioFrontEnd:
     """Many audio streams in, utterance segments out; the one path for microphones and files alike.
 
     Per stream: samples at any rate → ``Resampler`` to ``settings.sample_rate`` (1.25 ms of delay) →
-    frames → MFCC → ``Endpointer``. ``push`` queues samples; ``tick`` computes the MFCCs
-    of every stream's completed frames in one vectorised call (``MFCCBank``) and endpoints them."""
+    frames → MFCC → endpointing. ``push`` queues samples; ``tick`` runs every stage once for all streams:
+    resampling and framing as arrays of the streams alike, the MFCCs in one call (``MFCCBank``), the
+    endpointers as one array per frame (``Endpointers``)."""
 
     def __init__(self, settings: MFCCSettings, endpoint: EndpointSettings | None = None) -> None:
         self.settings = settings
         self.endpoint = endpoint or EndpointSettings()
         self._bank = MFCCBank(settings)
-        self._endpointers: dict[Hashable, Endpointer] = {}
-        self._resamplers: dict[Hashable, tuple[int, Resampler]] = {}
+        self._endpointers = Endpointers(settings.n_mels, self.endpoint)
+        self._resamplers: dict[Hashable, Resampler] = {}
+        self._raw: dict[Hashable, list[np.ndarray]] = {}  # samples waiting for their resampler
+        self._streams: set[Hashable] = set()
 
     def push(self, stream: Hashable, samples: np.ndarray, rate: int | None = None) -> None:
         """``samples``: ``(n,) float32`` mono of ``stream`` at ``rate`` Hz (default: the features' rate)."""
-        if stream not in self._endpointers:
-            self._endpointers[stream] = Endpointer(self.settings.n_mels, self.endpoint)
+        self._streams.add(stream)
         x = np.asarray(samples, np.float32).reshape(-1)
-        if rate is not None and rate != self.settings.sample_rate:
-            x = self._resampler(stream, rate).push(x)
-        self._bank.push(stream, x)
+        if rate is None or rate == self.settings.sample_rate:
+            self._bank.push(stream, x)
+            return
+        held = self._resamplers.get(stream)
+        if held is None or held.rates[0] != rate:  # a new stream, or its rate changed (a device reopened)
+            self._resample([stream])
+            self._resamplers[stream] = Resampler(rate, self.settings.sample_rate)
+        self._raw.setdefault(stream, []).append(x)
 
     def tick(self) -> list[tuple[Hashable, Segment]]:
         """The segments found in every stream's frames completed since the last tick, stream by stream."""
-        out = []
-        for stream, frames in self._bank.tick().items():
-            out.extend((stream, seg) for seg in self._endpointers[stream].push(frames))
-        return out
+        self._resample(list(self._raw))
+        found = self._endpointers.push(self._bank.tick())
+        return [(stream, seg) for stream, segs in found.items() for seg in segs]
 
     def end(self, stream: Hashable, cut: bool = False) -> list[tuple[Hashable, Segment]]:
         """``stream`` is over: its resampler's tail is pushed, the utterance in progress ends (``cut``: the
         audio was cut off, so it is cancelled instead), the stream is forgotten. Returns ``tick()``'s
         segments (of every stream) and the closing one."""
-        rs = self._resamplers.pop(stream, None)
-        if rs is not None and not cut:  # the filter's tail: the last input's samples
-            self._bank.push(stream, rs[1].push(np.zeros(rs[1].taps, np.float32))[: rs[1].delay])
+        self._resample([stream])
+        r = self._resamplers.pop(stream, None)
+        if r is not None and not cut:  # the filter's tail: the last input's samples
+            self._bank.push(stream, r.push(np.zeros(r.taps, np.float32))[: r.delay])
         out = self.tick()
-        ep = self._endpointers.pop(stream, None)
-        if ep is not None:
-            out.extend((stream, seg) for seg in (ep.cancel() if cut else ep.flush()))
+        out.extend((stream, seg) for seg in self._endpointers.flush(stream, cut))
+        self._endpointers.drop(stream)
         self._bank.drop(stream)
+        self._streams.discard(stream)
         return out
 
     def close(self) -> None:
-        """Forget every stream (and release the resamplers)."""
+        """Forget every stream."""
+        for stream in list(self._streams):
+            self._endpointers.drop(stream)
         self._resamplers.clear()
-        self._endpointers.clear()
+        self._raw.clear()
+        self._streams.clear()
         self._bank = MFCCBank(self.settings)
 
     def __contains__(self, stream: Hashable) -> bool:
-        return stream in self._endpointers
+        return stream in self._streams
 
     def __len__(self) -> int:
-        return len(self._endpointers)
+        return len(self._streams)
 
-    def _resampler(self, stream: Hashable, rate: int) -> Resampler:
-        held = self._resamplers.get(stream)
-        if held is None or held[0] != rate:  # a new stream, or its rate changed (a device reopened)
-            held = self._resamplers[stream] = (rate, Resampler(rate, self.settings.sample_rate))
-        return held[1]
+    def _resample(self, streams: list[Hashable]) -> None:
+        """The queued samples of ``streams`` through their resamplers, into the MFCC bank."""
+        todo = [k for k in streams if k in self._raw]
+        if not todo:
+            return
+        chunks = [np.concatenate(q) if len(q) > 1 else q[0] for q in (self._raw.pop(k) for k in todo)]
+        for k, y in zip(todo, resample([self._resamplers[k] for k in todo], chunks), strict=True):
+            self._bank.push(k, y)
 
 
 # ---- the audio source: captures → front end → segments as messages ---------------------------------

@@ -53,6 +53,7 @@ class Recognizer:
         self._started: dict[Hashable, int] = {}  # stream → frame number of its utterance's start
         self._ids: dict[Hashable, int] = {}  # stream → its engine stream id
         self._next_id = itertools.count()
+        self._live: set[int] = set()  # engine streams holding state (an utterance in progress)
 
     @property
     def sample_rate(self) -> int:
@@ -79,7 +80,9 @@ class Recognizer:
     def _apply(self, segments: list[tuple[Hashable, Segment]]) -> list[Recognition]:
         """Runs the segments, each stream's in order, with one ``step_many`` for the frames of every
         stream between two of its controls (a tick holds one or two such runs per stream, so a tick
-        costs one or two batched calls, however many streams start or end in it)."""
+        costs one or two batched calls, however many streams start or end in it). An utterance's label
+        is the output of its last frame's step (what ``Engine.end`` returns); ended and cancelled
+        utterances are released together, and a new one starts from the initial state."""
         queues: dict[Hashable, deque[Segment]] = {}
         for stream, seg in segments:
             queues.setdefault(stream, deque()).append(seg)
@@ -87,33 +90,45 @@ class Recognizer:
         while queues:
             ids: list[int] = []
             rows: list[np.ndarray] = []
-            ending: list[tuple[Hashable, Segment]] = []
+            ending: list[tuple[Hashable, Segment, int]] = []  # (stream, its end, its last frame's row)
+            released: list[int] = []
             for stream, queue in list(queues.items()):
                 sid = self._engine_id(stream)
                 seg = queue.popleft()
                 if seg.control == "start":
-                    self.engine.start(sid)
+                    if sid in self._live:  # an utterance that never ended: start over
+                        self.engine.start(sid)
                     self._started[stream] = seg.first
                 elif seg.control == "cancel":
-                    self.engine.release([sid])
+                    released.append(sid)
                     self._started.pop(stream, None)
-                if seg.control != "cancel" and len(seg.frames):
-                    ids.extend([sid] * len(seg.frames))
-                    rows.append(seg.frames)
-                while queue and queue[0].control in (None, "end"):  # more frames of this run
-                    seg = queue.popleft()
-                    if len(seg.frames):
+                added = False  # frames of this stream in this call
+                while True:
+                    if seg.control != "cancel" and len(seg.frames):
                         ids.extend([sid] * len(seg.frames))
                         rows.append(seg.frames)
+                        self._live.add(sid)
+                        added = True
                     if seg.control == "end":
+                        if sid in self._live:  # else nothing was heard: no label
+                            ending.append((stream, seg, len(ids) - 1 if added else -1))
+                        released.append(sid)
                         break
-                if seg.control == "end":
-                    ending.append((stream, seg))
+                    if not queue or queue[0].control not in (None, "end"):
+                        break
+                    seg = queue.popleft()
                 if not queue:
                     del queues[stream]
-            if ids:
-                self.engine.step_many(ids, np.concatenate(rows))
-            done.extend(self._label(stream, seg.last) for stream, seg in ending)
+            ys = self.engine.step_many(ids, np.concatenate(rows)) if ids else None
+            for stream, seg, row in ending:
+                if ys is not None and row >= 0:
+                    probs = ys[row]
+                else:  # its last step was in an earlier call
+                    probs = self.engine.end(self._ids[stream])
+                    self._live.discard(self._ids[stream])
+                done.append(self._label(stream, seg.last, probs))
+            self.engine.release([sid for sid in released if sid in self._live])
+            self._live.difference_update(released)
         return done
 
     def _engine_id(self, stream: Hashable) -> int:
@@ -122,8 +137,7 @@ class Recognizer:
             sid = self._ids[stream] = next(self._next_id)
         return sid
 
-    def _label(self, stream: Hashable, end: int) -> Recognition:
-        probs = self.engine.end(self._ids[stream])
+    def _label(self, stream: Hashable, end: int, probs: np.ndarray) -> Recognition:
         k = int(np.argmax(probs))
         hop_s = self.settings.hop_length / self.sample_rate
         win_s = self.settings.n_fft / self.sample_rate
