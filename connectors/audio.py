@@ -72,8 +72,8 @@ class MFCCSettings:
 
 def mfcc_frames(frames: np.ndarray, s: MFCCSettings) -> np.ndarray:
     """MFCCs of ``frames (F, n_fft) float32`` → ``(F, n_mfcc) float32`` (the module's equations)."""
-    spectrum = np.fft.rfft(frames * s.window, axis=1)
-    power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
+    spectrum = torch.fft.rfft(torch.from_numpy(np.ascontiguousarray(frames * s.window)), dim=1)
+    power = (spectrum.real.square() + spectrum.imag.square()).numpy()
     mel_db = 10.0 * np.log10(np.maximum(power @ s.mel, AMIN))
     return (mel_db @ s.dct).astype(np.float32)
 
@@ -529,10 +529,9 @@ def resample(resamplers: list[Resampler], chunks: list[np.ndarray]) -> list[np.n
         if len(n):
             j = n * r0.down
             first = j // r0.up - r0.inputs  # buf[:, first:first+K] holds x[i-K+1 .. i] for output n
-            if r0.up == 1:  # decimation: evenly spaced windows, one phase: a strided correlation
-                x = torch.from_numpy(buf[:, first[0] : first[-1] + r0.taps])[:, None]
-                w = torch.from_numpy(r0.reversed[:1])[None]
-                y = torch.nn.functional.conv1d(x, w, stride=r0.down)[:, 0].numpy()
+            if r0.up == 1:  # decimation: evenly spaced windows (a strided view), one phase
+                x = torch.from_numpy(buf[:, first[0] : first[-1] + r0.taps])
+                y = (x.unfold(1, r0.taps, r0.down) @ torch.from_numpy(r0.reversed[0])).numpy()
             else:
                 rows = np.lib.stride_tricks.sliding_window_view(buf, r0.taps, axis=1)  # oldest first
                 y = np.einsum("gmk,mk->gm", rows[:, first], r0.reversed[j % r0.up]).astype(np.float32)
