@@ -286,6 +286,11 @@ class Engine:
             if self._recorder is not None:
                 self._recorder.record(stream_ids, host, state)
                 self._inline_round()
+        elif len(waves) == len(stream_ids) and self._recorder is None:  # one stream's events in a row
+            slot = torch.from_numpy(slots[:1]).to(self.device)
+            ys, state = self.model.steps(x.unsqueeze(1), self._store.gather(slot))
+            self._store.scatter(slot, state)
+            out = ys[:, 0]
         else:
             out = torch.empty(len(stream_ids), self.model.output_size, device=self.device)
             for wave in waves:

@@ -100,6 +100,25 @@ class RecurrentLayer(nn.Module):
             return (self._gru(x, state[0]),)
         return (self._rnn(x, state[0]),)
 
+    def sequence(self, xs: Tensor, state: State) -> tuple[Tensor, State]:
+        """``T`` timesteps of every row in one call of PyTorch's sequence kernel (``torch.gru``,
+        ``torch.lstm``, ``torch.rnn_tanh/relu``): the equations below, ``T`` times.
+
+        xs: ``(T, B, I)``; state: this layer's state tuple. Returns ``(h of every step (T, B, H or P),
+        the final state tuple)``."""
+        weights = [
+            w
+            for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.weight_hr)
+            if w is not None
+        ]
+        args = (self.has_bias, 1, 0.0, self.training, False, False)
+        if self.kind == "lstm":
+            out, h, c = torch.lstm(xs, (state[0].unsqueeze(0), state[1].unsqueeze(0)), weights, *args)
+            return out, (h[0], c[0])
+        kernel = {"gru": torch.gru, "rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu}[self.kind]
+        out, h = kernel(xs, state[0].unsqueeze(0), weights, *args)
+        return out, (h[0],)
+
     def _rnn(self, x: Tensor, h: Tensor) -> Tensor:
         """Elman RNN: ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``, act = tanh or relu."""
         cell = torch.rnn_tanh_cell if self.kind == "rnn_tanh" else torch.rnn_relu_cell

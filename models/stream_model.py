@@ -138,6 +138,23 @@ class StreamModel(nn.Module):
             pos += n
         return self.apply_head(inp), new_state
 
+    def steps(self, xs: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """``T`` timesteps of ``B`` streams, each layer in one call of PyTorch's sequence kernel
+        (``RecurrentLayer.sequence``): what ``step`` gives ``T`` times, with far less overhead per step.
+
+        xs: ``(T, B, input_size)`` float or ``(T, B)`` ids; state: flat list, each ``(B, width)``.
+        Returns ``(outputs (T, B, output_size), new flat state list)``.
+        """
+        inp = self.embed(xs)
+        new_state: list[Tensor] = []
+        pos = 0
+        for layer in self.layers:
+            n = 2 if layer.kind == "lstm" else 1
+            inp, layer_state = layer.sequence(inp, tuple(state[pos : pos + n]))
+            new_state.extend(layer_state)
+            pos += n
+        return self.apply_head(inp), new_state
+
     def apply_head(self, h_top: Tensor) -> Tensor:
         """The event output from the top layer's ``h``: ``(B, H_top)`` → ``(B, output_size)``."""
         return self.head(h_top) if self.head is not None else h_top

@@ -88,3 +88,17 @@ def test_one_stream_many_events_in_one_call(ref_factory):
         out = engine.step_many(ids, xs)
     np.testing.assert_allclose(np.concatenate([out[:20], out[23:]]), ref.run(seq_a), atol=ATOL, rtol=RTOL)
     np.testing.assert_allclose(out[20:23], ref.run(seq_b), atol=ATOL, rtol=RTOL)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_one_stream_s_events_in_one_call_take_the_sequence_kernel_path(ref_factory, scenario):
+    """All of ``step_many``'s events of one stream (the engine runs them with each layer's sequence
+    kernel, ``StreamModel.steps``) give the whole-sequence outputs, for every cell and option."""
+    cfg, lengths, *_ = scenario
+    ref = ref_factory(**cfg)
+    seq = ref.random_inputs(np.random.default_rng(cfg["seed"]), sum(lengths) + 2)
+    with Engine(ref.model, device="cpu") as engine:
+        head = engine.step_many(["s"], seq[:1])
+        rest = engine.step_many(["s"] * (len(seq) - 1), seq[1:])
+    np.testing.assert_allclose(np.concatenate([head, rest]), ref.run(seq), atol=ATOL, rtol=RTOL)
