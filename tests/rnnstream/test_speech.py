@@ -167,3 +167,38 @@ def test_bad_files_get_a_clear_message_and_the_others_go_on(tmp_path):
         "stereo.wav: note: 2 channels mixed down" in err and "rate44k.wav: note: resampled from 44100" in err
     )
     assert "clipped.wav: note: clipped samples" in err
+
+
+@pytest.mark.integration
+@pytest.mark.mqtt
+def test_recognitions_go_to_an_mqtt_sink_like_any_other_output(mqtt_broker, tmp_path):
+    """``configs/digits-files.yaml`` with its sink swapped for MQTT: one message per utterance on
+    digits/<stream>, read back by mosquitto_sub (an independent client)."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = yaml.safe_load((repo / "configs" / "digits-files.yaml").read_text())
+    cfg["model"] = str(repo / "models" / "assets" / "digits_gru.safetensors")
+    cfg["source"]["paths"] = [str(repo / "configs" / "data" / "digits.wav")]
+    cfg["sink"] = {"type": "mqtt", "topic": "digits/{stream}", "qos": 1}
+    cfg["mqtt"] = {"broker": mqtt_broker.address, "client_id": "digits-test"}
+    path = tmp_path / "digits-mqtt.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    host, port = mqtt_broker.address.split(":")
+    sub = subprocess.Popen(
+        ["mosquitto_sub", "-h", host, "-p", port, "-t", "digits/#", "-C", "3", "-W", "60"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)  # subscribed before anything is published
+    run = subprocess.run(
+        [sys.executable, "-m", "rnnstream.cli", "run", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    out, _ = sub.communicate(timeout=60)
+    labels = [json.loads(line)["label"] for line in out.splitlines()]
+    assert labels == ["3", "1", "4"], (out, run.stderr[-1000:])
