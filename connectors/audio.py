@@ -494,18 +494,21 @@ class Resampler:
     input it needs has arrived, whatever the chunking. ``resample`` runs many streams at once."""
 
     def __init__(self, rate_in: int, rate_out: int) -> None:
-        if rate_in <= 0 or rate_out <= 0:
-            raise ValueError(f"rates must be positive, got {rate_in} → {rate_out}")
+        if not (0 < rate_in <= 10**6 and 0 < rate_out <= 10**6):
+            raise ValueError(f"rates must be in 1..1,000,000 Hz, got {rate_in} → {rate_out}")
         g = math.gcd(rate_in, rate_out)
         self.rates = (rate_in, rate_out)
         self.up, self.down = rate_out // g, rate_in // g
         widest = max(self.up, self.down)
-        h = scipy.signal.firwin(2 * 10 * widest + 1, 1.0 / widest, window=("kaiser", 5.0)) * self.up
+        if widest == 1:  # the same rate: passed through
+            h = np.ones(1)
+        else:
+            h = scipy.signal.firwin(2 * 10 * widest + 1, 1.0 / widest, window=("kaiser", 5.0)) * self.up
         self.taps = -(-len(h) // self.up)  # input samples each output reads
         h = np.concatenate([h, np.zeros(self.taps * self.up - len(h))])
         phases = h.reshape(self.taps, self.up).T  # (L, K): phase p's taps h[p + k·L]
         self.reversed = np.ascontiguousarray(phases[:, ::-1], np.float32)  # to meet x oldest first
-        self.delay = 10 * widest // self.down  # output samples behind resample_poly
+        self.delay = 10 * widest // self.down if widest > 1 else 0  # output samples behind resample_poly
         self.history = np.zeros(self.taps - 1, np.float32)  # the last K-1 inputs
         self.inputs = 0  # samples received
         self.outputs = 0  # samples produced

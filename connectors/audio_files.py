@@ -17,13 +17,14 @@ from connectors.audio import AudioUnusable
 
 MAX_SECONDS = 4 * 3600.0  # a longer file is refused (a hostile header must not make us allocate gigabytes)
 MAX_SAMPLES = 2**28  # frames × channels: 1 GiB of float32
+MIN_RATE, MAX_RATE = 1000, 384_000  # Hz: what audio hardware records
 
 
 def load(path: Path) -> tuple[np.ndarray, int, list[str]]:
     """``(samples (n,) float32 mono, rate in Hz, notes)``: a file's audio, its channels averaged; notes say
     what was done or seen (channels mixed down, clipped samples). Raises ``AudioUnusable`` for a file
     that cannot be read, holds no samples (empty, truncated), claims more than ``MAX_SECONDS`` or
-    ``MAX_SAMPLES``, or holds NaN/infinite samples."""
+    ``MAX_SAMPLES``, has a rate outside ``MIN_RATE..MAX_RATE`` or holds NaN/infinite samples."""
     try:
         with soundfile.SoundFile(path) as f:
             if (
@@ -36,8 +37,8 @@ def load(path: Path) -> tuple[np.ndarray, int, list[str]]:
         raise AudioUnusable(f"cannot read audio: {exc}") from exc
     if audio.size == 0:
         raise AudioUnusable("no samples (empty or truncated file)")
-    if rate <= 0:
-        raise AudioUnusable(f"sample rate {rate} Hz")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioUnusable(f"sample rate {rate} Hz is outside {MIN_RATE}..{MAX_RATE} Hz")
     bad = int((~np.isfinite(audio)).sum())
     if bad:
         raise AudioUnusable(f"{bad} samples are NaN or infinite")

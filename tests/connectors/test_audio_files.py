@@ -13,7 +13,7 @@ import soundfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.audio import AudioUnusable
+from connectors.audio import AudioUnusable, Resampler
 from connectors.audio_files import AudioFile, load
 
 
@@ -91,5 +91,7 @@ def test_a_hostile_file_is_read_or_refused_with_a_reason(tmp_path, data):
     except AudioUnusable as exc:
         assert str(exc)
         return
-    assert rate > 0 and audio.dtype == np.float32 and audio.ndim == 1 and len(audio) > 0
+    assert 1000 <= rate <= 384_000 and audio.dtype == np.float32 and audio.ndim == 1 and len(audio) > 0
     assert np.isfinite(audio).all()
+    AudioFile(path).open()  # what the audio source does with it
+    Resampler(rate, 8000).push(audio[:4000])  # a rate it can resample
