@@ -347,7 +347,7 @@ class Endpointers:
     def _step(self, rows, slots, x, member, f, events) -> None:
         """One frame of each of ``slots`` (its rows ``rows`` of the tick)."""
         s = self.s
-        level = x[:, 0].astype(np.float64) * self._scale
+        level = np.clip(x[:, 0].astype(np.float64) * self._scale, -300.0, 300.0)  # no inf in the state
         self.frame[slots] += 1
         silent = ~self.speech[slots]
         # silent streams: track the floor, fill the pre-roll ring, start on min_start loud frames
@@ -659,6 +659,10 @@ class DeviceLost(RuntimeError):
     """A capture device stopped delivering audio (unplugged, its sound server gone)."""
 
 
+MAX_AMPLITUDE = 1000.0
+"""Samples are floats around ±1 (full scale); far beyond it is not audio but a broken source."""
+
+
 @dataclass(frozen=True)
 class BadAudio:
     """A message payload standing for audio that was refused; the decoder dead-letters it with ``reason``."""
@@ -777,12 +781,11 @@ class AudioSource:
                 messages.append(self._bad(c.name, str(exc)))
                 ended.append((c.name, True))
                 continue
-            if len(x) and not np.isfinite(x).all():
+            if len(x) and not (np.abs(x) <= MAX_AMPLITUDE).all():  # NaN fails the comparison too
                 self._refused += 1
-                bad = int((~np.isfinite(x)).sum())
-                messages.append(
-                    self._bad(c.name, f"{bad} of {len(x)} samples NaN or infinite: block refused")
-                )
+                bad = int((~(np.abs(x) <= MAX_AMPLITUDE)).sum())
+                why = f"{bad} of {len(x)} samples NaN, infinite or beyond ±{MAX_AMPLITUDE:g}: block refused"
+                messages.append(self._bad(c.name, why))
             elif len(x):
                 self.front.push(c.name, x, c.rate)
             if c.finished:

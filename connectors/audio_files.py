@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from connectors.audio import AudioUnusable
+from connectors.audio import MAX_AMPLITUDE, AudioUnusable
 
 MAX_SECONDS = 4 * 3600.0  # a longer file is refused (a hostile header must not make us allocate gigabytes)
 MAX_SAMPLES = 2**28  # frames × channels: 1 GiB of float32
@@ -42,6 +42,8 @@ def load(path: Path) -> tuple[np.ndarray, int, list[str]]:
     bad = int((~np.isfinite(audio)).sum())
     if bad:
         raise AudioUnusable(f"{bad} samples are NaN or infinite")
+    if np.abs(audio).max() > MAX_AMPLITUDE:
+        raise AudioUnusable(f"samples up to {np.abs(audio).max():.3g}: not audio (full scale is 1)")
     notes = []
     if audio.shape[1] > 1:
         notes.append(f"{audio.shape[1]} channels mixed down to mono")

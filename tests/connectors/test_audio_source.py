@@ -219,13 +219,17 @@ def test_a_block_with_nan_or_inf_is_refused_whole_and_the_stream_goes_on():
     good = _speech()
     blocks = [good[i : i + 800] for i in range(0, len(good), 800)]
     blocks.insert(3, np.array([0.1, np.inf, np.nan], np.float32))
+    blocks.insert(9, np.full(800, 1e30, np.float32))  # would poison the stream's noise floor
     source = AudioSource([_SeqCapture(blocks)], FEATURES)
     source.open(_Assign(), {})
     msgs = []
     for _ in range(len(blocks) + 2):
         msgs += source.poll(0.0)
     bad = [m.payload.reason for m in msgs if isinstance(m.payload, BadAudio)]
-    assert bad == ["2 of 3 samples NaN or infinite: block refused"]
+    assert bad == [
+        "2 of 3 samples NaN, infinite or beyond ±1000: block refused",
+        "800 of 800 samples NaN, infinite or beyond ±1000: block refused",
+    ]
     assert sum(1 for m in msgs if isinstance(m.payload, Segment) and m.payload.control == "end") == 2
 
 
