@@ -339,32 +339,72 @@ class Endpointers:
         first_frame = self.frame[slots].copy()
         member = np.zeros(x.shape[:2], bool)  # frames that belong to an utterance (stepped)
         events: list[tuple] = []  # (row, f, control, pre-roll frames or None, the utterance's first frame)
+        calm = self._calm(slots, x, counts)
         for f in range(x.shape[1]):
-            rows = np.nonzero(counts > f)[0]
-            self._step(rows, slots[rows], x[rows, f], member, f, events)
+            rows = np.nonzero((counts > f) & ~calm)[0]
+            if len(rows):
+                self._step(rows, slots[rows], x[rows, f], member, f, events)
         return self._segments(streams, slots, x, counts, first_frame, member, events)
+
+    def _levels(self, x: np.ndarray) -> np.ndarray:
+        """Frames' levels in dB (mean log-mel energy), clipped so that no inf enters the state."""
+        return np.clip(x[..., 0].astype(np.float64) * self._scale, -300.0, 300.0)
+
+    def _track_floor(self, slots: np.ndarray, level: np.ndarray) -> None:
+        """The floor follows a silent stream's level down at once and up by ``floor_rise_db`` a frame."""
+        s = self.s
+        self.floor[slots] = np.maximum(np.minimum(level, self.floor[slots] + s.floor_rise_db), s.floor_min_db)
+
+    def _calm(self, slots: np.ndarray, x: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Streams silent now whose frames of this tick cannot start an utterance (every level at most
+        ``floor_min_db + start_db``, and the floor is never lower): their floors and pre-roll rings are
+        advanced for the whole tick here, a few array operations a frame instead of a full step."""
+        s = self.s
+        levels = self._levels(x)
+        valid = np.arange(x.shape[1])[None, :] < counts[:, None]
+        peak = np.where(valid, levels, -np.inf).max(axis=1)
+        calm = ~self.speech[slots] & (peak <= s.floor_min_db + s.start_db)
+        rows = np.nonzero(calm)[0]
+        if not len(rows):
+            return calm
+        for f in range(x.shape[1]):
+            now = rows[counts[rows] > f]
+            self._track_floor(slots[now], levels[now, f])
+        keep = min(int(counts[rows].max()), self._ring_size)  # the ring keeps the last frames only
+        for f in range(x.shape[1] - keep, x.shape[1]):
+            now = rows[counts[rows] > f]
+            sl = slots[now]
+            pos = (self.frame[sl] + f) % self._ring_size
+            self.ring[sl, pos], self.ring_lv[sl, pos] = x[now, f], levels[now, f]
+        sl = slots[rows]
+        self.frame[sl] += counts[rows]
+        self.ring_n[sl] = np.minimum(self.ring_n[sl] + counts[rows], self._ring_size)
+        self.loud[sl] = 0
+        return calm
 
     def _step(self, rows, slots, x, member, f, events) -> None:
         """One frame of each of ``slots`` (its rows ``rows`` of the tick)."""
         s = self.s
-        level = np.clip(x[:, 0].astype(np.float64) * self._scale, -300.0, 300.0)  # no inf in the state
+        level = self._levels(x)
         self.frame[slots] += 1
         silent = ~self.speech[slots]
+        everyone = bool(silent.all())  # the common case: no utterance in progress (no copies then)
         # silent streams: track the floor, fill the pre-roll ring, start on min_start loud frames
-        r0, s0, l0 = rows[silent], slots[silent], level[silent]
+        r0, s0, l0, x0 = (
+            (rows, slots, level, x) if everyone else (rows[silent], slots[silent], level[silent], x[silent])
+        )
         if len(s0):
             loud = np.where(l0 > self.floor[s0] + s.start_db, self.loud[s0] + 1, 0)
             self.loud[s0] = loud
             pos = (self.frame[s0] - 1) % self._ring_size
-            self.ring[s0, pos], self.ring_lv[s0, pos] = x[silent], l0
+            self.ring[s0, pos], self.ring_lv[s0, pos] = x0, l0
             self.ring_n[s0] = np.minimum(self.ring_n[s0] + 1, self._ring_size)
             starting = loud >= s.min_start
-            q = s0[~starting]
-            self.floor[q] = np.maximum(
-                np.minimum(l0[~starting], self.floor[q] + s.floor_rise_db), s.floor_min_db
-            )
+            self._track_floor(*((s0[~starting], l0[~starting]) if starting.any() else (s0, l0)))
             for r, slot in zip(r0[starting], s0[starting], strict=True):
                 self._start(int(r), int(slot), f, events)
+        if everyone:
+            return
         # streams in an utterance: the frame belongs to it; end it after hangover, drop a new background
         r1, s1, l1 = rows[~silent], slots[~silent], level[~silent]
         if not len(s1):
@@ -387,7 +427,7 @@ class Endpointers:
             kept = self.levels[
                 slot, self.nlev[slot] - (s.steady_frames if was_steady else self.nlev[slot]) : self.nlev[slot]
             ]
-            self.floor[slot] = float(np.median(kept))
+            self.floor[slot] = max(float(np.median(kept)), s.floor_min_db)
             self._close(int(r), int(slot), "cancel", f, member, events)
         over = ~background & (self.quiet[s1] >= s.hangover)
         for r, slot in zip(r1[over], s1[over], strict=True):
