@@ -214,7 +214,7 @@ class EndpointSettings:
     follow_frames: int = 10  # a sound starting this soon after an utterance ended ...
     follow_min_frames: int = 35  # ... needs this many: it is mostly the word's trailing burst (a "t")
     max_frames: int = 200  # a sound this long is not an utterance but a new noise floor
-    pre_roll: int = 10  # frames before the detected start that belong to the utterance
+    pre_roll: int = 5  # frames before the detected start that belong to the utterance (50 ms)
     floor_rise_db: float = 0.05
     floor_start_db: float = -75.0  # the floor before any frame (quiet speakers are near -55 dB)
     floor_min_db: float = -75.0  # the floor never falls below (digital silence is about -100 dB)
