@@ -33,7 +33,7 @@ import scipy.signal
 import torch
 
 from connectors.base import Assignment, Guarantee, Message
-from connectors.codec import Decoded, DecodeError
+from connectors.codec import Decoded, DecodeError, refusing
 
 log = logging.getLogger("connectors.audio")
 
@@ -860,6 +860,7 @@ class AudioDecoder:
     def __init__(self, n_mfcc: int) -> None:
         self.n_mfcc = n_mfcc
 
+    @refusing
     def decode(self, message: Message) -> Decoded:
         seg = message.payload
         if isinstance(seg, BadAudio):

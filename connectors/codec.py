@@ -14,10 +14,12 @@ Payload formats (one message = one stream's event(s)):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgpack
 import numpy as np
@@ -33,6 +35,14 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _finite(v: int | float) -> bool:
+    """A finite float64 (an integer too large for a float is not)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 class DecodeError(ValueError):
     """The payload is not a valid event; ``str(error)`` is the dead-letter reason and ``kind`` its
     category for the counters (``malformed``, ``missing_value``, ``non_numeric``, ``out_of_range``,
@@ -41,6 +51,26 @@ class DecodeError(ValueError):
     def __init__(self, reason: str, kind: str = "malformed") -> None:
         super().__init__(reason)
         self.kind = kind
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def refusing(decode: F) -> F:
+    """Makes a decode function keep its contract, ``DecodeError`` or a result, whatever the input does
+    inside it: any other exception (a recursion limit in a parser, an overflow in a conversion...)
+    becomes a ``DecodeError`` naming it, kind ``undecodable``. Every decoder is wrapped with it."""
+
+    @functools.wraps(decode)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return decode(*args, **kwargs)
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError(f"undecodable ({type(exc).__name__}: {exc})"[:1000], "undecodable") from exc
+
+    return wrapped  # type: ignore[return-value]
 
 
 @dataclass(slots=True)
@@ -73,6 +103,7 @@ class Decoder:
         if self.encoding == "float32" and self.num_embeddings:
             raise ValueError("float32 frames carry features; a categorical model needs json or msgpack")
 
+    @refusing
     def decode(self, payload: bytes | None, stream_id: str = "") -> Decoded:
         """``payload`` of stream ``stream_id`` as an event; raises ``DecodeError``."""
         if payload is None:
@@ -105,7 +136,7 @@ class Decoder:
         if control is not None and control not in CONTROLS:
             raise DecodeError(f"unknown control {control!r}; expected one of {CONTROLS}")
         ts = doc.get("ts")
-        if ts is not None and (not _is_number(ts) or not math.isfinite(ts)):
+        if ts is not None and (not _is_number(ts) or not _finite(ts)):
             raise DecodeError(f"ts must be a finite number of seconds, got {ts!r}")
         if "x" not in doc:
             if control is None:
@@ -161,6 +192,7 @@ class KeyedDecoder:
     decoder: Decoder
     max_bytes: int = 1_048_576
 
+    @refusing
     def decode(self, message: Any) -> Decoded:
         """``message``: a ``connectors.base.Message`` with ``key`` and ``payload`` bytes."""
         key = message.key
@@ -201,6 +233,7 @@ class Feedback:
     offsets: tuple[int, int] | None = None
 
 
+@refusing
 def decode_feedback(payload: bytes | None) -> Feedback:
     """``{"label": L}`` (the latest step), with at most one of ``"last": n``, ``"start"``/``"end"``, or
     ``"offsets": [first, last]``. JSON."""
@@ -254,7 +287,7 @@ def _parse_json(payload: bytes) -> Any:
     except orjson.JSONDecodeError as exc:
         try:  # the standard library reads NaN/Infinity literals, which makes a clearer reason
             doc = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nesting deeper than it recurses
             raise DecodeError(f"not valid json: {exc}") from exc
         if type(doc) is dict and "x" in doc:
             return doc

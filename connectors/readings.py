@@ -33,7 +33,7 @@ from typing import Any, Literal
 import orjson
 
 from connectors.base import Message
-from connectors.codec import Decoded, DecodeError
+from connectors.codec import Decoded, DecodeError, refusing
 
 MIN_TS = -62_135_596_800.0  # 0001-01-01T00:00:00Z
 MAX_TS = 253_402_300_799.0  # 9999-12-31T23:59:59Z
@@ -163,6 +163,7 @@ class ReadingDecoder:
         object.__setattr__(self, "_known", frozenset(channels))
 
     # ---- entry point ---------------------------------------------------------------------------------
+    @refusing
     def decode(self, message: Message) -> Decoded:
         """``message`` (payload: a row ``dict``, JSON or a line as ``bytes``/``str``) as one reading;
         raises ``DecodeError`` only."""

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import serial
 
 from connectors.base import Assignment, Guarantee, Message
-from connectors.codec import Decoded, DecodeError
+from connectors.codec import Decoded, DecodeError, refusing
 
 log = logging.getLogger("connectors.serial")
 
@@ -414,6 +414,7 @@ class FlaggedLineDecoder:
         self.source = source
         self.decoder = decoder
 
+    @refusing
     def decode(self, message: Message) -> Decoded:
         problem = self.source.line_problem(message.position) if message.topic == self.source.port else None
         if problem is not None:

@@ -8,8 +8,19 @@ import struct
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from connectors.codec import DecodeError, Decoder, Feedback, check_label, decode_feedback, encode_document
+from connectors.base import Message
+from connectors.codec import (
+    DecodeError,
+    Decoder,
+    Feedback,
+    KeyedDecoder,
+    check_label,
+    decode_feedback,
+    encode_document,
+)
 
 F = 3
 
@@ -135,3 +146,83 @@ def test_inline_labels_are_checked():
     for bad in ("x", 1.5, None, [float("nan")], [1e39]):
         with pytest.raises(DecodeError):
             check_label(bad)
+
+
+# ---- structure-aware fuzzing: documents built from the format's own shape, then encoded ----------------
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(["start", "end", "reset", "explode", "x"]),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=6), st.dictionaries(st.sampled_from(["x", "ts", "a", ""]), inner, max_size=3)
+    ),
+    max_leaves=40,
+)
+_rows = st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=0, max_size=5)
+_x = st.one_of(_values, _rows, st.lists(_rows, max_size=6), st.lists(st.integers(-5, 12), max_size=6))
+_documents = st.fixed_dictionaries(
+    {},
+    optional={"x": _x, "ts": _values, "label": _values, "control": _values, "extra": _values},
+)
+
+
+def _deeply_nested(depth: int, key: str) -> bytes:
+    return (f'{{"{key}": ' + "[" * depth + "]" * depth + "}").encode()
+
+
+@st.composite
+def _payloads(draw: st.DrawFn) -> bytes:
+    """A document of the event format's shape (any key may hold anything, at any depth) as JSON or
+    msgpack, sometimes nested thousands deep or with bytes overwritten."""
+    kind = draw(st.sampled_from(["json", "msgpack", "deep", "mutated"]))
+    if kind == "deep":
+        return _deeply_nested(draw(st.integers(900, 20_000)), draw(st.sampled_from(["x", "ts", "label"])))
+    doc = draw(_documents)
+    if kind == "msgpack":
+        return msgpack.packb(doc, default=str)
+    data = bytearray(json.dumps(doc, default=str).encode())
+    if kind == "mutated" and data:
+        at = draw(st.integers(0, len(data) - 1))
+        data[at : at + 4] = draw(st.binary(min_size=1, max_size=4))
+    return bytes(data)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    payload=_payloads(), encoding=st.sampled_from(["json", "msgpack", "float32"]), categorical=st.booleans()
+)
+def test_no_payload_makes_a_decoder_raise_anything_but_a_decode_error(payload, encoding, categorical):
+    """Whatever the payload, ``Decoder.decode`` (behind ``KeyedDecoder``) returns an event the engine takes
+    (finite float32-range features of the model's width, or ids in range) or raises ``DecodeError``."""
+    if encoding == "float32" and categorical:
+        return
+    decoder = KeyedDecoder(Decoder(encoding, 3, 7 if categorical else 0))
+    try:
+        got = decoder.decode(Message(payload, b"stream"))
+    except DecodeError as exc:
+        assert str(exc)
+        return
+    xs = np.asarray(got.xs)
+    if categorical:
+        assert xs.ndim == 1 and ((xs >= 0) & (xs < 7)).all()
+    elif len(xs):
+        assert xs.shape[1:] == (3,) and np.isfinite(xs.astype(np.float64)).all()
+        assert (np.abs(xs.astype(np.float64)) <= np.finfo(np.float32).max).all()
+    assert got.control in (None, "start", "end", "reset")
+    assert got.ts is None or np.isfinite(got.ts)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload=_payloads())
+def test_no_feedback_record_makes_its_decoder_raise_anything_but_a_decode_error(payload):
+    try:
+        decode_feedback(payload)
+    except DecodeError as exc:
+        assert str(exc)
