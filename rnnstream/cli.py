@@ -37,6 +37,10 @@ app.add_typer(audio_app, name="audio")
 console = Console()
 
 
+FATAL_EXIT_S = 10.0
+"""After a fatal error the process ends within this many seconds, whatever its threads do."""
+
+
 class BenchSuite(StrEnum):
     engine = "engine"
     kafka = "kafka"
@@ -115,9 +119,10 @@ def run(
     import logging
 
     from rnnstream.config import ConfigError, load_config
+    from rnnstream.process import configure_logging, exit_within
     from rnnstream.service import build_pipeline
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     logging.getLogger("kafka").setLevel(logging.WARNING)
     overrides = {}
     if bootstrap:
@@ -137,8 +142,9 @@ def run(
         raise typer.Exit(1) from exc
     try:
         pipeline.run()
-    except (OSError, RuntimeError) as exc:  # fatal: a supervisor restarts the process
+    except Exception as exc:  # fatal: end promptly with status 1, so that a supervisor restarts us
         logging.getLogger("rnnstream").error("fatal: %s: %s", type(exc).__name__, exc, exc_info=True)
+        exit_within(FATAL_EXIT_S, 1)  # even if a library thread that is not a daemon will not stop
         raise typer.Exit(1) from exc
     c = pipeline.counters
     typer.echo(
@@ -419,15 +425,15 @@ def listen(
 ) -> None:
     """Recognise spoken digits from a microphone as they are said: one JSON line per utterance (stream,
     start_s, end_s, label, confidence), with a live view when stdout is a terminal."""
-    import logging
     import threading
     import time
 
     from connectors.microphone import find_input_device
     from rnnstream.digits import ASSET
+    from rnnstream.process import configure_logging
     from rnnstream.speech import listener, microphone_device
 
-    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("WARNING")
     chosen = int(device) if device is not None and device.isdigit() else device
     try:
         _, info = find_input_device(microphone_device(chosen))

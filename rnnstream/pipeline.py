@@ -53,9 +53,13 @@ from connectors.base import (
 from connectors.codec import FLOAT32_MAX, Decoded, DecodeError, check_label, decode_feedback
 from engine import Engine, EngineSnapshot, UnknownStreamError
 from engine.runtime import freeze_startup_objects
+from rnnstream.process import exit_within
 from rnnstream.stream_table import StreamDict, StreamTable
 
 log = logging.getLogger("rnnstream.pipeline")
+
+STOP_WITHIN_S = 30.0
+"""After SIGTERM/SIGINT the process ends within this many seconds (status 1 if it had to be forced)."""
 
 
 class MessageDecoder(Protocol):
@@ -323,8 +327,8 @@ class Pipeline:
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop after a last checkpoint. A second one while that checkpoint waits (for a
-        broker that is down, say) exits at once with status 1: everything not checkpointed is delivered
-        again on restart."""
+        broker that is down, say) exits at once with status 1, and so does a shutdown still going after
+        ``STOP_WITHIN_S``: everything not checkpointed is delivered again on restart."""
         if threading.current_thread() is not threading.main_thread():
             return
 
@@ -333,6 +337,7 @@ class Pipeline:
                 log.error("second signal %d while stopping: exiting without the last checkpoint", signum)
                 os._exit(1)
             self._stop.set()
+            exit_within(STOP_WITHIN_S, 1)  # a shutdown that hangs (a broker gone, a stuck thread) ends
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
