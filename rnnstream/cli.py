@@ -155,6 +155,24 @@ def run(
 
 
 @app.command()
+def check(
+    config: Annotated[Path, typer.Argument(help="Pipeline configuration (YAML).")],
+) -> None:
+    """Validate a pipeline configuration without running it: every key, the model and its fit to the
+    source, the files it names. Exit 0 when it would start, 2 naming the key when not (brokers are not
+    contacted)."""
+    from rnnstream.config import ConfigError, load_config
+    from rnnstream.service import check as check_config
+
+    try:
+        summary = check_config(load_config(config))
+    except (ConfigError, ValueError, OSError) as exc:
+        console.print(f"[red]config error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    typer.echo(f"ok: {summary}")
+
+
+@app.command()
 def detect(
     files: Annotated[
         list[Path], typer.Argument(help="CSV files with timestamp,value columns; one stream each.")

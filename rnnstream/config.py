@@ -42,6 +42,31 @@ class CheckpointConfig(Strict):
     dir: Path | None = None  # other sources: where state.safetensors is kept
 
 
+RESERVED_KAFKA_KEYS = frozenset(
+    {
+        "bootstrap_servers",
+        "group_id",
+        "group_instance_id",
+        "transactional_id",
+        "enable_auto_commit",
+        "enable_idempotence",
+        "isolation_level",
+        "key_deserializer",
+        "value_deserializer",
+        "key_serializer",
+        "value_serializer",
+        "auto_offset_reset",
+        "transaction_timeout_ms",
+    }
+)
+"""Client settings rnnstream chooses itself (exactly-once depends on them), in kafka-python's spelling; a
+confluent-kafka key is compared with its dots and dashes as underscores."""
+
+
+def _kafka_key(key: object) -> str:
+    return str(key).lower().replace(".", "_").replace("-", "_")
+
+
 class KafkaConnection(Strict):
     """How to reach Kafka, for every Kafka source, sink and dead-letter topic of the pipeline. ``client``
     is passed to every client of the chosen library (security settings: ``security_protocol``,
@@ -60,11 +85,13 @@ class KafkaConnection(Strict):
     @field_validator("client", "consumer", "producer")
     @classmethod
     def _no_reserved_client_keys(cls, client: dict[str, Any]) -> dict[str, Any]:
-        reserved = {"bootstrap_servers", "group_id", "transactional_id", "enable_auto_commit"}
-        reserved |= {"isolation_level", "key_deserializer", "value_deserializer"}
-        clash = reserved & set(client)
+        """Keys rnnstream sets itself, in either library's spelling (``isolation_level`` for
+        kafka-python, ``isolation.level`` for confluent-kafka), are refused."""
+        clash = [
+            k for k in client if str(k).lower().replace(".", "_").replace("-", "_") in RESERVED_KAFKA_KEYS
+        ]
         if clash:
-            raise ValueError(f"set by rnnstream itself, not under 'client': {sorted(clash)}")
+            raise ValueError(f"set by rnnstream itself, not in the config: {sorted(clash)}")
         return client
 
 
@@ -285,6 +312,13 @@ class ServiceConfig(Strict):
         kinds = {getattr(p, "type", None) for p in parts}
         if "kafka" in kinds and self.kafka is None:
             raise ValueError("kafka: a Kafka source, sink or dead-letter topic needs a 'kafka' section")
+        ckpt = self.checkpoint
+        if isinstance(self.source, KafkaSourceConfig) and ckpt.interval_ms >= ckpt.transaction_timeout_ms:
+            raise ValueError(
+                f"checkpoint.interval_ms ({ckpt.interval_ms}) must be below "
+                f"checkpoint.transaction_timeout_ms ({ckpt.transaction_timeout_ms}): the broker aborts a "
+                "transaction open that long"
+            )
         if isinstance(self.source, AUDIO_SOURCES) != (self.scoring.kind == "recognition"):
             raise ValueError("scoring.kind: recognition goes with an audio source (microphone, audio_files)")
         return self

@@ -63,6 +63,22 @@ def build_pipeline(config: ServiceConfig) -> Pipeline:
     return pipeline
 
 
+def check(config: ServiceConfig) -> str:
+    """What ``build_pipeline`` checks without connecting to anything: the model loads, its inputs fit
+    the source (channels, features), the scoring fits the model, the files named exist. Returns a
+    one-line summary; raises ``ValueError`` (or ``OSError``) naming what is wrong."""
+    model = load_bundle(config.model)
+    _decoder(config, model)
+    _scoring(config, model)
+    src = config.source
+    paths = getattr(src, "paths", None)
+    files = len(_expand(paths)) if paths else 0
+    what = f"{src.type} source" + (f" ({files} files)" if files else "")
+    cells = "+".join(layer.kind for layer in model.layers)
+    scoring, sink = config.scoring.kind, config.sink.type
+    return f"{what} → model {cells} ({model.feature_size} inputs) → {scoring} scoring → {sink} sink"
+
+
 def _engine(config: ServiceConfig) -> Engine:
     ft = config.finetune
     resumed = serving_bundle(ft.versions_dir) if ft is not None and ft.versions_dir else None

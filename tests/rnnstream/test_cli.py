@@ -54,6 +54,10 @@ def test_finetune_config_errors_name_the_key(tmp_path):
         (lambda c: c["kafka"]["client"].update(group_id="x"), "kafka.client"),
         (lambda c: c["source"].update(type="carrier-pigeon"), "source"),
         (lambda c: c.pop("kafka"), "kafka"),
+        (lambda c: c["kafka"].update(consumer={"isolation.level": "read_uncommitted"}), "kafka.consumer"),
+        (lambda c: c["kafka"].update(producer={"transactional.id": "mine"}), "kafka.producer"),
+        (lambda c: c["kafka"]["client"].update({"Enable-Auto-Commit": True}), "kafka.client"),
+        (lambda c: c["checkpoint"].update(interval_ms=20_000), "checkpoint.interval_ms"),
     ],
 )
 def test_config_errors_name_the_bad_key(tmp_path, change, where):
@@ -66,6 +70,27 @@ def test_config_errors_name_the_bad_key(tmp_path, change, where):
         load_config(path)
     result = runner.invoke(app, ["run", str(path)], env={"COLUMNS": "200"})
     assert result.exit_code == 2 and "config error" in result.output
+    result = runner.invoke(app, ["check", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and where in result.output
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_check_passes_every_shipped_config_without_contacting_anything(name):
+    result = runner.invoke(app, ["check", str(REPO / "configs" / name)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and result.output.startswith("ok: "), result.output
+
+
+def test_check_refuses_what_run_would_refuse_at_start(tmp_path):
+    wrong = tmp_path / "channels.yaml"
+    source = {"type": "csv", "paths": [str(REPO / "configs/data/machines.csv")], "channels": ["a", "b"]}
+    wrong.write_text(yaml.safe_dump({"model": str(ASSET), "source": source, "sink": {"type": "stdout"}}))
+    result = runner.invoke(app, ["check", str(wrong)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "channels" in result.output
+    missing = tmp_path / "missing.yaml"
+    source = {"type": "csv", "paths": [str(tmp_path / "*.csv")]}
+    missing.write_text(yaml.safe_dump({"model": str(ASSET), "source": source, "sink": {"type": "stdout"}}))
+    result = runner.invoke(app, ["check", str(missing)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "matches no file" in result.output
 
 
 def test_bench_lists_its_suites():
