@@ -204,6 +204,11 @@ class Engine:
         self._queue.put(Pending(op, stream_id, None, future, time.monotonic()))
         return future
 
+    @property
+    def loop_alive(self) -> bool:
+        """The step loop is running (False once closed, or if it died)."""
+        return self._thread.is_alive()
+
     # ---- the step loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:

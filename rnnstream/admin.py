@@ -6,6 +6,9 @@ HTTP on ``127.0.0.1:PORT`` by default:
   counters the service registers), read from ``Engine.stats()`` at scrape time, so the hot path pays
   nothing;
 - ``GET /stats``: the same as JSON;
+- ``GET /healthz`` (alive: 200, else 503) and ``GET /readyz`` (ready to serve: state restored, consuming,
+  loops running: 200, else 503), with ``{"alive", "ready", "reasons"}``: from the pipeline's ``health()``
+  when it serves one, else from the engine's step loop;
 - ``POST /finetune/pause``, ``/finetune/resume``, ``/finetune/stop``: control the fine-tuning worker
   (``rnnstream finetune pause|resume|stop|status --admin HOST:PORT`` calls these).
 """
@@ -94,9 +97,15 @@ class AdminServer:
     port (``self.port`` tells which)."""
 
     def __init__(
-        self, engine: Engine, port: int = 0, host: str = "127.0.0.1", extra: ExtraCounters | None = None
+        self,
+        engine: Engine,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        extra: ExtraCounters | None = None,
+        health: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.engine = engine
+        self.health = health or self._engine_health
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(engine, extra))
         self.extra = extra
@@ -122,6 +131,10 @@ class AdminServer:
             stats["service"] = self.extra()
         return stats
 
+    def _engine_health(self) -> dict[str, Any]:
+        alive = self.engine.loop_alive
+        return {"alive": alive, "ready": alive, "reasons": [] if alive else ["the step loop is not running"]}
+
     def finetune(self, action: str) -> dict[str, Any]:
         tuner = self.engine.finetuner
         if tuner is None:
@@ -140,6 +153,10 @@ class AdminServer:
                     self._reply(200, generate_latest(admin.registry), "text/plain; version=0.0.4")
                 elif self.path == "/stats":
                     self._json(200, admin.stats())
+                elif self.path in ("/healthz", "/readyz"):
+                    health = admin.health()
+                    ok = health["alive"] if self.path == "/healthz" else health["ready"]
+                    self._json(200 if ok else 503, health)
                 else:
                     self._json(404, {"error": f"no such endpoint {self.path}"})
 

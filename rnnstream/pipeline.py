@@ -58,6 +58,8 @@ from rnnstream.stream_table import StreamDict, StreamTable
 
 log = logging.getLogger("rnnstream.pipeline")
 
+STALL_S = 60.0
+"""A pipeline loop that has not gone round for this long is not alive (``/healthz`` fails)."""
 STOP_WITHIN_S = 30.0
 """After SIGTERM/SIGINT the process ends within this many seconds (status 1 if it had to be forced)."""
 
@@ -270,6 +272,8 @@ class Pipeline:
         )
         self._in_flight: deque[tuple[list, dict, tuple]] = deque()  # deferred checkpoints, oldest first
         self._to_restore: set[int] = set()
+        self._opened = False  # the source is open and its first partitions restored
+        self._last_pass = time.monotonic()  # when the loop last went round
         # stream → recent (input position, first step, timesteps), to address feedback by positions
         self._steps_at: dict[str, deque[tuple[int, int, int]]] = {}
 
@@ -287,10 +291,12 @@ class Pipeline:
             self.source.open(self, self.backend.positions())
             freeze_startup_objects()  # the connectors' clients too (see engine.runtime)
             while not self._stop.is_set():
+                self._last_pass = time.monotonic()
                 messages = self.source.poll(0.005)
                 if self._to_restore:  # before any message of a newly assigned partition is processed
                     self._restore_tasks(sorted(self._to_restore))
                     self._to_restore.clear()
+                self._opened = True
                 if messages:
                     self._restore_unowned(messages)
                     self._process(messages)
@@ -311,6 +317,25 @@ class Pipeline:
             except Exception:
                 log.exception("while closing")
         self.engine.close()
+
+    def health(self) -> dict[str, object]:
+        """For ``/healthz`` and ``/readyz``: ``alive`` (the loop went round in the last ``STALL_S`` seconds
+        and the engine's step loop runs), ``ready`` (alive, the source open and its partitions restored,
+        not stopping), and the ``reasons`` when either is false."""
+        reasons = []
+        idle = time.monotonic() - self._last_pass
+        if idle > STALL_S:
+            reasons.append(f"the pipeline loop has not gone round for {idle:.0f} s")
+        if not self.engine.loop_alive:
+            reasons.append("the engine's step loop is not running")
+        alive = not reasons
+        if not self._opened:
+            reasons.append("the source is not open yet")
+        if self._to_restore:
+            reasons.append(f"partitions {sorted(self._to_restore)} are being restored")
+        if self._stop.is_set():
+            reasons.append("stopping")
+        return {"alive": alive, "ready": not reasons, "reasons": reasons, "loop_idle_s": round(idle, 3)}
 
     def service_counters(self) -> dict[str, float]:
         """Counters for ``/metrics`` and ``/stats``: the pipeline's, decode rejections by kind, the reading

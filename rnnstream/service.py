@@ -57,8 +57,12 @@ def build_pipeline(config: ServiceConfig) -> Pipeline:
         labels_wanted=config.finetune is not None and config.finetune.target == "feedback",
     )
     if config.metrics_port is not None:
-        admin = AdminServer(engine, config.metrics_port, extra=pipeline.service_counters)
-        log.info("admin endpoint on http://%s (/metrics, /stats, /finetune/*)", admin.address)
+        admin = AdminServer(
+            engine, config.metrics_port, extra=pipeline.service_counters, health=pipeline.health
+        )
+        log.info(
+            "admin endpoint on http://%s (/metrics, /stats, /healthz, /readyz, /finetune/*)", admin.address
+        )
         pipeline.add_on_close(admin.close)
     return pipeline
 

@@ -75,3 +75,108 @@ def test_finetune_is_paused_resumed_and_stopped_from_the_cli(engine):
     time.sleep(0.1)
     result = runner.invoke(app, ["finetune", "status", "--admin", admin.address])
     assert result.exit_code == 1
+
+
+def _get(address: str, path: str) -> tuple[int, dict]:
+    import json
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_health_endpoints_follow_the_engine_loop(engine):
+    admin = AdminServer(engine)
+    try:
+        assert _get(admin.address, "/healthz")[0] == 200 and _get(admin.address, "/readyz")[0] == 200
+        engine.close()  # the step loop stops
+        code, body = _get(admin.address, "/healthz")
+        assert code == 503 and body["reasons"] == ["the step loop is not running"]
+    finally:
+        admin.close()
+
+
+def test_a_running_pipeline_is_scraped_alive_and_ready_then_not_when_its_loop_stalls(tmp_path):
+    """A pipeline serving ``health()`` on the admin endpoint, scraped over real HTTP: not ready before
+    its source opens, alive and ready while it consumes; a source that blocks past ``STALL_S`` makes
+    ``/healthz`` and ``/readyz`` fail with the reason."""
+    import threading
+
+    from connectors.base import Message
+    from connectors.codec import Decoder, KeyedDecoder
+    from rnnstream import pipeline as pl
+    from rnnstream.checkpoint import EphemeralState
+
+    class Blocking:
+        guarantee = "best-effort"
+        exhausted = False
+
+        def __init__(self) -> None:
+            self.release = threading.Event()
+            self.polls = 0
+
+        def open(self, assignment, resume) -> None:
+            assignment.assigned([0])
+
+        def poll(self, timeout_s: float) -> list[Message]:
+            self.polls += 1
+            if self.polls > 20:
+                self.release.wait()  # a source stuck in a library call
+            time.sleep(0.01)
+            return [Message(b'{"x": [0.5]}', b"s", 0, self.polls)]
+
+        def positions(self) -> dict:
+            return {}
+
+        def commit(self) -> None:
+            pass
+
+        def rollback(self) -> list[int]:
+            return [0]
+
+        def close(self) -> None:
+            self.release.set()
+
+    class Null:
+        def write(self, item) -> None:
+            pass
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    model = StreamModel(ModelSpec("gru", 1, 8, head="regression", head_out=1))
+    source = Blocking()
+    p = pl.Pipeline(
+        Engine(model, device="cpu"),
+        source,
+        KeyedDecoder(Decoder("json", 1)),
+        Null(),
+        Null(),
+        EphemeralState(),
+    )
+    admin = AdminServer(p.engine, health=p.health)
+    assert _get(admin.address, "/readyz")[0] == 503  # not open yet
+    old, pl.STALL_S = pl.STALL_S, 0.5
+    thread = threading.Thread(target=p.run, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.1)
+        assert _get(admin.address, "/healthz")[0] == 200
+        code, body = _get(admin.address, "/readyz")
+        assert code == 200 and body["ready"], body
+        time.sleep(1.0)  # the source is stuck now
+        code, body = _get(admin.address, "/healthz")
+        assert code == 503 and "has not gone round" in body["reasons"][0], body
+        assert _get(admin.address, "/readyz")[0] == 503
+    finally:
+        pl.STALL_S = old
+        p.stop()
+        source.release.set()
+        thread.join(10)
+        admin.close()
