@@ -9,6 +9,7 @@ gather the streams' state rows → ``model.step`` → scatter the new rows back 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import tempfile
@@ -45,6 +46,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+log = logging.getLogger("engine")
 
 
 class Engine:
@@ -97,7 +101,7 @@ class Engine:
         self._queue = PendingQueue(max_pending)
         self._lock = threading.RLock()
         self._latency = LatencyWindow()
-        self._counts = {"events": 0, "batches": 0, "steps": 0, "errors": 0}
+        self._counts = {"events": 0, "batches": 0, "steps": 0, "errors": 0, "loop_errors": 0}
         self._last_sweep = time.monotonic()
         self._closed = False
         self._staging: Tensor | None = None
@@ -211,13 +215,22 @@ class Engine:
 
     # ---- the step loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
+        """Runs until closed, whatever fails inside: a failure fails the futures it concerns, is counted
+        (``loop_errors``) and logged, and the loop goes on."""
         while True:
             batch = self._queue.take_batch(self.max_batch, self.max_delay_s, idle_timeout_s=0.05)
-            if batch:
-                self._process(batch)
-            elif self._closed:
-                return
-            self._maybe_sweep()
+            try:
+                if batch:
+                    self._process(batch)
+                elif self._closed:
+                    return
+                self._maybe_sweep()
+            except Exception as exc:  # a bug or a resource failure outside any one event's control
+                self._counts["loop_errors"] += 1
+                log.exception("step loop: %s: %s (the loop goes on)", type(exc).__name__, exc)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
 
     def _process(self, batch: list[Pending]) -> None:
         """Run a batch in arrival order: runs of data events are stepped together, controls in between."""
@@ -271,6 +284,11 @@ class Engine:
             else:
                 raise ValueError(f"unknown control {item.op!r}")
         except UnknownStreamError as exc:
+            item.future.set_exception(exc)
+            return
+        except Exception as exc:  # a spill store or device error: this control fails, nothing else
+            self._counts["errors"] += 1
+            log.error("control %r of %r failed: %s: %s", item.op, item.stream_id, type(exc).__name__, exc)
             item.future.set_exception(exc)
             return
         item.future.set_result(result)
@@ -493,6 +511,7 @@ class Engine:
             model_version=self.model.info.version,
             device=str(self.device),
             errors=c["errors"],
+            loop_errors=c["loop_errors"],
             finetune=self.finetuner.stats().as_dict() if self.finetuner is not None else None,
         )
 

@@ -60,6 +60,7 @@ class EngineStats:
     model_version: int
     device: str
     errors: int
+    loop_errors: int = 0  # failures outside any one event (a sweep, a bug): the step loop went on
     finetune: dict[str, Any] | None = None  # the fine-tuning worker's progress, when it runs
 
     def as_dict(self) -> dict[str, Any]:

@@ -36,6 +36,7 @@ _ENGINE_COUNTERS = {
     "batches": "batches run",
     "steps": "fused steps run",
     "errors": "events failed",
+    "loop_errors": "step-loop failures outside any one event (the loop went on)",
     "evictions": "streams evicted",
 }
 _ENGINE_GAUGES = {

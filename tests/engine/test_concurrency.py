@@ -72,3 +72,37 @@ def test_close_drains_queued_events(ref_factory):
     futures = [engine.submit(i % 13, x) for i, x in enumerate(xs)]
     engine.close()
     assert all(f.done() and f.exception() is None for f in futures)
+
+
+def test_the_step_loop_survives_a_failing_control_and_a_failing_sweep(ref_factory, monkeypatch):
+    """A spill-store error in a control fails that control only; an error in the idle sweep is counted;
+    the loop goes on serving (before, either killed the loop thread and ``end``/``start`` hung)."""
+    import sqlite3
+    import time
+
+    import pytest
+
+    ref = ref_factory("gru", input_size=3, hidden_size=4)
+    with Engine(ref.model, device="cpu", ttl_s=0.01, sweep_interval_s=0.01) as engine:
+        engine.submit("a", np.ones(3, np.float32)).result(timeout=5)
+        store = engine._store
+        real_reset = store.reset
+
+        def broken_reset(stream_id):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(store, "reset", broken_reset)
+        with pytest.raises(sqlite3.OperationalError):
+            engine.start("a")
+        monkeypatch.setattr(store, "reset", real_reset)
+
+        def broken_evict(now):
+            raise sqlite3.OperationalError("database is locked")
+
+        monkeypatch.setattr(store, "evict_idle", broken_evict)
+        time.sleep(0.2)  # several sweeps fail
+        assert engine.stats().loop_errors >= 1
+        out = engine.submit("b", np.ones(3, np.float32)).result(timeout=5)
+        assert out.shape == (ref.model.output_size,)
+        engine.start("a")  # controls work again
+        assert engine.loop_alive
