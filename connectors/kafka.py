@@ -180,7 +180,7 @@ class PythonKafkaClient:
         admin = KafkaAdminClient(bootstrap_servers=self.settings.bootstrap, **self.settings.client)
         try:
             counts = [_partition_count(admin, t) for t in inputs]
-            width = max([n for n in counts if n] or [1])
+            width = input_width(inputs, counts)
             new = [NewTopic(t, width, -1) for t, n in zip(inputs, counts, strict=True) if n is None]
             new += [NewTopic(t, width, -1) for t in others if _partition_count(admin, t) is None]
             have = _partition_count(admin, changelog)
@@ -343,6 +343,16 @@ class PythonKafkaClient:
             self.producer.abort_transaction()
         except KafkaError:
             log.debug("no transaction to abort")
+
+
+def input_width(inputs: list[str], counts: list[int | None]) -> int:
+    """The partition count the inputs share (topics still to be created get it too). Raises
+    ``ValueError`` naming ``source.topics`` when existing inputs differ: a stream's state is keyed by
+    its partition number, so partition 3 of two topics must be the same task."""
+    have = {t: n for t, n in zip(inputs, counts, strict=True) if n}
+    if len(set(have.values())) > 1:
+        raise ValueError(f"source.topics: the input topics have different partition counts {have}")
+    return max(have.values(), default=1)
 
 
 def _partition_count(admin: Any, topic: str) -> int | None:

@@ -31,6 +31,7 @@ from connectors.kafka import (
     StreamId,
     TransactionFailed,
     apply_changelog_record,
+    input_width,
 )
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class ConfluentKafkaClient:
             return len(t.partitions) if t is not None and t.error is None and t.partitions else None
 
         counts = [count(t) for t in inputs]
-        width = max([n for n in counts if n] or [1])
+        width = input_width(inputs, counts)
         new = [NewTopic(t, width) for t, n in zip(inputs, counts, strict=True) if n is None]
         new += [NewTopic(t, width) for t in others if count(t) is None]
         have = count(changelog)

@@ -527,3 +527,44 @@ def test_kafka_to_mqtt(tmp_path, mqtt_broker, kafka_cluster):
     assert {line.split(" ", 1)[0] for line in lines} == {f"{topic}/dev{i}" for i in range(4)}
     docs = [json.loads(line.split(" ", 1)[1]) for line in lines]
     assert all(len(d["y"]) == 1 and d["topic"] == topic for d in docs)
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("library", ["kafka-python", "confluent-kafka"])
+def test_input_topics_with_different_partition_counts_are_refused_naming_the_key(
+    tmp_path, kafka_cluster, library
+):
+    """State is keyed by partition number: partition 3 of two input topics must be the same task."""
+    import subprocess
+    import sys
+
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    stamp = time.monotonic_ns()
+    narrow, wide = f"in2-{stamp}", f"in4-{stamp}"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_cluster.bootstrap)
+    try:
+        admin.create_topics([NewTopic(narrow, 2, 1), NewTopic(wide, 4, 1)])
+    finally:
+        admin.close()
+    config = tmp_path / "two.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(REPO / "models" / "assets" / "sensor_lstm.safetensors"),
+                "kafka": {"bootstrap_servers": kafka_cluster.bootstrap, "client_library": library},
+                "source": {"type": "kafka", "topics": [narrow, wide], "group_id": f"g-{stamp}"},
+                "sink": {"type": "kafka", "topic": f"out-{stamp}"},
+            }
+        )
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "rnnstream.cli", "run", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "source.topics" in run.stdout and "different partition counts" in run.stdout, run.stdout[-2000:]
