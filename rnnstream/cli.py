@@ -113,6 +113,9 @@ def run(
     broker: Annotated[str | None, typer.Option(help="Override mqtt.broker (HOST:PORT).")] = None,
     instance_id: Annotated[str | None, typer.Option(help="Override kafka.instance_id.")] = None,
     log_level: Annotated[str, typer.Option(help="Python logging level.")] = "INFO",
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="Log JSON lines (ts, level, logger, message).")
+    ] = False,
 ) -> None:
     """Run a pipeline: source → decode → engine → sink, with checkpointed state; stops cleanly on
     SIGTERM/SIGINT (or at the end of a finite source)."""
@@ -122,7 +125,7 @@ def run(
     from rnnstream.process import configure_logging, exit_within
     from rnnstream.service import build_pipeline
 
-    configure_logging(log_level)
+    configure_logging(log_level, json_lines=log_json)
     logging.getLogger("kafka").setLevel(logging.WARNING)
     overrides = {}
     if bootstrap:

@@ -1,8 +1,8 @@
 """How a long-running rnnstream process logs and ends.
 
-- ``configure_logging``: one handler on the root logger with ``RepeatLimit``, so that an error repeated
-  in a loop (a client library's I/O thread failing on every pass, say) is logged a few times, then once
-  per ``window_s`` with how many were suppressed, never once per loop pass.
+- ``configure_logging``: one handler on the root logger (text, or JSON lines) with ``RepeatLimit``, so
+  that an error repeated in a loop (a client library's I/O thread failing on every pass, say) is logged
+  a few times, then once per ``window_s`` with how many were suppressed, never once per loop pass.
 - ``exit_within(seconds, status)``: after a fatal error or a stop signal the process must end promptly
   with a non-zero status so that a supervisor restarts it, even when a library thread that is not a
   daemon refuses to stop (Python waits for those at exit). A daemon timer ends the process with
@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -52,10 +53,28 @@ class RepeatLimit(logging.Filter):
             return False
 
 
-def configure_logging(level: str = "INFO", burst: int = 5, window_s: float = 60.0) -> None:
-    """Root logging to stderr at ``level``, with repeats limited (``RepeatLimit``)."""
+class JsonLines(logging.Formatter):
+    """One JSON object per record: ``{"ts", "level", "logger", "message"}``, plus ``"exception"`` (the
+    formatted traceback) when there is one; for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def configure_logging(
+    level: str = "INFO", json_lines: bool = False, burst: int = 5, window_s: float = 60.0
+) -> None:
+    """Root logging to stderr at ``level`` (text, or ``JsonLines``), with repeats limited."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(JsonLines() if json_lines else logging.Formatter(FORMAT))
     handler.addFilter(RepeatLimit(burst, window_s))
     root = logging.getLogger()
     for old in list(root.handlers):

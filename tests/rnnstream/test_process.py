@@ -56,3 +56,21 @@ def test_a_fatal_error_ends_the_run_promptly_despite_a_thread_that_never_stops(t
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "fatal: OSError" in proc.stderr and "exiting with 1" in proc.stderr, proc.stderr[-2000:]
     assert took < 40, took
+
+
+def test_log_json_writes_one_json_object_per_line(tmp_path):
+    import json
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {REPO / 'models/assets/sensor_lstm.safetensors'}\n"
+        f"source: {{type: csv, paths: [{REPO / 'configs/data/machines.csv'}], stream_column: machine,"
+        " channels: [value]}\n"
+        "sink: {type: 'null'}\n"
+    )
+    argv = [sys.executable, "-m", "rnnstream.cli", "run", str(config), "--log-json"]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    logged = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    assert logged and all({"ts", "level", "logger", "message"} <= set(doc) for doc in logged)
+    assert any("assigned partitions" in doc["message"] for doc in logged)
