@@ -409,8 +409,8 @@ class Engine:
         """Record events into a replay buffer and start the background fine-tuning worker."""
         from engine.finetune import FineTuner, FineTuneSettings
 
-        if self.finetuner is not None:
-            raise RuntimeError("fine-tuning is already running on this engine")
+        if self.finetuner is not None and not self.finetuner.stopped:
+            raise RuntimeError("fine-tuning is already running on this engine (stop it first)")
         # A thread holding the GIL makes the step loop wait up to the switch interval (5 ms by default);
         # the fine-tuning coordinator is such a thread: let it be interrupted after 1 ms.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
@@ -418,6 +418,12 @@ class Engine:
         with self._lock:
             self.finetuner, self._recorder = tuner, tuner.buffer
         return tuner
+
+    def stop_recording(self, buffer: ReplayBuffer) -> None:
+        """Detach ``buffer`` (a stopped fine-tuner's): events are no longer recorded into it."""
+        with self._lock:
+            if self._recorder is buffer:
+                self._recorder = None
 
     def feedback(
         self, stream_id: StreamId, label: Any, start: int | None = None, end: int | None = None

@@ -537,7 +537,12 @@ class FineTuner:
             self._thread.join()
         if self.inline and self._worker is not None:
             self._worker.close()
+        self.engine.stop_recording(self.buffer)  # no recording cost once stopped
         self._stats.state = "stopped"
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
 
     @property
     def paused(self) -> bool:
