@@ -11,9 +11,11 @@ import os
 import numpy as np
 import pytest
 from rich.console import Console
+from rich.table import Table
 
 from benchmarks.audio_bench import (
     FSDD,
+    TARGETS,
     StreamRun,
     build_tape,
     main,
@@ -69,9 +71,25 @@ def test_search_doubles_then_bisects_and_goes_down_when_the_start_fails():
     assert calls == [4, 8, 16] and out["first_failing_streams"] is None
 
 
-def _results() -> dict:
+def _rows(table: Table) -> list[dict[str, str]]:
+    """A table's body rows as printed (no colours, wide enough not to wrap): column header → cell text."""
+    console = Console(file=io.StringIO(), width=300, color_system=None)
+    console.print(table)
+    lines = console.file.getvalue().splitlines()
+    header = next(line for line in lines if line.startswith("┃"))
+    names = [cell.strip() for cell in header.strip("┃").split("┃")]
+    body = [line for line in lines if line.startswith("│")]
+    return [dict(zip(names, [c.strip() for c in line.strip("│").split("│")], strict=True)) for line in body]
+
+
+def _results(met: bool) -> dict:
+    """A results document whose judged figures sit exactly at the targets (``met``) or just past them."""
+    streams = TARGETS["streams_min"] if met else TARGETS["streams_min"] - 1
+    rtf = TARGETS["single_rtf_max"] if met else 1.01 * TARGETS["single_rtf_max"]
+    compute_p99 = TARGETS["latency_p99_max_ms"] if met else TARGETS["latency_p99_max_ms"] + 0.001
+    label_p99 = TARGETS["label_p99_max_ms"] if met else TARGETS["label_p99_max_ms"] + 0.001
     run = {
-        "streams": 1000,
+        "streams": streams,
         "audio_s": 10.0,
         "compute_s": 8.0,
         "rtf": 0.8,
@@ -84,50 +102,73 @@ def _results() -> dict:
         "labels_correct": 9,
         "other_processes_cores": 0.0,
     }
-    samples = [{"audio_s": 5.0 * k, "rss_bytes": 500 << 20} for k in range(1, 5)]
+    samples = [{"audio_s": 5.0 * k, "rss_bytes": (500 << 20) + k * (1 << 20)} for k in range(1, 5)]
     return {
         "machine": {"logical_cores": 2},
         "config": {"input_rate": 16_000, "chunk_ms": 100.0, "duty_cycle": 0.5},
-        "concurrent": {"runs": [run], "max_realtime_streams": 1000, "first_failing_streams": 2000},
+        "concurrent": {"runs": [run], "max_realtime_streams": streams, "first_failing_streams": None},
         "baseline": {
-            "runs": [{**run, "streams": 50}],
+            "runs": [{**run, "streams": 50, "realtime": False, "stopped_early": True}],
             "max_realtime_streams": 50,
             "first_failing_streams": 100,
         },
-        "single": {"audio_s": 30.0, "rnnstream": {"rtf": 0.02}, "baseline": {"rtf": 0.2}},
+        "single": {"audio_s": 30.0, "rnnstream": {"rtf": rtf}, "baseline": {"rtf": 0.2}},
         "latency": {
             "audio_s": 30.0,
             "other_processes_cores": 0.1,
-            "compute": {"count": 100, "p50_ms": 0.2, "p99_ms": 0.5, "max_ms": 3.0},
+            "compute": {"count": 100, "p50_ms": 0.2, "p99_ms": compute_p99, "max_ms": 3.0},
             "compute_in_recordings": {"count": 50, "p50_ms": 0.3, "p99_ms": 0.6, "max_ms": 3.0},
-            "frame_out": {"count": 100, "p50_ms": 50.0, "p99_ms": 101.25, "max_ms": 105.0},
-            "label": {"count": 10, "p50_ms": 100.0, "p99_ms": 149.5, "max_ms": 149.5},
+            "frame_out": {"count": 100, "p50_ms": 50.0, "p99_ms": compute_p99, "max_ms": 105.0},
+            "label": {"count": 10, "p50_ms": 100.0, "p99_ms": label_p99, "max_ms": 149.5},
         },
         "memory": {
             "streams": 1000,
-            "audio_s": 20.0,
+            "audio_s": 20.0 if met else 120.0,
             "planned_audio_s": 120.0,
             "labels": 5,
             "rss_before_bytes": 400 << 20,
             "rss_recognizer_bytes": 401 << 20,
             "samples": samples,
             "bytes_per_stream": 4096.0,
-            "growth_middle_to_end_bytes": 0,
-            "flat": True,
+            "growth_middle_to_end_bytes": 1 << 20,
+            "flat": met,  # measured by the memory run; the table shows it
         },
     }
 
 
-def test_tables_mark_the_targets():
-    out = io.StringIO()
-    console = Console(file=out, width=200)
-    for table in render_tables(_results()):
-        console.print(table)
-    text = out.getvalue()
-    assert "1,000 ✓" in text and "20×" in text  # streams: target met, 20x the baseline
-    assert "0.0200 ✗" in text and "10.0× faster" in text  # single-stream RTF above 0.01
-    assert "0.500 ✓" in text and "101.250 ✗" in text and "149.500 ✓" in text  # compute, frame out, label
-    assert "4.0 KiB, 0.0 MiB ✓" in text and "wall-time cap (planned 120 s)" in text
+@pytest.mark.parametrize("met", [True, False], ids=["at-the-targets", "just-past-them"])
+def test_summary_marks_follow_the_targets(met: bool):
+    tables = render_tables(_results(met))
+    summary = {r["figure"]: r for r in _rows(tables[1])}
+    mark = "✓" if met else "✗"
+    streams = summary["max real-time streams"]
+    assert streams["rnnstream"] == f"{TARGETS['streams_min'] - (not met):,} {mark} (no failure found)"
+    assert streams["baseline"] == "50" and streams["rnnstream vs baseline"] == "20×"  # 1,000 or 999 / 50
+    single = summary["single-stream RTF (30 s of audio)"]
+    assert single["rnnstream"] == ("0.0100 ✓" if met else "0.0101 ✗")
+    assert single["rnnstream vs baseline"] == ("20.0× faster" if met else "19.8× faster")  # 0.2 / RTF
+    for figure in ("push + tick p99 ms, 10 ms hops", "frame out beyond its hop p99 ms"):
+        assert summary[figure]["rnnstream"] == ("1.000 ✓" if met else "1.001 ✗")
+    assert summary["label after the recording's end p99 ms"]["rnnstream"] == (
+        "150.000 ✓" if met else "150.001 ✗"
+    )
+    assert summary["RSS per stream (1,000 streams), growth"]["rnnstream"] == f"4.0 KiB, 1.0 MiB {mark}"
+
+
+def test_tables_compute_shares_growth_and_the_cap():
+    tables = render_tables(_results(met=True))
+    (ours, base) = _rows(tables[0])
+    assert ours["labels (right)"] == "10 (90%)" and ours["real time"] == "yes"
+    assert base["labels (right)"] == "-" and base["real time"] == "no (stopped)"
+    memory = {r["point"]: r for r in _rows(tables[3])}
+    assert memory["start"]["growth since start MiB"] == "0.0"
+    assert memory["middle"]["RSS MiB"] == "503.0" and memory["end"]["growth since start MiB"] == "3.0"
+    assert "wall-time cap (planned 120 s)" in str(tables[3].title)  # 20 of 120 s covered
+    assert "wall-time cap" not in str(render_tables(_results(met=False))[3].title)  # all 120 s covered
+    no_labels = _results(met=True)
+    no_labels["latency"]["label"] = {"count": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    summary = {r["figure"]: r for r in _rows(render_tables(no_labels)[1])}
+    assert summary["label after the recording's end p99 ms"]["rnnstream"] == "- (none)"
 
 
 def _positive(d: dict, keys: tuple[str, ...]) -> None:

@@ -1,5 +1,6 @@
-"""Kafka benchmark: the tables render from a results document like the one ``rnnstream bench kafka``
-writes, and missing answers count as infinitely late (the full run needs a broker: not a unit test)."""
+"""Kafka benchmark: the tables mark each figure against the targets (figures on both sides of each) and
+compute the profile's shares, and missing answers count as infinitely late (the full run needs a broker:
+not a unit test)."""
 
 from __future__ import annotations
 
@@ -8,38 +9,95 @@ import math
 
 import numpy as np
 from rich.console import Console
+from rich.table import Table
 
-from benchmarks.kafka_bench import INTERVALS_MS, _percentiles, render_tables
+from benchmarks.kafka_bench import INTERVALS_MS, TARGETS, _percentiles, render_tables
 
 
-def _latency(interval: int, p99: float) -> dict[str, float]:
+def _rows(table: Table) -> list[dict[str, str]]:
+    """A table's body rows as printed (no colours, wide enough not to wrap): column header → cell text."""
+    console = Console(file=io.StringIO(), width=300, color_system=None)
+    console.print(table)
+    lines = console.file.getvalue().splitlines()
+    header = next(line for line in lines if line.startswith("┃"))
+    names = [cell.strip() for cell in header.strip("┃").split("┃")]
+    body = [line for line in lines if line.startswith("│")]
+    return [dict(zip(names, [c.strip() for c in line.strip("│").split("│")], strict=True)) for line in body]
+
+
+P99 = TARGETS["p99_ms"]
+
+
+def _latency(interval: int, produce_p99: float, committed_p99: float, answered: int) -> dict[str, float]:
     lat: dict[str, float] = {"offered_rate": 20_000.0, "interval_ms": interval, "messages": 240_000}
-    lat["answered"] = 240_000
-    for name in ("input_appended", "service", "produce", "committed"):
+    lat["answered"] = answered
+    for name, p99 in (
+        ("input_appended", 4.0),
+        ("service", 6.0),
+        ("produce", produce_p99),
+        ("committed", committed_p99),
+    ):
         lat |= {f"{name}_p50_ms": p99 / 4, f"{name}_p99_ms": p99, f"{name}_max_ms": 2 * p99}
     return lat
 
 
-def test_tables_show_throughput_and_both_visibilities_per_interval() -> None:
-    libraries = {
-        lib: {
-            "single": {"msgs_per_s": rate},
-            "batched": {"events_per_s": 100 * rate},
-            "latency": {str(i): _latency(i, p99) for i in INTERVALS_MS},
-        }
-        for lib, rate, p99 in (("kafka-python", 24_000.0, 5_000.0), ("confluent-kafka", 100_000.0, 40.0))
+def _results() -> dict:
+    """Figures on both sides of each target: exactly at it (met) and just past it (missed)."""
+    return {
+        "libraries": {
+            # confluent-kafka: throughput exactly at the targets, produced at the p99 target, committed past
+            "confluent-kafka": {
+                "single": {"msgs_per_s": float(TARGETS["single_msgs_per_s"])},
+                "batched": {"events_per_s": float(TARGETS["batched_events_per_s"])},
+                "latency": {str(i): _latency(i, P99, P99 + 0.4, 240_000) for i in INTERVALS_MS},
+            },
+            # kafka-python: just under the throughput targets, produced far past the p99 one, committed within
+            "kafka-python": {
+                "single": {"msgs_per_s": TARGETS["single_msgs_per_s"] - 1.0},
+                "batched": {"events_per_s": TARGETS["batched_events_per_s"] - 1.0},
+                "latency": {str(i): _latency(i, 100 * P99, P99 - 10, 239_990) for i in INTERVALS_MS},
+            },
+        },
+        "profile": {"wall_s": 2.0, "messages": 1000, "stages_s": {"engine: step_many": 0.3, "poll": 1.0}},
     }
-    profile = {"wall_s": 1.0, "messages": 1000, "stages_s": {"engine: step_many": 0.25}}
-    out = io.StringIO()
-    console = Console(file=out, width=160)
-    for table in render_tables({"libraries": libraries, "profile": profile}):
-        console.print(table)
-    text = out.getvalue()
-    assert "100,000 ✓" in text and "24,000 ✗" in text
-    assert text.count("10 / 40 ✓") == 2 * len(INTERVALS_MS)  # produced and committed, each interval
-    assert "1,250 / 5,000 ✗" in text
-    for interval in INTERVALS_MS:
-        assert f"{interval} ms" in text
+
+
+def test_throughput_marks_follow_the_targets() -> None:
+    throughput = {r["client"]: r for r in _rows(render_tables(_results())[0])}
+    single, batched = TARGETS["single_msgs_per_s"], TARGETS["batched_events_per_s"]
+    assert throughput["confluent-kafka"]["single msg/s"] == f"{single:,} ✓"  # at the target: met
+    assert throughput["confluent-kafka"]["batched events/s"] == f"{batched:,} ✓"
+    assert throughput["kafka-python"]["single msg/s"] == f"{single - 1:,} ✗"  # one under: missed
+    assert throughput["kafka-python"]["batched events/s"] == f"{batched - 1:,} ✗"
+
+
+def test_latency_marks_follow_the_p99_target_per_column_and_interval() -> None:
+    table = render_tables(_results())[1]
+    assert "20,000 single-event msg/s" in str(table.title)
+    rows = _rows(table)
+    assert [(r["client"], r["checkpoint"]) for r in rows] == [
+        (lib, f"{i} ms") for lib in ("confluent-kafka", "kafka-python") for i in INTERVALS_MS
+    ]
+    for r in rows:
+        assert r["input appended"] == "1 / 4" and r["service"] == "2 / 6"  # p50 / p99, no mark
+        if r["client"] == "confluent-kafka":
+            assert r["produced"] == f"{P99 / 4:,.0f} / {P99:,.0f} ✓"  # at the target
+            # just past it: printed rounded to the target, but marked as missed
+            assert r["committed"] == f"{(P99 + 0.4) / 4:,.0f} / {P99 + 0.4:,.0f} ✗"
+            assert r["answered"] == "240,000/240,000"
+        else:
+            assert r["produced"] == f"{25 * P99:,.0f} / {100 * P99:,.0f} ✗"
+            assert r["committed"] == f"{(P99 - 10) / 4:,.0f} / {P99 - 10:,.0f} ✓"
+            assert r["answered"] == "239,990/240,000"
+
+
+def test_profile_shares_are_computed_and_sorted() -> None:
+    rows = _rows(render_tables(_results())[2])
+    assert [(r["stage"], r["seconds"], r["share of wall"]) for r in rows] == [
+        ("poll", "1.00", "50%"),
+        ("engine: step_many", "0.30", "15%"),
+        ("wall", "2.00", "100%"),
+    ]
 
 
 def test_unanswered_messages_are_infinitely_late() -> None:

@@ -13,6 +13,8 @@ import msgpack
 import numpy as np
 import pytest
 
+from tests.conftest import _unavailable  # skip, or fail under CI=true
+
 pytestmark = [pytest.mark.integration, pytest.mark.kafka]
 ATOL = 1e-5
 
@@ -43,8 +45,16 @@ def test_round_trip_equals_offline_computation(service, kafka_helpers):
     assert doc["topic"] == service.topic and doc["model_version"] == 3
 
 
-@pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat not installed (scripts/system_deps.sh)")
-def test_independent_client_kcat_multi_timestep_and_encodings(service, kafka_helpers):
+@pytest.fixture
+def kcat() -> str:
+    """The kcat executable: missing, the test skips, or fails under CI=true (integration tests run there)."""
+    path = shutil.which("kcat")
+    if path is None:
+        _unavailable("kcat not found on PATH: the kcat test needs it (scripts/system_deps.sh installs it)")
+    return path
+
+
+def test_independent_client_kcat_multi_timestep_and_encodings(kcat, service, kafka_helpers):
     """Events written by kcat (librdkafka, not kafka-python), several timesteps per message."""
     h = kafka_helpers
     rng = np.random.default_rng(1)
@@ -56,7 +66,7 @@ def test_independent_client_kcat_multi_timestep_and_encodings(service, kafka_hel
         lines.append(f"{sid}\t{json.dumps({'x': chunk})}")
     service.start()
     subprocess.run(
-        ["kcat", "-P", "-b", service.bootstrap, "-t", service.topic, "-K", "\t"],
+        [kcat, "-P", "-b", service.bootstrap, "-t", service.topic, "-K", "\t"],
         input="\n".join(lines) + "\n",
         text=True,
         check=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 
@@ -66,12 +67,28 @@ def test_async_submit(ref_factory):
 
 
 def test_close_drains_queued_events(ref_factory):
+    """500 events still queued when ``close`` starts are all applied, in order: each output equals the
+    offline run of its stream, and each stream's final state is the one after its last event."""
     ref = ref_factory("rnn_tanh", hidden_size=4)
     xs = ref.random_inputs(np.random.default_rng(2), 500)
     engine = Engine(ref.model, device="cpu", max_batch=7)
-    futures = [engine.submit(i % 13, x) for i, x in enumerate(xs)]
-    engine.close()
+    with engine._lock:  # the step loop cannot apply anything (it steps under this lock) until close runs
+        futures = [engine.submit(i % 13, x) for i, x in enumerate(xs)]
+        assert not any(f.done() for f in futures)
+        closer = threading.Thread(target=engine.close)
+        closer.start()
+        while not engine._closed:  # close has begun: the events are queued behind it
+            time.sleep(0.001)
+    closer.join(timeout=30)
+    assert not closer.is_alive(), "close did not return"
     assert all(f.done() and f.exception() is None for f in futures)
+    assert engine.stats().events == len(xs)
+    for sid in range(13):
+        expected = ref.run(xs[sid::13])
+        got = np.stack([f.result() for f in futures[sid::13]])
+        np.testing.assert_allclose(got, expected, atol=ATOL, err_msg=f"stream {sid}")
+        (state,) = engine.state_of(sid)  # rnn_tanh without a head: the output is the hidden state
+        np.testing.assert_allclose(state.numpy(), expected[-1], atol=ATOL, err_msg=f"stream {sid} state")
 
 
 def test_the_step_loop_survives_a_failing_control_and_a_failing_sweep(ref_factory, monkeypatch):

@@ -1,9 +1,10 @@
 """Online fine-tuning beside live inference: drift recovery, poisoned data, swaps under load, versions,
 rollback, pause/resume/stop. The worker runs as it does in production (its own process) unless a test
-checks pure decision logic."""
+checks pure decision logic or needs a deterministic run (``schedule: inline``)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import finetune_bench
 from benchmarks.finetune_bench import copy_model as _copy
 from benchmarks.finetune_bench import drift_run, sine_rows, train_sine_forecaster
 from engine import Engine, InvalidInputError
@@ -40,16 +42,50 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
 FAST = dict(k1=8, k2=24, lr=3e-3, batch_size=32, updates_per_round=5, probation_chunks=16)
 
 
+DRIFT_ERROR_RATIO_MAX = 0.5
+"""The project's target, fixed here rather than read from the benchmark (whose ``TARGETS`` also decide when
+its drift run stops): after the change, the fine-tuned model's rolling next-step error is at most this
+times the frozen model's on the same events."""
+
+
 @pytest.mark.slow
-def test_drift_error_falls_to_half_of_the_frozen_models(sine_model):
-    """64 sine streams switch from period 20 to period 7 at step 300 (the benchmark's drift run, events
-    paced as a live source). Within 2,000 events per stream after the change, the fine-tuned engine's
-    next-step error (rolling, 100 steps) is at most half the frozen model's on the same events."""
+def test_drift_error_falls_to_half_of_the_frozen_models(sine_model, monkeypatch):
+    """64 sine streams switch from period 20 to period 7 at step 300 (the benchmark's drift run). Within
+    2,000 events per stream after the change, the fine-tuned engine's next-step error (rolling, 100 steps)
+    is at most half the frozen model's on the same events, and the engine serves the version the tuner
+    published last: its number, its weights and the bundle a restart would load.
+
+    Rounds run inline (``schedule: inline``: after a wave, at points fixed by the input), so the run is
+    a deterministic function of the events and takes seconds; the background worker's recovery is what
+    ``rnnstream bench finetune`` measures."""
+    engines: list[Engine] = []
+
+    class RecordingEngine(Engine):  # the benchmark's engine, kept for the checks after the run
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            engines.append(self)
+
+    monkeypatch.setattr(finetune_bench, "Engine", RecordingEngine)
+    monkeypatch.setattr(
+        finetune_bench, "FineTuneSettings", functools.partial(FineTuneSettings, schedule="inline")
+    )
     result = drift_run(sine_model, streams=64, max_steps=2000, seed=1)
-    assert result["recovered_steps"] is not None, f"error never fell to half the frozen model's: {result}"
-    assert result["finetuned_error_at_recovery"] <= 0.5 * result["frozen_error_after"]
-    assert result["versions_published"] >= 1
     assert result["frozen_error_after"] > 0.1 > result["error_before_drift"], "the drift really hurt"
+    ratio = result["finetuned_error_at_recovery"] / result["frozen_error_after"]
+    assert ratio <= DRIFT_ERROR_RATIO_MAX, f"fine-tuned error {ratio:.2f}x the frozen model's: {result}"
+    assert result["recovered_steps"] is not None, result
+
+    (engine,) = engines
+    tuner = engine.finetuner
+    assert tuner is not None
+    stats = tuner.stats()
+    serving = stats.serving_version
+    assert stats.published >= 1 and serving != sine_model.info.version, stats
+    assert engine.model.info.version == serving == engine.weight_history()[-1][0]
+    assert serving_bundle(tuner.versions_dir) == tuner.version_path(serving)  # what a restart loads
+    torch.testing.assert_close(
+        engine.model.state_dict(), tuner.load_version(serving).state_dict(), rtol=0, atol=0
+    )
 
 
 @pytest.mark.slow

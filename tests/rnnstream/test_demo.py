@@ -96,7 +96,13 @@ def test_run_demo_plain(model: StreamModel) -> None:
     assert math.isfinite(summary.latency_p50_ms) and math.isfinite(summary.latency_p99_ms)
     assert 0 < summary.latency_p50_ms <= summary.latency_p99_ms
     assert summary.mean_abs_error < summary.naive_abs_error
-    assert summary.anomalies >= summary.spikes_caught >= 0
+    # The simulated sensors inject spikes (labelled events); the detector flags most of them, and few
+    # of its flags are anything else. Spikes in a stream's first ``warmup`` scored events cannot be
+    # flagged: at ~30,000 events/s that is ~3% of them, so the run catches ~97-100% (seeds 0-5); 80%
+    # leaves room for a machine several times slower.
+    assert summary.injected_spikes >= 20, summary  # enough spikes for the shares below to mean something
+    assert summary.spikes_caught >= 0.8 * summary.injected_spikes, summary
+    assert summary.anomalies - summary.spikes_caught <= 0.2 * summary.anomalies, summary
     text = out.getvalue()
     assert "events=" in text and "rnnstream demo summary" in text
 
