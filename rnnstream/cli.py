@@ -119,14 +119,8 @@ def run(
 ) -> None:
     """Run a pipeline: source → decode → engine → sink, with checkpointed state; stops cleanly on
     SIGTERM/SIGINT (or at the end of a finite source)."""
-    import logging
+    from rnnstream.process import logging_to_stderr
 
-    from rnnstream.config import ConfigError, load_config
-    from rnnstream.process import configure_logging, exit_within
-    from rnnstream.service import build_pipeline
-
-    configure_logging(log_level, json_lines=log_json)
-    logging.getLogger("kafka").setLevel(logging.WARNING)
     overrides = {}
     if bootstrap:
         overrides["kafka.bootstrap_servers"] = bootstrap
@@ -134,6 +128,18 @@ def run(
         overrides["mqtt.broker"] = broker
     if instance_id:
         overrides["kafka.instance_id"] = instance_id
+    with logging_to_stderr(log_level, json_lines=log_json):
+        _run_pipeline(config, overrides)
+
+
+def _run_pipeline(config: Path, overrides: dict[str, str]) -> None:
+    import logging
+
+    from rnnstream.config import ConfigError, load_config
+    from rnnstream.process import exit_within
+    from rnnstream.service import build_pipeline
+
+    logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         cfg = load_config(config, overrides)
         pipeline = build_pipeline(cfg)
@@ -446,15 +452,22 @@ def listen(
 ) -> None:
     """Recognise spoken digits from a microphone as they are said: one JSON line per utterance (stream,
     start_s, end_s, label, confidence), with a live view when stdout is a terminal."""
+    from rnnstream.process import logging_to_stderr
+
+    with logging_to_stderr("WARNING"):
+        _listen(device, count, timeout, rate, model)
+
+
+def _listen(
+    device: str | None, count: int | None, timeout: float | None, rate: int | None, model: Path | None
+) -> None:
     import threading
     import time
 
     from connectors.microphone import find_input_device
     from rnnstream.digits import ASSET
-    from rnnstream.process import configure_logging
     from rnnstream.speech import listener, microphone_device
 
-    configure_logging("WARNING")
     chosen = int(device) if device is not None and device.isdigit() else device
     try:
         _, info = find_input_device(microphone_device(chosen))

@@ -11,12 +11,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -69,18 +72,46 @@ class JsonLines(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+@contextlib.contextmanager
+def logging_to_stderr(
+    level: str = "INFO", json_lines: bool = False, burst: int = 5, window_s: float = 60.0
+) -> Iterator[None]:
+    """``configure_logging`` for the duration of a command; its handler is removed afterwards (a command
+    run in-process, by a test, leaves no logging behind)."""
+    handler = configure_logging(level, json_lines, burst, window_s)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
 def configure_logging(
     level: str = "INFO", json_lines: bool = False, burst: int = 5, window_s: float = 60.0
-) -> None:
-    """Root logging to stderr at ``level`` (text, or ``JsonLines``), with repeats limited."""
-    handler = logging.StreamHandler(sys.stderr)
+) -> logging.Handler:
+    """Root logging to stderr at ``level`` (text, or ``JsonLines``), with repeats limited. Calling it
+    again replaces the handler it installed before (and no other)."""
+    handler = _Stderr()
     handler.setFormatter(JsonLines() if json_lines else logging.Formatter(FORMAT))
     handler.addFilter(RepeatLimit(burst, window_s))
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if isinstance(h, _Stderr)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    return handler
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted (an in-process test
+    runner swaps it per command; a handler bound to an old one would write to a closed stream)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
 
 
 def exit_within(seconds: float, status: int) -> threading.Timer:
