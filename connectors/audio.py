@@ -778,12 +778,13 @@ class AudioSource:
         self.front.close()
 
     def counters(self) -> dict[str, int]:
-        """Every capture's counters summed (overflows, dropped samples, losses, reopens...), and the
-        blocks refused."""
+        """Every capture's counters summed (overflows, dropped samples, losses, reopens...; ``behind_ms``:
+        the largest), and the blocks refused."""
         total: dict[str, int] = {"refused_blocks": self._refused, "streams_down": len(self._down)}
         for c in self.captures:
             for k, v in c.counters().items():
-                total[k] = total.get(k, 0) + v
+                # behind_ms is a level, not a count: the worst device's
+                total[k] = max(total.get(k, 0), v) if k == "behind_ms" else total.get(k, 0) + v
         return total
 
     # ---- inside ----------------------------------------------------------------------------------------

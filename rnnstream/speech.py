@@ -139,16 +139,8 @@ class Recognizer:
 
     def _label(self, stream: Hashable, end: int, probs: np.ndarray) -> Recognition:
         k = int(np.argmax(probs))
-        hop_s = self.settings.hop_length / self.sample_rate
-        win_s = self.settings.n_fft / self.sample_rate
-        start = self._started.pop(stream)
-        return Recognition(
-            stream,
-            round(start * hop_s, 3),
-            round((end - 1) * hop_s + win_s, 3),
-            self.labels[k],
-            float(probs[k]),
-        )
+        start_s, end_s = utterance_span(self.settings, self._started.pop(stream), end)
+        return Recognition(stream, start_s, end_s, self.labels[k], float(probs[k]))
 
 
 class RecognitionScoring:
@@ -162,8 +154,7 @@ class RecognitionScoring:
 
     def __init__(self, model: StreamModel) -> None:
         self.labels: list[str] = list(model.info.features["labels"])
-        s = feature_settings(model)
-        self.hop_s, self.window_s = s.hop_length / s.sample_rate, s.n_fft / s.sample_rate
+        self.settings = feature_settings(model)
 
     def inputs(self, ids: list[str], xs: np.ndarray) -> np.ndarray:
         return xs
@@ -174,15 +165,23 @@ class RecognitionScoring:
     def ended(self, message: Message, stream_id: str, y: np.ndarray, version: int) -> dict:
         seg = message.payload
         k = int(np.argmax(y))
+        start_s, end_s = utterance_span(self.settings, seg.began, seg.last)
         return {
             "stream": stream_id,
-            "start_s": round(seg.began * self.hop_s, 3),
-            "end_s": round((seg.last - 1) * self.hop_s + self.window_s, 3),
+            "start_s": start_s,
+            "end_s": end_s,
             "label": self.labels[k],
             "confidence": round(float(y[k]), 4),
             "model_version": version,
             "at": round(time.time(), 3),
         }
+
+
+def utterance_span(s: MFCCSettings, first: int, end: int) -> tuple[float, float]:
+    """Seconds from the stream's first sample to the start of frame ``first`` and to the last sample of
+    frame ``end - 1`` (frames start every hop and are ``n_fft`` samples long), rounded to 1 ms."""
+    hop_s, window_s = s.hop_length / s.sample_rate, s.n_fft / s.sample_rate
+    return round(first * hop_s, 3), round((end - 1) * hop_s + window_s, 3)
 
 
 def feature_settings(model: StreamModel) -> MFCCSettings:
