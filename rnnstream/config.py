@@ -290,6 +290,15 @@ class ScoringConfig(Strict):
     forecaster: Literal["model", "last"] = "model"  # detector: "last" is the naive last-value baseline
 
 
+class LimitsConfig(Strict):
+    """Limits on what one stream may send (``rnnstream.limits``). The other limits sit with what they
+    bound: ``engine.max_streams``, ``engine.max_state_bytes``, the source's ``max_message_bytes`` /
+    ``max_bytes``."""
+
+    stream_events_per_s: float | None = Field(None, gt=0)  # per stream, sustained (None: no limit)
+    stream_burst: float | None = Field(None, ge=1)  # per stream, at once (default: one second's worth)
+
+
 class ServiceConfig(Strict):
     """The whole ``rnnstream run`` configuration: source → decode → engine → sink."""
 
@@ -304,6 +313,7 @@ class ServiceConfig(Strict):
     engine: EngineConfig = EngineConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     finetune: FineTuneSettings | None = None  # online fine-tuning (off when absent)
+    limits: LimitsConfig = LimitsConfig()
     metrics_port: int | None = Field(None, ge=0, le=65535)  # admin endpoint: /metrics, /stats, /finetune/*
 
     @model_validator(mode="after")

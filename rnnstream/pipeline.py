@@ -53,6 +53,7 @@ from connectors.base import (
 from connectors.codec import FLOAT32_MAX, Decoded, DecodeError, check_label, decode_feedback
 from engine import Engine, EngineSnapshot, UnknownStreamError
 from engine.runtime import freeze_startup_objects
+from rnnstream.limits import StreamRateLimit
 from rnnstream.process import exit_within
 from rnnstream.stream_table import StreamDict, StreamTable
 
@@ -243,6 +244,7 @@ class Pipeline:
         checks: ReadingChecks | None = None,
         checkpoint_interval_s: float = 0.2,
         labels_wanted: bool = False,
+        rate_limit: StreamRateLimit | None = None,
     ) -> None:
         self.engine = engine
         self.source = source
@@ -254,6 +256,7 @@ class Pipeline:
         self.checks = checks
         self.interval_s = checkpoint_interval_s
         self.labels_wanted = labels_wanted
+        self.rate_limit = rate_limit
         self._on_close: list[Callable[[], None]] = []
         tables = [t for t in (checks.table if checks else None, self.scoring.table) if t is not None]
         self.codec = StateCodec(engine.model.state_widths(), tables)
@@ -380,6 +383,8 @@ class Pipeline:
             if decoded is None:
                 continue
             sid = decoded.stream_id
+            if self.rate_limit is not None and not self._within_rate(msg, sid, len(decoded.xs)):
+                continue
             if self.checks is not None and len(decoded.xs):
                 accepted, notices, reset = self.checks.check(sid, decoded)
                 if not accepted:
@@ -428,6 +433,18 @@ class Pipeline:
             self._rejected["undecodable"] += 1
             self._dead_letter(msg, f"undecodable ({type(exc).__name__}: {exc})"[:1000])
         return None
+
+    def _within_rate(self, msg: Message, sid: str, events: int) -> bool:
+        """Whether the stream's rate limit lets ``events`` more through; if not, the message is a dead
+        letter (``rate_limited``). Controls without events always pass (an end frees resources)."""
+        limit = self.rate_limit
+        if not events or limit.allow(sid, events, time.monotonic()):
+            return True
+        self._rejected["rate_limited"] += 1
+        self._dead_letter(
+            msg, f"rate_limited: stream {sid!r} over {limit.rate:g} events/s (burst {limit.burst:g})"
+        )
+        return False
 
     def _dead_letter(self, msg: Message, reason: str) -> None:
         self.counters.dead_letters += 1

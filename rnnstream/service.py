@@ -20,12 +20,14 @@ from rnnstream.config import (
     AudioFilesSourceConfig,
     CsvSourceConfig,
     KafkaSourceConfig,
+    LimitsConfig,
     MicrophoneSourceConfig,
     MqttSourceConfig,
     ReadingsConfig,
     SerialSourceConfig,
     ServiceConfig,
 )
+from rnnstream.limits import StreamRateLimit
 from rnnstream.pipeline import MessageDecoder, Pipeline, RawOutputs, Scoring
 from rnnstream.sensors import ForecastScoring, ReadingGuard
 
@@ -55,6 +57,7 @@ def build_pipeline(config: ServiceConfig) -> Pipeline:
         checks=_checks(config),
         checkpoint_interval_s=config.checkpoint.interval_ms / 1e3,
         labels_wanted=config.finetune is not None and config.finetune.target == "feedback",
+        rate_limit=_rate_limit(config.limits),
     )
     if config.metrics_port is not None:
         admin = AdminServer(
@@ -242,6 +245,14 @@ def _decoder(config: ServiceConfig, model: StreamModel) -> MessageDecoder:
         timestamp_column=getattr(src, "timestamp_column", "timestamp"),
         stream_column=getattr(src, "stream_column", None),
     )
+
+
+def _rate_limit(limits: LimitsConfig) -> StreamRateLimit | None:
+    """The per-stream rate limit, if ``limits.stream_events_per_s`` is set."""
+    rate = limits.stream_events_per_s
+    if rate is None:
+        return None
+    return StreamRateLimit(rate, limits.stream_burst or max(rate, 1.0))
 
 
 def _checks(config: ServiceConfig) -> ReadingGuard | None:
