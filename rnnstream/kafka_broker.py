@@ -13,6 +13,19 @@ Two levels of API:
   (default ``~/.cache/rnnstream/kafka-run/cluster.json``, override the directory with
   ``RNNSTREAM_KAFKA_RUN_DIR``) so separate processes (``rnnstream kafka up`` / ``down``) can
   share one long-lived cluster.
+
+Every node has two client listeners: ``PLAINTEXT`` (:attr:`Cluster.bootstrap`) and ``SASL_SSL``
+(:attr:`Cluster.tls_bootstrap`): TLS with a throwaway CA and server certificate made at each start
+(:mod:`rnnstream.local_tls`, files in ``BASE_DIR/tls``; the PKCS#12 keystore is what Kafka reads), and
+SASL/PLAIN for the one user :data:`rnnstream.local_tls.USERNAME` whose password is in
+:attr:`Cluster.password_file`. Brokers and controllers talk to each other over plaintext. A client over TLS
+(kafka-python names; confluent-kafka's in brackets)::
+
+    security_protocol: SASL_SSL          # security.protocol
+    ssl_cafile: BASE_DIR/tls/ca.pem      # ssl.ca.location
+    sasl_mechanism: PLAIN                # sasl.mechanism
+    sasl_plain_username: rnnstream       # sasl.username
+    sasl_plain_password: <the password>  # sasl.password
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ from rnnstream.local_services import (
     wait_gone,
     write_state,
 )
+from rnnstream.local_tls import USERNAME, TlsFiles, TlsSetupError, make_tls_files
 
 KAFKA_VERSION = "4.1.1"
 """Kafka version collected by ``tools/kafka/pom.xml`` (passed to mvn as ``-Dkafka.version``)."""
@@ -161,6 +175,7 @@ class Node:
     config: Path
     log_file: Path
     pid: int = 0
+    tls_port: int = 0  # the SASL_SSL listener (0: none, a cluster recorded before it existed)
 
     def alive(self) -> bool:
         """True while this node's JVM is running."""
@@ -175,6 +190,26 @@ class Cluster:
     base_dir: Path
     nodes: list[Node]
     cluster_id: str = ""
+
+    @property
+    def tls_bootstrap(self) -> str:
+        """``host:port,...`` of the ``SASL_SSL`` listeners (TLS + SASL/PLAIN)."""
+        return ",".join(f"127.0.0.1:{n.tls_port}" for n in self.nodes)
+
+    @property
+    def tls(self) -> TlsFiles:
+        """This cluster's CA certificate (``tls.ca_file``), server certificate and client password."""
+        return TlsFiles(self.base_dir / "tls")
+
+    @property
+    def username(self) -> str:
+        """The SASL/PLAIN user of the ``SASL_SSL`` listeners."""
+        return USERNAME
+
+    @property
+    def password_file(self) -> Path:
+        """The file holding the SASL/PLAIN password (``${file:...}`` in a config)."""
+        return self.tls.password_file
 
     @property
     def pids(self) -> list[int]:
@@ -222,6 +257,7 @@ class Cluster:
                     "node_id": n.node_id,
                     "port": n.port,
                     "controller_port": n.controller_port,
+                    "tls_port": n.tls_port,
                     "config": str(n.config),
                     "log_file": str(n.log_file),
                     "pid": n.pid,
@@ -238,6 +274,7 @@ class Cluster:
                 node_id=n["node_id"],
                 port=n["port"],
                 controller_port=n["controller_port"],
+                tls_port=n.get("tls_port", 0),
                 config=Path(n["config"]),
                 log_file=Path(n["log_file"]),
                 pid=n["pid"],
@@ -258,18 +295,34 @@ class Cluster:
         self.stop()
 
 
-def _server_properties(node: Node, voters: str, data_dir: Path, brokers: int) -> str:
+def _tls_properties(tls: TlsFiles) -> dict[str, object]:
+    """The ``SASL_SSL`` listener's settings: the PKCS#12 keystore and SASL/PLAIN with one user."""
+    jaas = (
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        f'user_{USERNAME}="{tls.password()}";'
+    )
+    return {
+        "ssl.keystore.type": "PKCS12",
+        "ssl.keystore.location": tls.keystore,
+        "ssl.keystore.password": tls.keystore_password(),
+        "sasl.enabled.mechanisms": "PLAIN",
+        "listener.name.sasl_ssl.plain.sasl.jaas.config": jaas,
+    }
+
+
+def _server_properties(node: Node, voters: str, data_dir: Path, brokers: int, tls: TlsFiles) -> str:
     rf = 1 if brokers < 3 else 3
     min_isr = 1 if brokers < 3 else 2
+    plain, tls_listener = f"PLAINTEXT://127.0.0.1:{node.port}", f"SASL_SSL://127.0.0.1:{node.tls_port}"
     props = {
         "process.roles": "broker,controller",
         "node.id": node.node_id,
         "controller.quorum.voters": voters,
-        "listeners": f"PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
+        "listeners": f"{plain},CONTROLLER://127.0.0.1:{node.controller_port},{tls_listener}",
+        "advertised.listeners": f"{plain},{tls_listener}",
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL",
         "log.dirs": data_dir,
         "num.partitions": 1,
         "default.replication.factor": rf,
@@ -282,6 +335,7 @@ def _server_properties(node: Node, voters: str, data_dir: Path, brokers: int) ->
         "transaction.state.log.num.partitions": 8,
         "share.coordinator.state.topic.replication.factor": rf,
         "share.coordinator.state.topic.min.isr": min_isr,
+        **_tls_properties(tls),
     }
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
@@ -303,7 +357,11 @@ def _run_storage_tool(lib: Path, *args: str) -> str:
 
 
 def _prepare_nodes(base_dir: Path, brokers: int) -> list[Node]:
-    ports = free_ports(2 * brokers)
+    ports = free_ports(3 * brokers)
+    try:
+        tls = make_tls_files(base_dir / "tls")
+    except TlsSetupError as exc:
+        raise KafkaBrokerError(str(exc)) from exc
     nodes = []
     for i in range(brokers):
         node_dir = base_dir / f"node-{i}"
@@ -313,6 +371,7 @@ def _prepare_nodes(base_dir: Path, brokers: int) -> list[Node]:
                 node_id=i,
                 port=ports[2 * i],
                 controller_port=ports[2 * i + 1],
+                tls_port=ports[2 * brokers + i],
                 config=node_dir / "server.properties",
                 log_file=node_dir / "server.log",
             )
@@ -323,7 +382,8 @@ def _prepare_nodes(base_dir: Path, brokers: int) -> list[Node]:
         shutil.rmtree(data_dir, ignore_errors=True)
         if n.log_file.exists():  # keep one previous log; readiness must only see this run's lines
             n.log_file.replace(n.log_file.with_name(n.log_file.name + ".1"))
-        n.config.write_text(_server_properties(n, voters, data_dir, brokers))
+        n.config.touch(mode=0o600)  # holds the keystore and SASL passwords
+        n.config.write_text(_server_properties(n, voters, data_dir, brokers, tls))
     return nodes
 
 
@@ -365,7 +425,8 @@ def _wait_ready(nodes: list[Node], timeout: float) -> None:
                 raise KafkaBrokerError(
                     f"Kafka node {n.node_id} exited during startup; log {n.log_file}:\n{tail(n.log_file)}"
                 )
-            if READY_LINE in n.log_file.read_text(errors="replace") and port_open(n.port, timeout=1.0):
+            ports_open = port_open(n.port, timeout=1.0) and port_open(n.tls_port, timeout=1.0)
+            if READY_LINE in n.log_file.read_text(errors="replace") and ports_open:
                 pending.remove(n)
         if pending and time.monotonic() > deadline:
             n = pending[0]

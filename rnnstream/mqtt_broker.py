@@ -34,6 +34,17 @@ The generated ``mosquitto.conf`` contains, and why:
   session that never comes back; this is a development broker.
 * ``log_dest file BASE_DIR/mosquitto.log`` with timestamps; the process's stdout/stderr go to the
   same file (errors printed before the config is read).
+* ``per_listener_settings true`` and a second listener on ``tls_port``: TLS with a throwaway CA and
+  server certificate made at each start (:mod:`rnnstream.local_tls`, files in ``BASE_DIR/tls``) and
+  username/password authentication (``allow_anonymous false``, a ``password_file`` written with
+  ``mosquitto_passwd`` for the one user :data:`rnnstream.local_tls.USERNAME`, password in
+  :attr:`Broker.password_file`). The plaintext listener stays anonymous. A client over TLS (the service's
+  ``mqtt`` section)::
+
+      broker: 127.0.0.1:<tls_port>
+      username: rnnstream
+      password: ${file:BASE_DIR/tls/password}
+      tls: {ca_file: BASE_DIR/tls/ca.pem}
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ import os
 import pwd
 import shutil
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +73,16 @@ from rnnstream.local_services import (
     wait_gone,
     write_state,
 )
+from rnnstream.local_tls import USERNAME, TlsFiles, TlsSetupError, make_tls_files
 
 HOST = "127.0.0.1"
 MOSQUITTO_FALLBACK = Path("/usr/sbin/mosquitto")
+PASSWD_FALLBACK = Path("/usr/bin/mosquitto_passwd")
 """Where Debian installs the broker (``/usr/sbin`` is often missing from a non-root ``PATH``)."""
 AUTOSAVE_INTERVAL_S = 1
 """Seconds between two writes of the persistence database (the data a SIGKILL can lose)."""
 CONFIG_NAME = "mosquitto.conf"
+PASSWORD_FILE_NAME = "passwords"
 LOG_NAME = "mosquitto.log"
 DATA_DIR_NAME = "data"
 STATE_FILE_NAME = "broker.json"
@@ -154,6 +169,27 @@ class Broker:
     base_dir: Path
     pid: int = 0
     host: str = HOST
+    tls_port: int = 0  # the TLS + password listener (0: none, a broker recorded before it existed)
+
+    @property
+    def tls_address(self) -> str:
+        """``HOST:TLS_PORT``: the listener with TLS and username/password authentication."""
+        return f"{self.host}:{self.tls_port}"
+
+    @property
+    def tls(self) -> TlsFiles:
+        """This broker's CA certificate (``tls.ca_file``), server certificate and client password."""
+        return TlsFiles(self.base_dir / "tls")
+
+    @property
+    def username(self) -> str:
+        """The one user of the TLS listener."""
+        return USERNAME
+
+    @property
+    def password_file(self) -> Path:
+        """The file holding the TLS listener's password (``${file:...}`` in a config)."""
+        return self.tls.password_file
 
     @property
     def address(self) -> str:
@@ -233,6 +269,7 @@ class Broker:
             "host": self.host,
             "port": self.port,
             "address": self.address,
+            "tls_port": self.tls_port,
             "base_dir": str(self.base_dir),
             "pid": self.pid,
         }
@@ -240,7 +277,13 @@ class Broker:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Broker:
         """Inverse of :meth:`to_json`."""
-        return cls(port=data["port"], base_dir=Path(data["base_dir"]), pid=data["pid"], host=data["host"])
+        return cls(
+            port=data["port"],
+            base_dir=Path(data["base_dir"]),
+            pid=data["pid"],
+            host=data["host"],
+            tls_port=data.get("tls_port", 0),
+        )
 
     def __enter__(self) -> Broker:
         return self
@@ -249,13 +292,15 @@ class Broker:
         self.stop()
 
 
-def broker_config(port: int, data_dir: Path, log_file: Path) -> str:
+def broker_config(broker: Broker) -> str:
     """The ``mosquitto.conf`` text (see the module docstring for why each line is there)."""
+    data_dir, log_file, tls = broker.data_dir, broker.log_file, broker.tls
     lines = ["# written by rnnstream.mqtt_broker; rewritten by every start_broker() call"]
     if os.geteuid() == 0:  # otherwise mosquitto drops to the "mosquitto" user (no effect for non-root)
         lines.append(f"user {pwd.getpwuid(0).pw_name}")
     lines += [
-        f"listener {port} {HOST}",
+        "per_listener_settings true",
+        f"listener {broker.port} {HOST}",
         "allow_anonymous true",
         "persistence true",
         f"persistence_location {data_dir}/",
@@ -271,8 +316,38 @@ def broker_config(port: int, data_dir: Path, log_file: Path) -> str:
         "log_type information",
         "log_timestamp true",
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        f"listener {broker.tls_port} {HOST}",
+        f"cafile {tls.ca_file}",
+        f"certfile {tls.cert_file}",
+        f"keyfile {tls.key_file}",
+        "allow_anonymous false",
+        f"password_file {broker.base_dir / PASSWORD_FILE_NAME}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _passwd_binary() -> str:
+    path = shutil.which("mosquitto_passwd")
+    if path is not None:
+        return path
+    if os.access(PASSWD_FALLBACK, os.X_OK):
+        return str(PASSWD_FALLBACK)
+    raise MqttBrokerError("'mosquitto_passwd' not found (it comes with the mosquitto package)")
+
+
+def _write_tls_files(broker: Broker) -> None:
+    """A fresh CA, server certificate and password for the TLS listener, and mosquitto's password file."""
+    try:
+        tls = make_tls_files(broker.tls.directory)
+    except TlsSetupError as exc:
+        raise MqttBrokerError(str(exc)) from exc
+    passwords = broker.base_dir / PASSWORD_FILE_NAME
+    passwords.unlink(missing_ok=True)
+    passwords.touch(mode=0o600)
+    cmd = [_passwd_binary(), "-b", str(passwords), USERNAME, tls.password()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=30)
+    if proc.returncode != 0:
+        raise MqttBrokerError(f"mosquitto_passwd failed: {proc.stderr.strip()[-2000:]}")
 
 
 def _launch(broker: Broker) -> int:
@@ -322,7 +397,8 @@ def _wait_ready(broker: Broker, offset: int, timeout: float) -> None:
                 f"{tail(broker.log_file, _TAIL_LINES)}",
                 port_in_use=ADDRESS_IN_USE in log,
             )
-        if _logged_running(_log_since(broker, offset)) and port_open(broker.port, timeout=0.5, host=HOST):
+        ports = (broker.port, broker.tls_port)
+        if _logged_running(_log_since(broker, offset)) and all(port_open(p, 0.5, HOST) for p in ports):
             return
         if time.monotonic() > deadline:
             broker.kill()
@@ -347,15 +423,16 @@ def _start(broker: Broker, timeout: float, retry_same_port: bool) -> None:
         if retry_same_port:
             time.sleep(0.2)
         else:
-            broker.port = free_port()
-            broker.config.write_text(broker_config(broker.port, broker.data_dir, broker.log_file))
+            broker.port, broker.tls_port = free_ports(2, HOST)
+            broker.config.write_text(broker_config(broker))
 
 
 def start_broker(base_dir: Path, port: int | None = None, timeout: float = 15.0) -> Broker:
     """Start a fresh mosquitto on 127.0.0.1:``port`` (default: a free port) and wait until ready.
 
     ``base_dir`` receives ``mosquitto.conf``, ``mosquitto.log`` and ``data/`` (the persistence
-    database).  An existing database there is removed, so the broker starts empty (use
+    database), and ``tls/`` (a fresh CA, server certificate and password for the TLS listener on
+    ``tls_port``, a free port).  An existing database there is removed, so the broker starts empty (use
     :meth:`Broker.restart` to keep it); an existing log is kept as ``mosquitto.log.1``.  The broker
     runs in its own session, so it outlives the calling process until :meth:`Broker.stop`.  Raises
     :class:`MqttBrokerError` (with the log tail) when it does not accept connections within
@@ -363,12 +440,14 @@ def start_broker(base_dir: Path, port: int | None = None, timeout: float = 15.0)
     """
     base = Path(base_dir).resolve()
     base.mkdir(parents=True, exist_ok=True)
-    broker = Broker(port=port if port is not None else free_port(), base_dir=base)
+    plain, tls_port = free_ports(2, HOST)
+    broker = Broker(port=port if port is not None else plain, base_dir=base, tls_port=tls_port)
     shutil.rmtree(broker.data_dir, ignore_errors=True)
     broker.data_dir.mkdir()
     if broker.log_file.exists():
         broker.log_file.replace(broker.log_file.with_name(LOG_NAME + ".1"))
-    broker.config.write_text(broker_config(broker.port, broker.data_dir, broker.log_file))
+    _write_tls_files(broker)
+    broker.config.write_text(broker_config(broker))
     try:
         _start(broker, timeout, retry_same_port=port is not None)
     except BaseException:
