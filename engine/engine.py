@@ -25,10 +25,10 @@ import torch
 from torch import Tensor
 
 from engine.batcher import Pending, PendingQueue, plan_waves
-from engine.errors import EngineClosedError, InvalidInputError, SnapshotError, UnknownStreamError
+from engine.errors import EngineClosedError, InvalidInputError, UnknownStreamError
 from engine.inputs import check_category, check_category_batch, check_feature_batch, check_features
 from engine.runtime import freeze_startup_objects, tune_allocator
-from engine.snapshot import EngineSnapshot
+from engine.snapshot import EngineSnapshot, state_layout
 from engine.spill import SpillStore
 from engine.state import StateStore, StreamId, check_stream_id, check_stream_ids
 from engine.stats import EngineStats, LatencyWindow
@@ -117,7 +117,7 @@ class Engine:
         if spill_dir is None:
             self._spill_tmp = tempfile.TemporaryDirectory(prefix="rnnstream-spill-")
             spill_dir = self._spill_tmp.name
-        return SpillStore(Path(spill_dir) / "spill.sqlite", self.model.state_widths())
+        return SpillStore(spill_dir, self.model.state_widths())
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def __enter__(self) -> Engine:
@@ -462,12 +462,7 @@ class Engine:
     def restore(self, snapshot: EngineSnapshot, replace: bool = True) -> None:
         """Load the snapshot's streams. ``replace=True`` forgets every other stream; ``False`` merges (for
         a partition moving in, say), overwriting only the snapshot's streams."""
-        if snapshot.widths != self._store.widths:
-            raise SnapshotError(
-                f"snapshot state widths {snapshot.widths} do not fit this model's {self._store.widths}"
-            )
-        if snapshot.model_spec and snapshot.model_spec != self.model.spec.to_dict():
-            raise SnapshotError("snapshot was taken with a different model architecture")
+        snapshot.check_fits(state_layout(self.model))  # SnapshotError naming both layouts
         with self._lock:
             self._store.import_(snapshot.stream_ids, snapshot.states, time.monotonic(), replace=replace)
             if self._recorder is not None:

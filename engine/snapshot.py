@@ -1,15 +1,24 @@
-"""``EngineSnapshot``: every stream's state, the model version and the source positions it reflects.
+"""``EngineSnapshot``: every stream's state, the model version and the source positions it reflects, and
+``StateLayout``: what a stream's state row means, stamped into every state record the project writes.
 
-Saved as one safetensors file (raw tensors + a JSON header; nothing is unpickled on load).
+A snapshot is one safetensors file (raw tensors + a JSON header; nothing is unpickled on load). Its header
+holds the ``StateLayout`` (``rnnstream.snapshot/2``); a ``rnnstream.snapshot/1`` file (written before
+versioning) has none, and its layout is read from the model spec and state widths it recorded.
+
+Checkpoint rows (``rnnstream.pipeline.StateCodec``: the Kafka changelog's values, the local checkpoint's
+rows) start with ``StateLayout.row_header()``. Two models with equal layouts take each other's states:
+new weights (a fine-tuned version), a new ``ModelSpec`` field with a default, another head. A different
+cell kind, layer count, state width or dtype is refused, naming both layouts.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -18,8 +27,138 @@ from torch import Tensor
 from engine.errors import SnapshotError
 from models.bundle import write_safetensors
 
-SNAPSHOT_FORMAT = "rnnstream.snapshot/1"
+if TYPE_CHECKING:
+    from models.stream_model import StreamModel
+
+SNAPSHOT_FORMAT = "rnnstream.snapshot/2"
+SNAPSHOT_FORMATS = ("rnnstream.snapshot/1", SNAPSHOT_FORMAT)  # /1: no layout header (before versioning)
+STATE_RECORD_VERSION = 1  # of the layout header, in rows and snapshot files
 StreamId = str | int
+
+# Row header: magic, record version, cell code, dtype code, layers, state tensors per layer (9 bytes), then
+# one little-endian uint32 width per state tensor. As float32 the magic is a NaN, which no engine state
+# holds: a row written before versioning never starts with it.
+ROW_MAGIC = b"RS\xc1\x7f"
+_FIXED = struct.Struct("<4sBBBBB")
+_CELL_CODES = {"rnn_tanh": 1, "rnn_relu": 2, "gru": 3, "lstm": 4}  # fixed forever: stored in records
+_DTYPE_CODES = {"float32": 1}
+
+
+class StateLayoutError(SnapshotError):
+    """State records written by another state layout (or a newer record version): they cannot load."""
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """The meaning of a stream's state: ``cell`` kind, per layer the widths of its state tensors (``(h,)``,
+    or ``(h, c)`` for LSTM: floats each), and their ``dtype``. Equal layouts = interchangeable states."""
+
+    cell: str
+    layers: tuple[tuple[int, ...], ...]
+    dtype: str = "float32"
+
+    @classmethod
+    def grouped(cls, cell: str, num_layers: int, widths: list[int], dtype: str = "float32") -> StateLayout:
+        """From the flat state widths (layer by layer) of a ``num_layers``-layer model."""
+        per = max(len(widths) // max(num_layers, 1), 1)
+        return cls(cell, tuple(tuple(widths[i : i + per]) for i in range(0, len(widths), per)), dtype)
+
+    @property
+    def widths(self) -> list[int]:
+        """The flat state widths, layer by layer (``StreamModel.state_widths()``)."""
+        return [w for layer in self.layers for w in layer]
+
+    def describe(self) -> str:
+        """``gru 2x16``, ``lstm 2x(h 3, c 8)``, or each layer when they differ."""
+        sizes = [self._size(layer) for layer in self.layers]
+        shape = f"{len(sizes)}x{sizes[0]}" if len(set(sizes)) == 1 else f"[{', '.join(sizes)}]"
+        return f"{self.cell} {shape}" + ("" if self.dtype == "float32" else f" {self.dtype}")
+
+    @staticmethod
+    def _size(layer: tuple[int, ...]) -> str:
+        if len(set(layer)) == 1:
+            return str(layer[0])
+        return "(" + ", ".join(f"{n} {w}" for n, w in zip("hc", layer, strict=False)) + ")"
+
+    def differences(self, other: StateLayout) -> list[str]:
+        """What differs from ``other``, as ``what: mine vs theirs``."""
+        pairs = [
+            ("cell", self.cell, other.cell),
+            ("layers", len(self.layers), len(other.layers)),
+            ("state widths", self.widths, other.widths),
+            ("dtype", self.dtype, other.dtype),
+        ]
+        return [f"{what}: {a} vs {b}" for what, a, b in pairs if a != b]
+
+    def check_loads_into(self, target: StateLayout) -> None:
+        """Raise ``StateLayoutError`` naming both layouts and what differs, unless they are equal."""
+        if self != target:
+            raise StateLayoutError(
+                f"state written by {self.describe()} cannot load into {target.describe()} "
+                f"({'; '.join(self.differences(target))})"
+            )
+
+    # ---- serialised: JSON (snapshot files), bytes (checkpoint rows) --------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        layers = [list(layer) for layer in self.layers]
+        return {
+            "record_version": STATE_RECORD_VERSION,
+            "cell": self.cell,
+            "layers": layers,
+            "dtype": self.dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StateLayout:
+        """Inverse of ``to_dict``; keys added by later releases are ignored, a newer record version is
+        refused (``StateLayoutError``)."""
+        _check_version(int(data["record_version"]))
+        return cls(
+            str(data["cell"]), tuple(tuple(int(w) for w in layer) for layer in data["layers"]), data["dtype"]
+        )
+
+    def row_header(self) -> bytes:
+        """The header every checkpoint row of this layout starts with: ``9 + 4 * len(widths)`` bytes."""
+        per = len(self.layers[0]) if self.layers else 0
+        fixed = _FIXED.pack(
+            ROW_MAGIC,
+            STATE_RECORD_VERSION,
+            _CELL_CODES[self.cell],
+            _DTYPE_CODES[self.dtype],
+            len(self.layers),
+            per,
+        )
+        return fixed + struct.pack(f"<{len(self.widths)}I", *self.widths)
+
+    @classmethod
+    def from_row(cls, row: bytes) -> tuple[StateLayout, int] | None:
+        """``(layout, header length)`` of a row that starts with a header; ``None`` for a row written
+        before versioning. Raises ``StateLayoutError`` for a newer record version, ``ValueError`` for a
+        header that cannot be read."""
+        if not row.startswith(ROW_MAGIC):
+            return None
+        if len(row) < _FIXED.size:
+            raise ValueError(f"state row of {len(row)} bytes: a cut header")
+        _magic, version, cell, dtype, layers, per = _FIXED.unpack_from(row)
+        _check_version(version)
+        end = _FIXED.size + 4 * layers * per
+        names = {c: n for n, c in _CELL_CODES.items()}, {c: n for n, c in _DTYPE_CODES.items()}
+        if cell not in names[0] or dtype not in names[1] or len(row) < end:
+            raise ValueError(f"state row of {len(row)} bytes: unreadable header (cell {cell}, dtype {dtype})")
+        widths = list(struct.unpack_from(f"<{layers * per}I", row, _FIXED.size))
+        return cls.grouped(names[0][cell], layers, widths, names[1][dtype]), end
+
+
+def _check_version(version: int) -> None:
+    if version > STATE_RECORD_VERSION or version < 1:
+        raise StateLayoutError(
+            f"state record version {version}: this release reads versions 1 to {STATE_RECORD_VERSION}"
+        )
+
+
+def state_layout(model: StreamModel) -> StateLayout:
+    """The state layout of ``model``: the one identity every state record is stamped and checked with."""
+    return StateLayout(model.spec.cell, tuple(tuple(layer.state_widths()) for layer in model.layers))
 
 
 @dataclass
@@ -33,6 +172,12 @@ class EngineSnapshot:
     model_spec: dict[str, Any] = field(default_factory=dict)
     positions: dict[str, Any] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
+    layout: StateLayout | None = None  # default: from ``model_spec`` and the state widths, when given
+
+    def __post_init__(self) -> None:
+        if self.layout is None and self.model_spec:
+            spec = self.model_spec
+            self.layout = StateLayout.grouped(spec["cell"], int(spec.get("num_layers", 1)), self.widths)
 
     def __len__(self) -> int:
         return len(self.stream_ids)
@@ -46,6 +191,16 @@ class EngineSnapshot:
         i = self.stream_ids.index(stream_id)
         return [t[i] for t in self.states]
 
+    def check_fits(self, target: StateLayout) -> None:
+        """Raise ``SnapshotError`` unless these states can load into a model of layout ``target``
+        (``StateLayoutError`` naming both layouts; a snapshot without a layout: its widths must fit)."""
+        if self.layout is not None:
+            self.layout.check_loads_into(target)
+        elif self.widths != target.widths:
+            raise SnapshotError(
+                f"snapshot state widths {self.widths} do not fit this model's {target.widths}"
+            )
+
     def save(self, path: str | Path) -> Path:
         """Write atomically (``models.bundle.write_safetensors``): a crash never leaves half a snapshot."""
         tensors = {f"state_{k}": t.contiguous() for k, t in enumerate(self.states)}
@@ -58,6 +213,8 @@ class EngineSnapshot:
             "created_at": repr(self.created_at),
             "num_states": str(len(self.states)),
         }
+        if self.layout is not None:
+            meta["state_layout"] = json.dumps(self.layout.to_dict())
         return write_safetensors(path, tensors, meta)
 
     @classmethod
@@ -67,8 +224,11 @@ class EngineSnapshot:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-            if meta.get("format") != SNAPSHOT_FORMAT:
-                raise SnapshotError(f"{path}: format {meta.get('format')!r}, expected {SNAPSHOT_FORMAT!r}")
+            if meta.get("format") not in SNAPSHOT_FORMATS:
+                raise SnapshotError(
+                    f"{path}: format {meta.get('format')!r}, expected one of {SNAPSHOT_FORMATS}"
+                )
+            layout = meta.get("state_layout")
             tensors = load_file(str(path))
             states = [tensors[f"state_{k}"] for k in range(int(meta["num_states"]))]
             return cls(
@@ -78,6 +238,7 @@ class EngineSnapshot:
                 model_spec=json.loads(meta["model_spec"]),
                 positions=json.loads(meta["positions"]),
                 created_at=float(meta["created_at"]),
+                layout=StateLayout.from_dict(json.loads(layout)) if layout else None,
             )
         except SnapshotError:
             raise
