@@ -117,7 +117,7 @@ class Engine:
         if spill_dir is None:
             self._spill_tmp = tempfile.TemporaryDirectory(prefix="rnnstream-spill-")
             spill_dir = self._spill_tmp.name
-        return SpillStore(Path(spill_dir) / "spill.sqlite", self.model.state_widths())
+        return SpillStore(spill_dir, self.model.state_widths())
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def __enter__(self) -> Engine:
