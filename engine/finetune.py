@@ -22,6 +22,13 @@ Pieces, in the order data flows:
 - The ``FineTuner`` executes the decision: ``Engine.swap_weights`` (atomic, states kept) and a versioned
   bundle in ``versions_dir`` (``v000003.safetensors``) recording what trained it.
 
+``versions_dir`` belongs to one fine-tuner at a time: it holds an exclusive lock on ``versions_dir/LOCK``
+(``flock``, released by ``stop`` or by the kernel when the process dies) and a second one, in this process
+or another, is refused naming the key and the holder. A published version file is write-once: a restart
+that resumes from it (``serving_bundle``) keeps it, with what trained it, and publishes after it; another
+model under a number already published there is refused. A relative ``versions_dir`` is made absolute
+(against the working directory) when the fine-tuner starts.
+
 Next-step targets through a ``regression`` head are the next input in the head's units,
 ``x[t+1]·scale + offset`` (the head un-standardises; the inputs are standardised).
 
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import math
 import os
 import random
@@ -49,7 +57,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -66,6 +74,7 @@ if TYPE_CHECKING:
 
 Weights = dict[str, np.ndarray]
 SERVING_FILE = "SERVING"
+LOCK_FILE = "LOCK"
 
 
 def serving_bundle(versions_dir: str | Path) -> Path | None:
@@ -124,7 +133,11 @@ class FineTuneSettings(BaseModel):
     )
     nice: int = Field(10, ge=0, le=19, description="worker process niceness when priority is 'nice'")
     min_round_interval_s: float = Field(0.0, ge=0)
-    versions_dir: str | None = Field(None, description="where versions are kept (default: a temp dir)")
+    versions_dir: str | None = Field(
+        None,
+        description="where versions are kept (default: a temp dir); one fine-tuner at a time (locked); "
+        "relative: against the working directory at start",
+    )
     keep_versions: int = Field(1000, ge=2, description="newest versions kept on disk (plus the serving one)")
     seed: int = 0
 
@@ -439,6 +452,27 @@ class _ProcessWorker:
 
 
 # ---- the coordinator: a thread in the serving process ---------------------------------------------------
+def _lock_versions_dir(versions_dir: Path) -> BinaryIO:
+    """Create ``versions_dir`` and take its exclusive lock (``LOCK``, holding this process's pid and host);
+    returns the open file that holds it (closing it, or its collection, releases the lock). Raises
+    ``RuntimeError`` naming the holder when another open file holds it, in this process or another."""
+    versions_dir.mkdir(parents=True, exist_ok=True)
+    lock = os.fdopen(os.open(versions_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644), "r+b", buffering=0)
+    fd = lock.fileno()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "an unknown process"
+        lock.close()
+        raise RuntimeError(
+            f"finetune.versions_dir: {versions_dir} is in use by another fine-tuner ({holder}); each "
+            "instance needs its own directory"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return lock
+
+
 @dataclass
 class FineTuneStats:
     """Progress of the fine-tuning worker (``Engine.stats().finetune``)."""
@@ -494,14 +528,18 @@ class FineTuner:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if settings.versions_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="rnnstream-versions-")
-        self.versions_dir = Path(settings.versions_dir or self._tmp.name)  # type: ignore[union-attr]
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        self.versions_dir = Path(settings.versions_dir or self._tmp.name).absolute()  # type: ignore[union-attr]
+        self._lock: BinaryIO | None = _lock_versions_dir(self.versions_dir)
         self._spec = model.spec.to_dict()
         self._serving_version = model.info.version
         self._previous_version: int | None = None
         self._kept = self.versions()
         self._next_version = max([model.info.version, *self._kept]) + 1
-        self._save_version(model.state_dict(), model.info.version, {"source": "initial"})
+        try:
+            self._keep_serving(model)
+        except BaseException:
+            self._unlock()
+            raise
         self._rng = random.Random(settings.seed)
         self._stats = FineTuneStats(serving_version=model.info.version)
         self._running = threading.Event()
@@ -538,6 +576,7 @@ class FineTuner:
         if self.inline and self._worker is not None:
             self._worker.close()
         self.engine.stop_recording(self.buffer)  # no recording cost once stopped
+        self._unlock()  # nothing is written any more: another fine-tuner may take the directory
         self._stats.state = "stopped"
 
     @property
@@ -590,7 +629,36 @@ class FineTuner:
         tmp.write_text(f"{version}\n")
         tmp.replace(pointer)
 
+    def _unlock(self) -> None:
+        """Release ``versions_dir`` (idempotent)."""
+        if self._lock is not None:
+            self._lock.close()  # closing the only descriptor drops the flock
+            self._lock = None
+
+    def _keep_serving(self, model: StreamModel) -> None:
+        """Keep the serving model as its version: a new file recording what trained it (its bundle's own
+        ``trained_on``), or, on a resume, the published file as it is. Other weights under a published
+        number are refused: that file is another model's."""
+        version, path = model.info.version, self.version_path(model.info.version)
+        if not path.exists():
+            self._save_version(
+                model.state_dict(), version, dict(model.info.trained_on) or {"source": "initial"}
+            )
+            return
+        published = load_bundle(path).state_dict()
+        live = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if published.keys() != live.keys() or not all(torch.equal(published[k], live[k]) for k in live):
+            raise ValueError(
+                f"finetune.versions_dir: {path} holds other weights than the served model (version "
+                f"{version}); published versions are never rewritten: start from that directory's serving "
+                "bundle or give this model its own versions_dir"
+            )
+
     def _save_version(self, weights: dict[str, Tensor], version: int, trained_on: dict[str, Any]) -> None:
+        """Publish ``version``: write-once (the directory is locked, so nobody else writes meanwhile)."""
+        path = self.version_path(version)
+        if path.exists():
+            raise FileExistsError(f"{path}: version {version} is published already and is never rewritten")
         info = ModelInfo(
             version=version, features=dict(self.engine.model.info.features), trained_on=trained_on
         )

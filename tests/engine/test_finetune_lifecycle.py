@@ -1,14 +1,27 @@
 """The fine-tuning worker's lifecycle on an engine: once stopped, nothing is recorded any more (no cost
-left behind), and fine-tuning can be started again."""
+left behind), and fine-tuning can be started again; a restart resumes without rewriting what was
+published (version files are write-once); one fine-tuner per ``versions_dir`` at a time."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
+from benchmarks.finetune_bench import copy_model as _copy
 from engine import Engine
-from engine.finetune import FineTuneSettings
-from models.stream_model import ModelSpec, StreamModel
+from engine.finetune import SERVING_FILE, FineTuneSettings, serving_bundle
+from models.bundle import load_bundle, save_bundle
+from models.stream_model import ModelInfo, ModelSpec, StreamModel
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = ModelSpec("gru", 1, 8, head="regression", head_out=1)
 
 
 def _events(engine: Engine, n: int) -> None:
@@ -32,3 +45,107 @@ def test_a_stopped_finetuner_records_nothing_and_fine_tuning_starts_again():
         again = engine.start_finetuning(FineTuneSettings(min_train_chunks=10_000))
         _events(engine, 40)
         assert sum(again.buffer.stats().values()) > 0 and engine.finetuner is again
+
+
+def _idle(versions_dir: str) -> FineTuneSettings:
+    """Settings that record and never train (a round needs 10,000 chunks), the worker as a thread."""
+    return FineTuneSettings(versions_dir=versions_dir, min_train_chunks=10**4, isolation="thread")
+
+
+# ---- versions: published files are write-once, resuming keeps their history ------------------------------
+def _publish_by_hand(versions_dir, model: StreamModel, version: int, trained_on: dict) -> None:
+    """A version as a fine-tuner published it before a restart: its bundle and the SERVING pointer."""
+    model.info = ModelInfo(version=version, trained_on=trained_on)
+    save_bundle(model, versions_dir / f"v{version:06d}.safetensors")
+    (versions_dir / SERVING_FILE).write_text(f"{version}\n")
+
+
+def test_resuming_keeps_the_serving_versions_file_and_its_recorded_history(tmp_path):
+    """A restart loads the serving version (``serving_bundle``) and fine-tunes on: that version's file,
+    with what trained it, is left exactly as it was published, and new versions continue after it."""
+    versions = tmp_path / "versions"
+    history = {"source": "online fine-tuning", "parent_version": 2, "updates_total": 170, "val_loss": 0.25}
+    _publish_by_hand(versions, StreamModel(SPEC), 3, history)
+    published = (versions / "v000003.safetensors").read_bytes()
+    resumed = load_bundle(serving_bundle(versions))
+    with Engine(resumed, device="cpu") as engine:
+        tuner = engine.start_finetuning(_idle(str(versions)))
+        assert tuner.load_version(3).info.trained_on == history
+        assert (versions / "v000003.safetensors").read_bytes() == published
+        assert tuner._next_version == 4
+
+
+def test_a_fresh_start_records_the_initial_models_own_history(tmp_path):
+    """The first version kept is the served bundle as it is, with what trained it offline."""
+    model = StreamModel(SPEC)
+    model.info = ModelInfo(version=0, trained_on={"data": "sine waves", "epochs": 3})
+    with Engine(model, device="cpu") as engine:
+        tuner = engine.start_finetuning(_idle(str(tmp_path)))
+        assert tuner.load_version(0).info.trained_on == {"data": "sine waves", "epochs": 3}
+
+
+def test_a_published_version_is_never_rewritten(tmp_path):
+    """Starting with other weights under a version number already published there is refused (naming the
+    key), and the published file is untouched; a second write of a version is refused too."""
+    versions = tmp_path / "versions"
+    _publish_by_hand(versions, StreamModel(SPEC), 0, {"source": "initial"})
+    published = (versions / "v000000.safetensors").read_bytes()
+    torch.manual_seed(1)
+    with Engine(StreamModel(SPEC), device="cpu") as engine:  # other weights, also version 0
+        with pytest.raises(ValueError, match=r"finetune\.versions_dir: .*v000000.* other weights"):
+            engine.start_finetuning(_idle(str(versions)))
+        assert (versions / "v000000.safetensors").read_bytes() == published
+        assert engine.finetuner is None
+        again = engine.start_finetuning(_idle(str(tmp_path / "own")))  # not locked
+        with pytest.raises(FileExistsError, match=r"v000000.*published"):
+            again._save_version(engine.model.state_dict(), 0, {"source": "a second write"})
+        assert again.load_version(0).info.trained_on == {"source": "initial"}
+
+
+# ---- one fine-tuner per versions_dir ---------------------------------------------------------------------
+def test_a_second_finetuner_on_the_same_versions_dir_is_refused_until_the_first_stops(tmp_path):
+    """Two fine-tuners on one directory would race on version numbers and the SERVING pointer: the second
+    is refused with the key and the holder; once the first stops, the directory is free again."""
+    settings, model = _idle(str(tmp_path / "v")), StreamModel(SPEC)
+    with Engine(_copy(model), device="cpu") as first, Engine(_copy(model), device="cpu") as second:
+        tuner = first.start_finetuning(settings)
+        with pytest.raises(
+            RuntimeError,
+            match=rf"finetune\.versions_dir: {re.escape(str(tmp_path / 'v'))} .*pid {os.getpid()}",
+        ):
+            second.start_finetuning(settings)
+        tuner.stop()
+        second.start_finetuning(_idle(str(tmp_path / "v")))
+
+
+def test_another_process_holding_the_versions_dir_is_refused(tmp_path):
+    """The same across processes (the lock is the kernel's: it goes when its holder dies, even by kill -9)."""
+    versions, model = tmp_path / "v", save_bundle(StreamModel(SPEC), tmp_path / "model.safetensors")
+    code = (
+        "import time; from engine import Engine; from engine.finetune import FineTuneSettings;"
+        "from models.bundle import load_bundle;"
+        f"e = Engine(load_bundle({str(model)!r}), device='cpu');"
+        f"e.start_finetuning(FineTuneSettings(versions_dir={str(versions)!r}, isolation='thread'));"
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        with Engine(load_bundle(model), device="cpu") as engine:
+            with pytest.raises(RuntimeError, match=rf"in use by .*pid {holder.pid}"):
+                engine.start_finetuning(_idle(str(versions)))
+            holder.kill()
+            holder.wait()
+            engine.start_finetuning(_idle(str(versions)))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_relative_versions_dir_is_resolved_once_at_start(tmp_path, monkeypatch):
+    """A relative directory is made absolute when the fine-tuner starts (cwd), so it does not move when
+    the process changes directory and a refusal names the real path."""
+    monkeypatch.chdir(tmp_path)
+    with Engine(StreamModel(SPEC), device="cpu") as engine:
+        tuner = engine.start_finetuning(_idle("versions"))
+        assert tuner.versions_dir == tmp_path / "versions" and tuner.versions_dir.is_absolute()
