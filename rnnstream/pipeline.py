@@ -16,8 +16,9 @@ One thread runs ``poll → process → (every interval) checkpoint``; it knows n
   processed, and checkpointed and dropped when it is revoked (Kafka rebalances). Sources other than
   Kafka have one partition, 0, assigned when they open.
 
-A stream's checkpointed row is its engine state (float32) followed by the stages' bookkeeping (float64,
-``StreamTable``s): ``StateCodec``.
+A stream's checkpointed row is the state layout that wrote it (``engine.snapshot.StateLayout``), its engine
+state (float32) and the stages' bookkeeping (float64, ``StreamTable``s): ``StateCodec``. A row of another
+layout stops the service naming both; a garbage row is logged and its stream starts afresh.
 
 Backpressure: the loop is synchronous; a sink that blocks pauses polling instead of growing memory.
 """
@@ -53,6 +54,7 @@ from connectors.base import (
 from connectors.codec import FLOAT32_MAX, Decoded, DecodeError, check_label, decode_feedback
 from engine import Engine, EngineSnapshot, UnknownStreamError
 from engine.runtime import freeze_startup_objects
+from engine.snapshot import StateLayout, StateLayoutError, state_layout
 from rnnstream.limits import StreamRateLimit
 from rnnstream.process import exit_within
 from rnnstream.stream_table import StreamDict, StreamTable
@@ -190,36 +192,92 @@ class RawOutputs:
 
 
 class StateCodec:
-    """A stream's checkpoint row: engine state ``sum(engine_widths)`` float32 little-endian, then each
-    stage table's row (float64 little-endian). A row holding the engine state only (written before the
-    stages existed) restores the stages' initial rows."""
+    """A stream's checkpoint row: the state layout header (``StateLayout.row_header()``: the cell, layers,
+    state widths and dtype that wrote it; ``9 + 4 * len(widths)`` bytes), the engine state
+    ``sum(widths)`` float32 little-endian, then each stage table's row (float64 little-endian).
 
-    def __init__(self, engine_widths: Sequence[int], tables: Sequence[StreamTable | StreamDict]) -> None:
-        self.engine_width = sum(engine_widths)
+    Reading a row:
+    - of another layout, or a newer record version: ``StateLayoutError`` naming both layouts. The service
+      runs a model that cannot use this state; start it with the model that wrote it, or on a fresh
+      changelog topic / checkpoint directory.
+    - without the header (written before versioning): loaded when its length fits, as it was then (such a
+      row holds no identity to check); the stream's next checkpoint rewrites it with the header.
+    - holding the engine state only (written before the stages existed): the stages' initial rows.
+    - anything else is garbage: ``decode`` raises ``ValueError``; ``decode_table`` logs it (once per
+      restore), counts it (``refused``) and leaves the stream out, so it starts afresh; no other stream
+      is touched."""
+
+    def __init__(self, layout: StateLayout, tables: Sequence[StreamTable | StreamDict]) -> None:
+        self.layout = layout
+        self.header = layout.row_header()
+        self.engine_width = sum(layout.widths)
         self.tables = list(tables)
         self.extra_width = sum(t.width for t in self.tables)
         self.initial_extra = np.concatenate([t.initial for t in self.tables]) if self.tables else np.zeros(0)
+        self.refused = 0  # garbage rows left out by ``decode_table``
 
     def encode(self, engine_rows: np.ndarray, stream_ids: Sequence[str]) -> list[bytes]:
-        """Rows of ``engine_rows (N, W) float32`` and the tables' rows of ``stream_ids``."""
+        """Rows of ``engine_rows (N, W) float32`` and the tables' rows of ``stream_ids``, each behind the
+        header."""
         head = np.ascontiguousarray(engine_rows, dtype="<f4")
-        if not self.tables:
-            return [r.tobytes() for r in head]
-        tail = np.ascontiguousarray(np.hstack([t.export(stream_ids) for t in self.tables]), dtype="<f8")
-        return [h.tobytes() + t.tobytes() for h, t in zip(head, tail, strict=True)]
+        parts = [np.broadcast_to(np.frombuffer(self.header, np.uint8), (len(head), len(self.header)))]
+        parts.append(head.view(np.uint8))
+        if self.tables:
+            tail = np.hstack([t.export(stream_ids) for t in self.tables])
+            parts.append(np.ascontiguousarray(tail, dtype="<f8").view(np.uint8))
+        return [r.tobytes() for r in np.hstack(parts)]
 
     def decode(self, rows: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """``(engine (N, W) float32, extra (N, E) float64)``; raises ``ValueError`` on a bad length."""
+        """``(engine (N, W) float32, extra (N, E) float64)``; raises ``StateLayoutError`` for a row of
+        another layout, ``ValueError`` for garbage."""
         engine = np.zeros((len(rows), self.engine_width), np.float32)
         extra = np.tile(self.initial_extra, (len(rows), 1))
-        e_bytes, x_bytes = 4 * self.engine_width, 8 * self.extra_width
         for i, row in enumerate(rows):
-            if len(row) not in (e_bytes, e_bytes + x_bytes):
-                raise ValueError(f"state row of {len(row)} bytes; expected {e_bytes} or {e_bytes + x_bytes}")
-            engine[i] = np.frombuffer(row, "<f4", self.engine_width)
-            if len(row) > e_bytes and self.extra_width:
-                extra[i] = np.frombuffer(row, "<f8", self.extra_width, offset=e_bytes)
+            self._decode_row(row, engine[i], extra[i])
         return engine, extra
+
+    def decode_table(self, table: dict[str, bytes]) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """``decode`` of a partition's rows ``{stream: row}``: ``(stream ids, engine, extra)`` of the rows
+        that load; a garbage row is logged and left out (its stream starts afresh)."""
+        ids = list(table)
+        engine = np.zeros((len(ids), self.engine_width), np.float32)
+        extra = np.tile(self.initial_extra, (len(ids), 1))
+        kept = []
+        for i, sid in enumerate(ids):
+            try:
+                self._decode_row(table[sid], engine[i], extra[i])
+            except StateLayoutError:
+                raise
+            except ValueError as exc:
+                self.refused += 1
+                log.warning("state row of stream %r refused (%s): the stream starts afresh", sid, exc)
+                continue
+            kept.append(i)
+        return [ids[i] for i in kept], engine[kept], extra[kept]
+
+    def _decode_row(self, row: bytes, engine: np.ndarray, extra: np.ndarray) -> None:
+        """One row into ``engine (W,)`` and ``extra (E,)`` (``extra`` untouched by an engine-only row)."""
+        body = self._body(row)
+        e_bytes, x_bytes = 4 * self.engine_width, 8 * self.extra_width
+        if len(body) not in (e_bytes, e_bytes + x_bytes):
+            raise ValueError(
+                f"state row of {len(row)} bytes, {len(body)} after its header; expected {e_bytes} or "
+                f"{e_bytes + x_bytes}"
+            )
+        engine[:] = np.frombuffer(body, "<f4", self.engine_width)
+        if len(body) > e_bytes and self.extra_width:
+            extra[:] = np.frombuffer(body, "<f8", self.extra_width, offset=e_bytes)
+
+    def _body(self, row: bytes) -> bytes | memoryview:
+        """The row after its header, once the header is checked; a row without one as it is."""
+        if row.startswith(self.header):
+            return memoryview(row)[len(self.header) :]
+        found = StateLayout.from_row(row)
+        if found is None:
+            return row
+        layout, end = found
+        layout.check_loads_into(self.layout)
+        return memoryview(row)[end:]
 
     def load_extra(self, stream_ids: Sequence[str], extra: np.ndarray) -> None:
         col = 0
@@ -259,7 +317,7 @@ class Pipeline:
         self.rate_limit = rate_limit
         self._on_close: list[Callable[[], None]] = []
         tables = [t for t in (checks.table if checks else None, self.scoring.table) if t is not None]
-        self.codec = StateCodec(engine.model.state_widths(), tables)
+        self.codec = StateCodec(state_layout(engine.model), tables)
         self.counters = PipelineCounters()
         self._rejected: Counter[str] = Counter()  # decode rejections by kind (DecodeError.kind)
         self._stop = threading.Event()
@@ -742,8 +800,7 @@ class Pipeline:
         restored = 0
         for p in wanted:
             table = tables.get(p, {})
-            ids = list(table)
-            engine_rows, extra = self.codec.decode([table[s] for s in ids])
+            ids, engine_rows, extra = self.codec.decode_table(table)  # garbage rows left out, logged
             states = list(torch.split(torch.from_numpy(engine_rows), widths, dim=1))
             self.engine.restore(EngineSnapshot(ids, states), replace=False)
             self.codec.load_extra(ids, extra)

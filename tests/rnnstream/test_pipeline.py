@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from connectors.base import DeadLetter, Message, Output
 from connectors.codec import Decoder, KeyedDecoder
 from engine import Engine
+from engine.snapshot import StateLayout
 from rnnstream.checkpoint import LocalCheckpoint
 from rnnstream.pipeline import Pipeline, StateCodec
 from rnnstream.stream_table import StreamTable
@@ -236,7 +237,7 @@ def test_a_failed_checkpoint_rolls_back_state_and_positions(ref_factory, tmp_pat
 def test_state_codec_round_trips_engine_state_and_tables_and_reads_engine_only_rows():
     table = StreamTable(3, initial=np.array([1.0, 2.0, 3.0]))
     table.load(["a", "b"], np.array([[4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]))
-    codec = StateCodec([2, 2], [table])
+    codec = StateCodec(StateLayout("gru", ((2,), (2,))), [table])
     engine_rows = np.arange(8, dtype=np.float32).reshape(2, 4)
     rows = codec.encode(engine_rows, ["a", "b"])
     engine, extra = codec.decode(rows)

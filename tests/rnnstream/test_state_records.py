@@ -1,0 +1,203 @@
+"""Versioned state records: every checkpoint row (``StateCodec``: the Kafka changelog's values, the local
+checkpoint's rows) starts with the state layout that wrote it; another layout is refused naming both, a
+garbage row is refused for its own stream only (logged; the stream starts afresh), and rows written
+before the header existed still load (by their length, as they always did)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from engine.snapshot import StateLayout, StateLayoutError, state_layout
+from models import save_bundle
+from rnnstream.checkpoint import LocalCheckpoint
+from rnnstream.config import load_config
+from rnnstream.pipeline import StateCodec
+from rnnstream.service import build_pipeline
+from rnnstream.stream_table import StreamTable
+
+GRU_2X16 = StateLayout("gru", ((16,), (16,)))
+
+
+def _codec(layout: StateLayout = GRU_2X16, extra: int = 0) -> StateCodec:
+    tables = [StreamTable(extra, initial=np.arange(extra, dtype=np.float64))] if extra else []
+    return StateCodec(layout, tables)
+
+
+def _rows(rng: np.random.Generator, n: int, width: int = 32) -> np.ndarray:
+    return rng.standard_normal((n, width)).astype(np.float32)
+
+
+# ---- the codec --------------------------------------------------------------------------------------------
+def test_rows_carry_the_layout_header_and_round_trip():
+    codec = _codec(extra=2)
+    engine_rows = _rows(np.random.default_rng(0), 3)
+    codec.tables[0].load(["a", "b", "c"], np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    rows = codec.encode(engine_rows, ["a", "b", "c"])
+    header = GRU_2X16.row_header()
+    assert all(r.startswith(header) and len(r) == len(header) + 4 * 32 + 8 * 2 for r in rows)
+    assert len(header) == 17  # 9 fixed bytes + one uint32 width per state tensor
+    engine, extra = codec.decode(rows)
+    np.testing.assert_array_equal(engine, engine_rows)
+    np.testing.assert_array_equal(extra, [[1, 2], [3, 4], [5, 6]])
+
+
+@pytest.mark.parametrize(
+    ("reader", "message"),
+    [
+        (StateLayout("gru", ((32,),)), r"state written by gru 2x16 cannot load into gru 1x32 \(layers: 2 vs"),
+        (StateLayout("lstm", ((16, 16),)), r"gru 2x16 cannot load into lstm 1x16 \(cell: gru vs lstm; lay"),
+        (StateLayout("rnn_tanh", ((16,), (16,))), r"gru 2x16 cannot load into rnn_tanh 2x16 \(cell: gru vs"),
+    ],
+)
+def test_rows_of_another_layout_are_refused_naming_both_even_at_the_same_width(reader, message):
+    rows = _codec().encode(_rows(np.random.default_rng(1), 2), ["a", "b"])
+    with pytest.raises(StateLayoutError, match=message):
+        _codec(reader).decode(rows)
+    with pytest.raises(StateLayoutError, match=message):
+        _codec(reader).decode_table(dict(zip(["a", "b"], rows, strict=True)))
+
+
+def test_rows_of_a_newer_record_version_are_refused():
+    row = bytearray(_codec().encode(_rows(np.random.default_rng(2), 1), ["a"])[0])
+    row[4] = 99  # the record version byte
+    with pytest.raises(StateLayoutError, match="record version 99"):
+        _codec().decode([bytes(row)])
+
+
+def test_rows_written_before_the_header_load_by_their_length():
+    """Legacy rows (engine state, optionally the tables' rows) hold no layout: they load when their
+    length fits, as before versioning, and are rewritten with the header at the stream's next
+    checkpoint."""
+    codec = _codec(extra=2)
+    engine_rows = _rows(np.random.default_rng(3), 2)
+    legacy = [engine_rows[0].tobytes(), engine_rows[1].tobytes() + np.array([7.0, 8.0]).tobytes()]
+    engine, extra = codec.decode(legacy)
+    np.testing.assert_array_equal(engine, engine_rows)
+    np.testing.assert_array_equal(extra, [[0, 1], [7, 8]])
+
+
+def test_garbage_rows_are_refused_for_their_own_stream_only(caplog):
+    codec = _codec()
+    engine_rows = _rows(np.random.default_rng(4), 3)
+    good = codec.encode(engine_rows, ["a", "b", "c"])
+    header = GRU_2X16.row_header()
+    garbage = {
+        "short": b"\x00" * 5,
+        "cut": good[0][:-3],
+        "header-only": header,
+        "bad-header": header[:4] + b"\x01\x09" + header[6:] + engine_rows[0].tobytes(),  # cell code 9
+    }
+    with pytest.raises(ValueError):
+        codec.decode([garbage["short"]])
+    table = {"a": good[0], **garbage, "c": good[2]}
+    with caplog.at_level(logging.WARNING, logger="rnnstream.pipeline"):
+        ids, engine, extra = codec.decode_table(table)
+    assert ids == ["a", "c"]
+    np.testing.assert_array_equal(engine, engine_rows[[0, 2]])
+    assert extra.shape == (2, 0)
+    refusals = [r.getMessage() for r in caplog.records]
+    assert len(refusals) == len(garbage)
+    assert all(any(f"stream {sid!r}" in m and "starts afresh" in m for m in refusals) for sid in garbage)
+
+
+# ---- through the pipeline: real CSV source, real local checkpoint file ------------------------------------
+def _csv(path: Path, streams: int, rows: int, t0: int, seed: int) -> dict[str, np.ndarray]:
+    """Readings of ``streams`` streams, ``rows`` each, timestamps from ``t0``; returns them per stream."""
+    rng = np.random.default_rng(seed)
+    values = {f"s{s}": rng.standard_normal(rows).astype(np.float32) for s in range(streams)}
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["timestamp", "sensor", "value"])
+        for t in range(rows):
+            for sid, v in values.items():
+                w.writerow([t0 + t, sid, repr(float(v[t]))])
+    return values
+
+
+def _run(tmp_path: Path, bundle: Path, data: Path, name: str) -> dict[str, np.ndarray]:
+    """``rnnstream run`` in process: ``data`` through the model at ``bundle`` into a JSON-lines file, state
+    in ``tmp_path/state``; returns the outputs per stream ``(T, out)``."""
+    out = tmp_path / f"{name}.jsonl"
+    cfg = {
+        "model": str(bundle),
+        "source": {
+            "type": "csv",
+            "paths": [str(data)],
+            "stream_column": "sensor",
+            "timestamp_column": "timestamp",
+            "channels": ["value"],
+            "speed": None,
+        },
+        "sink": {"type": "jsonl", "path": str(out)},
+        "dead_letters": {"type": "file", "path": str(tmp_path / f"{name}.dlq.jsonl")},
+        "checkpoint": {"interval_ms": 50, "dir": str(tmp_path / "state")},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    build_pipeline(load_config(path)).run()
+    per: dict[str, list] = {}
+    for line in out.read_text().splitlines():
+        doc = json.loads(line)
+        per.setdefault(doc["stream"], []).append(np.asarray(doc["y"], np.float32))
+    return {sid: np.concatenate(ys) for sid, ys in per.items()}
+
+
+def _bundle(ref_factory, tmp_path: Path, kind: str, layers: int, hidden: int) -> tuple[Path, object]:
+    ref = ref_factory(kind, input_size=1, hidden_size=hidden, num_layers=layers, seed=layers)
+    return save_bundle(ref.model, tmp_path / f"{kind}-{layers}x{hidden}.safetensors"), ref
+
+
+def test_a_model_of_another_layout_refuses_the_checkpoint_instead_of_reading_it(ref_factory, tmp_path):
+    """GRU 2x16 and GRU 1x32 have the same total state width (32 floats): without the header the second
+    model read the first one's states as its own."""
+    gru_2x16, _ = _bundle(ref_factory, tmp_path, "gru", 2, 16)
+    gru_1x32, _ = _bundle(ref_factory, tmp_path, "gru", 1, 32)
+    _csv(tmp_path / "a.csv", 3, 5, 0, 0)
+    _run(tmp_path, gru_2x16, tmp_path / "a.csv", "first")
+    _csv(tmp_path / "b.csv", 3, 5, 100, 1)
+    with pytest.raises(StateLayoutError, match=r"state written by gru 2x16 cannot load into gru 1x32"):
+        _run(tmp_path, gru_1x32, tmp_path / "b.csv", "second")
+
+
+def test_a_garbage_row_restarts_its_stream_afresh_and_the_others_continue_exactly(ref_factory, tmp_path):
+    bundle, ref = _bundle(ref_factory, tmp_path, "lstm", 2, 8)
+    first = _csv(tmp_path / "a.csv", 4, 6, 0, 0)
+    _run(tmp_path, bundle, tmp_path / "a.csv", "first")
+    cp = LocalCheckpoint(tmp_path / "state")
+    cp.write(0, "s1", b"\x13garbage, not a state row")
+    cp.save(cp.positions())
+
+    second = _csv(tmp_path / "b.csv", 4, 6, 100, 1)
+    got = _run(tmp_path, bundle, tmp_path / "b.csv", "second")
+    for sid in first:
+        history = second[sid] if sid == "s1" else np.concatenate([first[sid], second[sid]])
+        want = ref.run(history[:, None])[-len(second[sid]) :]
+        np.testing.assert_allclose(got[sid], want, atol=1e-5, err_msg=sid)
+
+
+def test_a_checkpoint_written_before_versioning_resumes_exactly(ref_factory, tmp_path):
+    """The rows of a checkpoint file written by the code before versioning (no header) load by length."""
+    bundle, ref = _bundle(ref_factory, tmp_path, "gru", 2, 6)
+    first = _csv(tmp_path / "a.csv", 3, 5, 0, 0)
+    _run(tmp_path, bundle, tmp_path / "a.csv", "first")
+    cp = LocalCheckpoint(tmp_path / "state")
+    header = state_layout(ref.model).row_header()
+    rows = cp.read([0])[0]
+    assert rows and all(r.startswith(header) for r in rows.values())
+    for sid, row in rows.items():
+        cp.write(0, sid, row[len(header) :])  # as the code before versioning wrote it
+    cp.save(cp.positions())
+
+    second = _csv(tmp_path / "b.csv", 3, 5, 100, 1)
+    got = _run(tmp_path, bundle, tmp_path / "b.csv", "second")
+    for sid in first:
+        want = ref.run(np.concatenate([first[sid], second[sid]])[:, None])[-len(second[sid]) :]
+        np.testing.assert_allclose(got[sid], want, atol=1e-5, err_msg=sid)
+    assert all(r.startswith(header) for r in LocalCheckpoint(tmp_path / "state").read([0])[0].values())
