@@ -7,7 +7,9 @@ from engine.errors import (
     EngineError,
     InvalidInputError,
     InvalidStreamIdError,
+    PartiallyAppliedError,
     SnapshotError,
+    StreamCapacityError,
     UnknownStreamError,
 )
 from engine.snapshot import EngineSnapshot
@@ -23,8 +25,10 @@ __all__ = [
     "EvictionPolicy",
     "InvalidInputError",
     "InvalidStreamIdError",
+    "PartiallyAppliedError",
     "SnapshotError",
     "StateStore",
+    "StreamCapacityError",
     "StreamId",
     "UnknownStreamError",
     "plan_waves",

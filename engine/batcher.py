@@ -103,15 +103,37 @@ class PendingQueue:
         now: Callable[[], float] = time.monotonic,
     ) -> list[Pending]:
         """Up to ``max_batch`` items (empty after ``idle_timeout_s`` with nothing queued)."""
+        if not self.wait_ready(max_batch, max_delay_s, idle_timeout_s, now):
+            return []
+        return self.pop(max_batch)
+
+    def wait_ready(
+        self,
+        max_batch: int,
+        max_delay_s: float,
+        idle_timeout_s: float,
+        now: Callable[[], float] = time.monotonic,
+    ) -> bool:
+        """Wait until a batch is ready to take: ``max_batch`` items queued, or ``max_delay_s`` after the
+        first one arrived; False after ``idle_timeout_s`` with nothing queued. Takes nothing: another
+        thread may ``pop`` the items meanwhile (the engine pops under its step lock)."""
         items = self._items
         if not items and not self._wait_for_first(idle_timeout_s):
-            return []
+            return False
         if max_delay_s > 0 and len(items) < max_batch:
-            deadline = items[0].submitted + max_delay_s
+            try:
+                deadline = items[0].submitted + max_delay_s
+            except IndexError:  # popped meanwhile
+                return bool(items)
             while len(items) < max_batch and now() < deadline:
                 time.sleep(min(50e-6, max(0.0, deadline - now())))
-        batch = [items.popleft() for _ in range(min(max_batch, len(items)))]
-        if len(items) < self.max_pending:
+        return bool(items)
+
+    def pop(self, max_items: int) -> list[Pending]:
+        """Up to ``max_items`` of the oldest items, at once (possibly none); wakes blocked ``put``s."""
+        items = self._items
+        batch = [items.popleft() for _ in range(min(max_items, len(items)))]
+        if batch and len(items) < self.max_pending:
             with self._cond:
                 self._cond.notify_all()
         return batch

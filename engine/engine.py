@@ -3,7 +3,8 @@
 Events from many streams are batched into one fused step per layer:
 gather the streams' state rows → ``model.step`` → scatter the new rows back → head → outputs.
 ``submit`` queues an event for the step loop (its own thread) and returns a future;
-``step_many`` runs a batch synchronously on the caller's thread. Both go through ``_run_events``.
+``step_many`` runs a batch synchronously on the caller's thread, after the events queued before it.
+Both go through ``_run_events``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from engine.batcher import Pending, PendingQueue, plan_waves
-from engine.errors import EngineClosedError, InvalidInputError, UnknownStreamError
+from engine.errors import EngineClosedError, InvalidInputError, PartiallyAppliedError, UnknownStreamError
 from engine.inputs import check_category, check_category_batch, check_feature_batch, check_features
 from engine.runtime import freeze_startup_objects, tune_allocator
 from engine.snapshot import EngineSnapshot, state_layout
@@ -65,6 +66,21 @@ class Engine:
       throughput and made p99 5x worse than 1).
     - ``freeze_gc``: ``gc.freeze()`` once set up, so the collector's full passes stop rescanning the
       model and libraries (they stalled every thread for ~100 ms; see ``engine.runtime``).
+
+    **Per-stream order.** Everything asked of a stream happens in the order the calls were made, whatever
+    the entry point: ``submit``/``submit_async`` and the controls ``start``/``end``/``reset`` go through
+    one FIFO queue; ``step_many``, ``release``, ``restore``, ``snapshot`` and ``state_of`` take the step
+    lock and first apply, on the caller's thread, every item queued before them (the step loop pops the
+    queue only under that lock, so nothing queued earlier can still be in flight). A call that returned
+    before another began is ordered before it; calls racing from different threads are ordered as they
+    take the lock.
+
+    **Failures part-way through a batch.** A batch runs as waves (at most one event per stream each).
+    If a wave fails, the waves before it stay applied, nothing is rolled back: each event's result says
+    exactly what happened to its state. Applied events succeed and are counted (``events``,
+    ``weight_history`` indices) and recorded; the others fail with the error and change nothing.
+    ``step_many`` raises ``PartiallyAppliedError`` naming the applied events and their outputs (or the
+    error itself when none was applied).
     """
 
     def __init__(
@@ -134,6 +150,8 @@ class Engine:
             self.finetuner.stop()
         self._closed = True
         self._thread.join()
+        with self._lock:  # anything queued after the loop's last look
+            self._drain()
         for item in self._queue.close():
             item.future.set_exception(EngineClosedError("the engine closed before this event ran"))
         if self._store.spill is not None:
@@ -178,9 +196,8 @@ class Engine:
         else:
             values = check_feature_batch(xs, len(ids), self.model.feature_size)
         with self._lock, torch.no_grad():
-            out = self._run_events(ids, self._to_device(values), values)
-            self._counts["events"] += len(ids)
-            return out.cpu().numpy()
+            self._drain()
+            return self._run_events(ids, self._to_device(values), values).cpu().numpy()
 
     def _check_one(self, x: Any, where: str) -> Any:
         if self.model.categorical:
@@ -218,19 +235,40 @@ class Engine:
         """Runs until closed, whatever fails inside: a failure fails the futures it concerns, is counted
         (``loop_errors``) and logged, and the loop goes on."""
         while True:
-            batch = self._queue.take_batch(self.max_batch, self.max_delay_s, idle_timeout_s=0.05)
+            ready = self._queue.wait_ready(self.max_batch, self.max_delay_s, idle_timeout_s=0.05)
+            if ready:
+                with self._lock:  # popped under the lock: see "Per-stream order" in the class docstring
+                    self._process_safely(self._queue.pop(self.max_batch))
+            elif self._closed:
+                return
             try:
-                if batch:
-                    self._process(batch)
-                elif self._closed:
-                    return
                 self._maybe_sweep()
-            except Exception as exc:  # a bug or a resource failure outside any one event's control
-                self._counts["loop_errors"] += 1
-                log.exception("step loop: %s: %s (the loop goes on)", type(exc).__name__, exc)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+            except Exception as exc:  # a spill store or device failure: counted, the loop goes on
+                self._loop_failed(exc, [])
+
+    def _drain(self) -> None:
+        """Apply every item queued before this call (the caller holds the step lock)."""
+        left = len(self._queue)
+        while left > 0:
+            batch = self._queue.pop(min(left, self.max_batch))
+            if not batch:
+                return
+            left -= len(batch)
+            self._process_safely(batch)
+
+    def _process_safely(self, batch: list[Pending]) -> None:
+        """``_process``, failing the futures it left unresolved if something outside any one event fails."""
+        try:
+            self._process(batch)
+        except Exception as exc:  # a bug or a resource failure outside any one event's control
+            self._loop_failed(exc, batch)
+
+    def _loop_failed(self, exc: Exception, batch: list[Pending]) -> None:
+        self._counts["loop_errors"] += 1
+        log.exception("step loop: %s: %s (the loop goes on)", type(exc).__name__, exc)
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(exc)
 
     def _process(self, batch: list[Pending]) -> None:
         """Run a batch in arrival order: runs of data events are stepped together, controls in between."""
@@ -254,17 +292,29 @@ class Engine:
                 else np.array([it.x for it in items], dtype=np.int64)
             )
             out = self._run_events(ids, self._to_device(values), values).cpu().numpy()
-        except Exception as exc:  # unexpected (device failure, out of memory): fail this batch's events
-            self._counts["errors"] += len(items)
-            for it in items:
-                it.future.set_exception(exc)
+        except PartiallyAppliedError as exc:  # the applied events succeed, the others fail
+            applied = set(exc.applied.tolist())
+            self._resolve([items[i] for i in exc.applied], exc.outputs)
+            self._fail([it for i, it in enumerate(items) if i not in applied], exc.__cause__ or exc)
             return
+        except Exception as exc:  # unexpected (device failure, out of memory): nothing was applied
+            self._fail(items, exc)
+            return
+        self._resolve(items, out)
+
+    def _resolve(self, items: list[Pending], out: np.ndarray) -> None:
+        """Give applied events their outputs ``(len(items), output_size)``; record their latency."""
         done = time.monotonic()
         self._latency.add(done - np.fromiter((it.submitted for it in items), np.float64, len(items)))
-        self._counts["events"] += len(items)
         self._counts["batches"] += 1
         for it, row in zip(items, out, strict=True):
             it.future.set_result(row)
+
+    def _fail(self, items: list[Pending], exc: BaseException) -> None:
+        """Fail events that were not applied."""
+        self._counts["errors"] += len(items)
+        for it in items:
+            it.future.set_exception(exc)
 
     def _run_control(self, item: Pending) -> None:
         try:
@@ -297,35 +347,51 @@ class Engine:
         """The core: apply events ``x (N, ...)`` of ``stream_ids`` in order; returns ``(N, output_size)``.
         ``host``: the same inputs on the CPU (for the fine-tuning recorder).
 
-        Each wave (at most one event per stream) is one fused step: gather → step → scatter.
+        Each wave (at most one event per stream) is one fused step: gather → step → scatter; its events
+        are counted once it is scattered. A failure after the first wave raises ``PartiallyAppliedError``
+        (the waves before it stay applied); one in the first wave raises the error itself.
         """
         store = self._store
         slots = store.slots_for(stream_ids)
         store.touch(slots, time.monotonic())
         waves = plan_waves(slots)
-        if len(waves) == 1:
-            state = self._store.gather(torch.from_numpy(slots).to(self.device))
-            out = self._step_wave(x, torch.from_numpy(slots).to(self.device), state)
-            if self._recorder is not None:
-                self._recorder.record(stream_ids, host, state)
-                self._inline_round()
-        elif len(waves) == len(stream_ids) and self._recorder is None:  # one stream's events in a row
+        if 1 < len(waves) == len(stream_ids) and self._recorder is None:  # one stream's events in a row
             slot = torch.from_numpy(slots[:1]).to(self.device)
-            ys, state = self.model.steps(x.unsqueeze(1), self._store.gather(slot))
-            self._store.scatter(slot, state)
-            out = ys[:, 0]
-        else:
-            out = torch.empty(len(stream_ids), self.model.output_size, device=self.device)
+            ys, state = self.model.steps(x.unsqueeze(1), store.gather(slot))
+            store.scatter(slot, state)
+            self._counted(len(stream_ids), len(waves))
+            return ys[:, 0]
+        whole = len(waves) == 1
+        out = None if whole else torch.empty(len(stream_ids), self.model.output_size, device=self.device)
+        applied = 0
+        try:
             for wave in waves:
-                idx = torch.from_numpy(wave).to(self.device)
-                wave_slots = torch.from_numpy(slots[wave]).to(self.device)
-                state = self._store.gather(wave_slots)
-                out.index_copy_(0, idx, self._step_wave(x.index_select(0, idx), wave_slots, state))
+                idx = None if whole else torch.from_numpy(wave).to(self.device)
+                wave_slots = torch.from_numpy(slots if whole else slots[wave]).to(self.device)
+                state = store.gather(wave_slots)
+                y = self._step_wave(x if whole else x.index_select(0, idx), wave_slots, state)
+                applied += 1
+                self._counted(len(wave), 1)
+                out = y if whole else out.index_copy_(0, idx, y)
                 if self._recorder is not None:
-                    self._recorder.record([stream_ids[i] for i in wave], host[wave], state)
+                    wave_ids = stream_ids if whole else [stream_ids[i] for i in wave]
+                    self._recorder.record(wave_ids, host if whole else host[wave], state)
                     self._inline_round()
-        self._counts["steps"] += len(waves)
+        except Exception as exc:
+            if not applied:
+                raise
+            done = np.sort(np.concatenate(waves[:applied]))
+            raise PartiallyAppliedError(
+                f"{len(done)} of {len(stream_ids)} events were applied before {type(exc).__name__}: {exc}",
+                done,
+                out[torch.from_numpy(done).to(self.device)].cpu().numpy(),
+            ) from exc
         return out
+
+    def _counted(self, events: int, steps: int) -> None:
+        """Count applied events (``weight_history`` indexes them) and fused steps."""
+        self._counts["events"] += events
+        self._counts["steps"] += steps
 
     def _inline_round(self) -> None:
         """``schedule: inline`` fine-tuning: a due round runs here, after a wave, so a weight swap lands
@@ -447,9 +513,11 @@ class Engine:
     def snapshot(
         self, positions: dict[str, Any] | None = None, stream_ids: Sequence[StreamId] | None = None
     ) -> EngineSnapshot:
-        """Stream states after the events applied so far (queued ones excluded): every stream, or only
-        those of ``stream_ids`` that the engine holds. ``positions``: source positions to record."""
+        """Stream states after every event submitted before this call (queued ones are applied first):
+        every stream, or only those of ``stream_ids`` that the engine holds (in memory or spilled).
+        ``positions``: source positions to record."""
         with self._lock:
+            self._drain()
             ids, states = self._store.export(stream_ids)
             return EngineSnapshot(
                 stream_ids=ids,
@@ -460,25 +528,30 @@ class Engine:
             )
 
     def restore(self, snapshot: EngineSnapshot, replace: bool = True) -> None:
-        """Load the snapshot's streams. ``replace=True`` forgets every other stream; ``False`` merges (for
-        a partition moving in, say), overwriting only the snapshot's streams."""
+        """Load the snapshot's streams, after the events queued before this call. ``replace=True``
+        forgets every other stream; ``False`` merges (for a partition moving in, say), overwriting only the
+        snapshot's streams."""
         snapshot.check_fits(state_layout(self.model))  # SnapshotError naming both layouts
         with self._lock:
+            self._drain()
             self._store.import_(snapshot.stream_ids, snapshot.states, time.monotonic(), replace=replace)
             if self._recorder is not None:
                 self._recorder.forget(None if replace else snapshot.stream_ids)
 
     def release(self, stream_ids: Sequence[StreamId]) -> None:
-        """Forget streams without output (e.g. their partition moved to another process)."""
+        """Forget streams without output (e.g. their partition moved to another process), after the
+        events queued for them before this call."""
         with self._lock:
+            self._drain()
             for sid in stream_ids:
                 self._store.release(sid)
             if self._recorder is not None:
                 self._recorder.forget(stream_ids)
 
     def state_of(self, stream_id: StreamId) -> list[Tensor]:
-        """A copy of one stream's state tensors ``[(width,), ...]`` on CPU."""
+        """A copy of one stream's state tensors ``[(width,), ...]`` on CPU, after its queued events."""
         with self._lock:
+            self._drain()
             slot = self._store.slot(stream_id)
             return [t[slot].clone().cpu() for t in self._store.tensors]
 

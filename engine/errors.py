@@ -28,3 +28,27 @@ class EngineClosedError(EngineError, RuntimeError):
 
 class SnapshotError(EngineError, ValueError):
     """A snapshot does not fit this engine's model (state widths, format)."""
+
+
+# ---- partial batches and capacity (engine reliability, issue 11) ------------------------------------------
+class PartiallyAppliedError(EngineError, RuntimeError):
+    """A batch failed part-way (a device error in its second wave, say). The events ``applied`` (indices
+    into the call's events, ascending ``(K,) int64``) had their steps applied: their streams' states
+    advanced and they were counted and recorded, with ``outputs`` ``(K, output_size) float32`` aligned with
+    ``applied``. No other event of the call changed any state. The original error is the ``__cause__``."""
+
+    def __init__(self, message: str, applied: object, outputs: object) -> None:
+        super().__init__(message)
+        self.applied = applied
+        self.outputs = outputs
+
+
+class StreamCapacityError(EngineError, RuntimeError):
+    """New streams could not get a slot: ``max_streams`` or ``max_state_bytes`` was reached and no other
+    stream could be evicted. ``stream_ids``: the refused streams; ``indices``: the refused events (indices
+    into the call's events). Nothing changed: the call's other events can be submitted again without these."""
+
+    def __init__(self, message: str, stream_ids: list, indices: list[int]) -> None:
+        super().__init__(message)
+        self.stream_ids = stream_ids
+        self.indices = indices

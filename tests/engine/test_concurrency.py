@@ -123,3 +123,56 @@ def test_the_step_loop_survives_a_failing_control_and_a_failing_sweep(ref_factor
         assert out.shape == (ref.model.output_size,)
         engine.start("a")  # controls work again
         assert engine.loop_alive
+
+
+def _fail_second_step(monkeypatch, engine: Engine) -> None:
+    """Make the model's second ``step`` call fail, as a device error in the middle of a batch would."""
+    real_step = engine.model.step
+    calls = []
+
+    def step(x, state):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return real_step(x, state)
+
+    monkeypatch.setattr(engine.model, "step", step)
+
+
+def test_a_queued_batch_failing_after_its_first_wave_reports_what_happened(ref_factory, monkeypatch):
+    """Events a1, b1, a2 in one batch run as waves [a1, b1], [a2]; the second wave fails. a1 and b1 were
+    applied: they succeed and are counted (so weight_history's event indices stay right); a2 fails."""
+    ref = ref_factory("gru", input_size=3, hidden_size=4)
+    xs = ref.random_inputs(np.random.default_rng(5), 3)
+    with Engine(ref.model, device="cpu", max_delay_ms=300) as engine:
+        _fail_second_step(monkeypatch, engine)
+        futures = [engine.submit(s, x) for s, x in zip(["a", "b", "a"], xs, strict=True)]
+        np.testing.assert_allclose(futures[0].result(timeout=10), ref.run(xs[:1])[0], atol=ATOL)
+        np.testing.assert_allclose(futures[1].result(timeout=10), ref.run(xs[1:2])[0], atol=ATOL)
+        assert isinstance(futures[2].exception(timeout=10), RuntimeError)
+        stats = engine.stats()
+        assert stats.events == 2 and stats.errors == 1 and stats.loop_errors == 0
+        (state,) = engine.state_of("a")  # gru without a head: the output is the hidden state
+        np.testing.assert_allclose(state.numpy(), ref.run(xs[:1])[0], atol=ATOL)
+        engine.swap_weights(engine.model.state_dict(), 1)
+        assert engine.weight_history()[-1][:2] == (1, 2)
+
+
+def test_step_many_failing_after_its_first_wave_names_the_applied_events(ref_factory, monkeypatch):
+    import pytest
+
+    from engine import PartiallyAppliedError
+
+    ref = ref_factory("gru", input_size=3, hidden_size=4)
+    xs = ref.random_inputs(np.random.default_rng(6), 3)
+    with Engine(ref.model, device="cpu") as engine:
+        _fail_second_step(monkeypatch, engine)
+        with pytest.raises(PartiallyAppliedError) as info:
+            engine.step_many(["a", "b", "a"], xs)
+        assert info.value.applied.tolist() == [0, 1]
+        np.testing.assert_allclose(info.value.outputs[0], ref.run(xs[:1])[0], atol=ATOL)
+        np.testing.assert_allclose(info.value.outputs[1], ref.run(xs[1:2])[0], atol=ATOL)
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert engine.stats().events == 2
+        (state,) = engine.state_of("a")
+        np.testing.assert_allclose(state.numpy(), ref.run(xs[:1])[0], atol=ATOL)
