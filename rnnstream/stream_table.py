@@ -55,7 +55,8 @@ class StreamTable:
 
     def reset(self, stream_ids: Sequence[str]) -> None:
         """Back to ``initial`` (a restarted stream)."""
-        self.rows[self.indices(stream_ids)] = self.initial
+        rows = self.indices(stream_ids)  # first: admitting a stream may replace ``self.rows``
+        self.rows[rows] = self.initial
 
     def export(self, stream_ids: Sequence[str]) -> np.ndarray:
         """The rows of ``stream_ids`` ``(N, width)`` (``initial`` for unknown streams)."""
@@ -69,7 +70,8 @@ class StreamTable:
     def load(self, stream_ids: Sequence[str], rows: np.ndarray) -> None:
         """Set the rows of ``stream_ids`` from ``rows (N, width)``."""
         if len(stream_ids):
-            self.rows[self.indices(stream_ids)] = rows
+            at = self.indices(stream_ids)  # first: admitting a stream may replace ``self.rows``
+            self.rows[at] = rows
 
     def drop(self, stream_ids: Sequence[str]) -> None:
         for sid in stream_ids:

@@ -201,3 +201,39 @@ def test_a_checkpoint_written_before_versioning_resumes_exactly(ref_factory, tmp
         want = ref.run(np.concatenate([first[sid], second[sid]])[:, None])[-len(second[sid]) :]
         np.testing.assert_allclose(got[sid], want, atol=1e-5, err_msg=sid)
     assert all(r.startswith(header) for r in LocalCheckpoint(tmp_path / "state").read([0])[0].values())
+
+
+def test_a_bundle_saved_before_a_new_spec_field_with_a_default_loads(ref_factory, tmp_path, monkeypatch):
+    """Bundles store the spec as JSON of its fields; a newer release that adds a field with a default
+    reads an older bundle with the default, and the states it wrote still load (same layout)."""
+    from dataclasses import dataclass
+
+    import models.bundle
+    from models.stream_model import ModelSpec
+
+    @dataclass(frozen=True)
+    class NewerSpec(ModelSpec):
+        serve_dropout: float = 0.0  # the simulated new field
+
+    bundle, ref = _bundle(ref_factory, tmp_path, "gru", 2, 16)
+    monkeypatch.setattr(models.bundle, "ModelSpec", NewerSpec)
+    newer = models.bundle.load_bundle(bundle)
+    assert isinstance(newer.spec, NewerSpec) and newer.spec.serve_dropout == 0.0
+    rows = StateCodec(state_layout(ref.model), []).encode(_rows(np.random.default_rng(5), 2), ["a", "b"])
+    engine, _ = StateCodec(state_layout(newer), []).decode(rows)
+    assert engine.shape == (2, 32)
+
+
+def test_a_restore_of_more_streams_than_a_stage_table_holds_loads_every_row():
+    """``load_extra`` after ``decode_table`` with more streams than the table's first capacity (1024): the
+    table grows while the rows are placed (it used to write into the array it had just replaced)."""
+    codec = _codec(extra=3)
+    ids = [f"s{i}" for i in range(1500)]
+    tail = np.random.default_rng(6).standard_normal((len(ids), 3))
+    codec.tables[0].load(ids[:10], tail[:10])
+    rows = codec.encode(_rows(np.random.default_rng(7), len(ids)), ids)
+    fresh = _codec(extra=3)
+    got_ids, _engine, extra = fresh.decode_table(dict(zip(ids, rows, strict=True)))
+    fresh.load_extra(got_ids, extra)
+    np.testing.assert_array_equal(fresh.tables[0].export(ids[:10]), tail[:10])
+    np.testing.assert_array_equal(fresh.tables[0].export(ids[10:]), np.tile([0.0, 1.0, 2.0], (1490, 1)))
