@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from connectors.base import DeadLetters, Sink, Source, StateBackend
 from connectors.codec import Decoder, KeyedDecoder
 from engine import Engine
-from engine.finetune import serving_bundle
+from engine.finetune import FineTuneSettings, serving_bundle
 from models import StreamModel, load_bundle
 from rnnstream.admin import AdminServer
 from rnnstream.anomaly import AnomalyDetector
@@ -86,8 +87,28 @@ def check(config: ServiceConfig) -> str:
     return f"{what} → model {cells} ({model.feature_size} inputs) → {scoring} scoring → {sink} sink"
 
 
-def _engine(config: ServiceConfig) -> Engine:
+def _finetune_settings(config: ServiceConfig) -> FineTuneSettings | None:
+    """``config.finetune`` with this instance's own versions directory. With a Kafka source, each instance
+    of the consumer group keeps its versions in ``versions_dir/<group_id>/<kafka.instance_id>`` (each id
+    one escaped level): one config serves several instances on a host, and a restart, which reuses its
+    instance id, resumes its own serving version. Other sources use ``versions_dir`` as it is. Either
+    way, a second fine-tuner on a directory is refused (``engine.finetune`` locks it)."""
     ft = config.finetune
+    if ft is None or ft.versions_dir is None or not isinstance(config.source, KafkaSourceConfig):
+        return ft
+    assert config.kafka is not None  # checked by the config
+    own = Path(ft.versions_dir) / _path_part(config.source.group_id) / _path_part(config.kafka.instance_id)
+    return ft.model_copy(update={"versions_dir": str(own)})
+
+
+def _path_part(name: str) -> str:
+    """``name`` as one directory level, reversibly: percent-escaped; ``.``/``..`` escaped; ``""``: ``%``."""
+    part = quote(name, safe="")
+    return part.replace(".", "%2E") if part in (".", "..") else part or "%"
+
+
+def _engine(config: ServiceConfig) -> Engine:
+    ft = _finetune_settings(config)
     resumed = serving_bundle(ft.versions_dir) if ft is not None and ft.versions_dir else None
     model = load_bundle(resumed or config.model)
     if resumed is not None:
