@@ -13,12 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from benchmarks.finetune_bench import copy_model as _copy
 from engine import Engine
 from engine.finetune import SERVING_FILE, FineTuneSettings, serving_bundle
 from models.bundle import load_bundle, save_bundle
 from models.stream_model import ModelInfo, ModelSpec, StreamModel
+from rnnstream.config import ServiceConfig, load_config
+from rnnstream.service import _engine as _service_engine
+from rnnstream.service import _finetune_settings
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = ModelSpec("gru", 1, 8, head="regression", head_out=1)
@@ -149,3 +153,51 @@ def test_a_relative_versions_dir_is_resolved_once_at_start(tmp_path, monkeypatch
     with Engine(StreamModel(SPEC), device="cpu") as engine:
         tuner = engine.start_finetuning(_idle("versions"))
         assert tuner.versions_dir == tmp_path / "versions" and tuner.versions_dir.is_absolute()
+
+
+# ---- the service: each instance of a consumer group keeps its own versions ---------------------------------
+def _service_config(tmp_path: Path, instance: str) -> ServiceConfig:
+    """The shipped fine-tuning config's shape (relative ``versions_dir``) for consumer-group instance
+    ``instance``, as ``rnnstream run cfg.yaml --set kafka.instance_id=...`` loads it."""
+    if not (tmp_path / "model.safetensors").exists():
+        save_bundle(StreamModel(SPEC), tmp_path / "model.safetensors")
+    doc = {
+        "model": "model.safetensors",
+        "kafka": {"bootstrap_servers": "127.0.0.1:9092"},
+        "source": {"type": "kafka", "topics": ["events"], "group_id": "forecasters"},
+        "sink": {"type": "kafka", "topic": "forecasts"},
+        "engine": {"device": "cpu"},
+        "finetune": {"versions_dir": "versions", "min_train_chunks": 10**4, "isolation": "thread"},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(doc))
+    return load_config(tmp_path / "cfg.yaml", {"kafka.instance_id": instance})
+
+
+def test_instances_of_a_consumer_group_on_one_host_keep_their_own_versions(tmp_path):
+    """Two instances started from one config (a relative ``versions_dir``) both fine-tune, each in
+    ``versions_dir/<group_id>/<instance_id>``, and each restart resumes its own serving version; a second
+    process with the same instance id is refused (the directory is locked)."""
+    _publish_by_hand(tmp_path / "versions" / "forecasters" / "1", StreamModel(SPEC), 5, {"source": "earlier"})
+    zero, one = (
+        _service_engine(_service_config(tmp_path, "0")),
+        _service_engine(_service_config(tmp_path, "1")),
+    )
+    try:
+        assert zero.finetuner is not None and one.finetuner is not None
+        assert zero.finetuner.versions_dir == tmp_path / "versions" / "forecasters" / "0"
+        assert one.finetuner.versions_dir == tmp_path / "versions" / "forecasters" / "1"
+        assert (zero.model.info.version, one.model.info.version) == (0, 5)  # each resumed its own
+        assert one.finetuner.load_version(5).info.trained_on == {"source": "earlier"}
+        with pytest.raises(RuntimeError, match=r"finetune\.versions_dir: .*forecasters/0 is in use"):
+            _service_engine(_service_config(tmp_path, "0"))
+    finally:
+        zero.close()
+        one.close()
+
+
+def test_group_and_instance_ids_are_one_directory_level_each(tmp_path):
+    """Ids that look like paths stay one level below ``versions_dir`` (reversibly escaped)."""
+    for instance, name in [("../..", "..%2F.."), ("..", "%2E%2E"), ("a/b c", "a%2Fb%20c"), ("", "%")]:
+        tuned = _finetune_settings(_service_config(tmp_path, instance))
+        assert tuned is not None and tuned.versions_dir is not None
+        assert Path(tuned.versions_dir) == tmp_path / "versions" / "forecasters" / name
