@@ -219,41 +219,58 @@ class StateCodec:
     def encode(self, engine_rows: np.ndarray, stream_ids: Sequence[str]) -> list[bytes]:
         """Rows of ``engine_rows (N, W) float32`` and the tables' rows of ``stream_ids``, each behind the
         header."""
-        head = np.ascontiguousarray(engine_rows, dtype="<f4")
-        parts = [np.broadcast_to(np.frombuffer(self.header, np.uint8), (len(head), len(self.header)))]
-        parts.append(head.view(np.uint8))
-        if self.tables:
-            tail = np.hstack([t.export(stream_ids) for t in self.tables])
-            parts.append(np.ascontiguousarray(tail, dtype="<f8").view(np.uint8))
-        return [r.tobytes() for r in np.hstack(parts)]
+        head, header = np.ascontiguousarray(engine_rows, dtype="<f4"), self.header
+        if not self.tables:
+            return [header + r.tobytes() for r in head]
+        tail = np.ascontiguousarray(np.hstack([t.export(stream_ids) for t in self.tables]), dtype="<f8")
+        return [header + h.tobytes() + t.tobytes() for h, t in zip(head, tail, strict=True)]
 
     def decode(self, rows: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
         """``(engine (N, W) float32, extra (N, E) float64)``; raises ``StateLayoutError`` for a row of
         another layout, ``ValueError`` for garbage."""
-        engine = np.zeros((len(rows), self.engine_width), np.float32)
-        extra = np.tile(self.initial_extra, (len(rows), 1))
-        for i, row in enumerate(rows):
-            self._decode_row(row, engine[i], extra[i])
+        engine, extra, refused = self._decode(rows)
+        if refused:
+            raise refused[0][1]
         return engine, extra
 
     def decode_table(self, table: dict[str, bytes]) -> tuple[list[str], np.ndarray, np.ndarray]:
         """``decode`` of a partition's rows ``{stream: row}``: ``(stream ids, engine, extra)`` of the rows
         that load; a garbage row is logged and left out (its stream starts afresh)."""
         ids = list(table)
-        engine = np.zeros((len(ids), self.engine_width), np.float32)
-        extra = np.tile(self.initial_extra, (len(ids), 1))
-        kept = []
-        for i, sid in enumerate(ids):
+        engine, extra, refused = self._decode(list(table.values()))
+        for i, exc in refused:
+            log.warning("state row of stream %r refused (%s): the stream starts afresh", ids[i], exc)
+        if not refused:
+            return ids, engine, extra
+        self.refused += len(refused)
+        out = {i for i, _ in refused}
+        kept = [i for i in range(len(ids)) if i not in out]
+        return [ids[i] for i in kept], engine[kept], extra[kept]
+
+    def _decode(self, rows: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, ValueError]]]:
+        """Every row decoded: ``(engine (N, W), extra (N, E), [(index, why) of each garbage row]``; rows
+        of this layout at full length at once, the others one by one. ``StateLayoutError`` propagates."""
+        engine = np.zeros((len(rows), self.engine_width), np.float32)
+        extra = np.tile(self.initial_extra, (len(rows), 1))
+        h, e = len(self.header), 4 * self.engine_width
+        size = h + e + 8 * self.extra_width
+        fast = [i for i, row in enumerate(rows) if len(row) == size and row.startswith(self.header)]
+        if fast:
+            every = len(fast) == len(rows)
+            data = b"".join(rows if every else [rows[i] for i in fast])
+            table = np.frombuffer(data, np.uint8).reshape(len(fast), size)
+            at = slice(None) if every else fast
+            engine[at] = table[:, h : h + e].copy().view("<f4")
+            extra[at] = table[:, h + e :].copy().view("<f8")
+        refused: list[tuple[int, ValueError]] = []
+        for i in sorted(set(range(len(rows))).difference(fast)):
             try:
-                self._decode_row(table[sid], engine[i], extra[i])
+                self._decode_row(rows[i], engine[i], extra[i])
             except StateLayoutError:
                 raise
             except ValueError as exc:
-                self.refused += 1
-                log.warning("state row of stream %r refused (%s): the stream starts afresh", sid, exc)
-                continue
-            kept.append(i)
-        return [ids[i] for i in kept], engine[kept], extra[kept]
+                refused.append((i, exc))
+        return engine, extra, refused
 
     def _decode_row(self, row: bytes, engine: np.ndarray, extra: np.ndarray) -> None:
         """One row into ``engine (W,)`` and ``extra (E,)`` (``extra`` untouched by an engine-only row)."""
