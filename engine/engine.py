@@ -26,12 +26,18 @@ import torch
 from torch import Tensor
 
 from engine.batcher import Pending, PendingQueue, plan_waves
-from engine.errors import EngineClosedError, InvalidInputError, PartiallyAppliedError, UnknownStreamError
+from engine.errors import (
+    EngineClosedError,
+    InvalidInputError,
+    PartiallyAppliedError,
+    StreamCapacityError,
+    UnknownStreamError,
+)
 from engine.inputs import check_category, check_category_batch, check_feature_batch, check_features
 from engine.runtime import freeze_startup_objects, tune_allocator
 from engine.snapshot import EngineSnapshot, state_layout
 from engine.spill import SpillStore
-from engine.state import StateStore, StreamId, check_stream_id, check_stream_ids
+from engine.state import Located, StateStore, StreamId, check_stream_id, check_stream_ids
 from engine.stats import EngineStats, LatencyWindow
 from models.stream_model import StreamModel
 
@@ -58,8 +64,13 @@ class Engine:
     - ``device``: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda:0"``...
     - ``max_batch``: most events in one batch; ``max_delay_ms``: longest a batch waits to fill after its
       first event arrived (0 = take what is queued at once).
-    - ``capacity``: initial number of state slots (grows as needed).
-    - ``ttl_s``: evict streams idle this long; ``eviction``: ``"drop"`` or ``"spill"`` (to ``spill_dir``).
+    - ``capacity``: initial number of state slots (grows as needed, a page at a time: ``engine.state``).
+    - ``ttl_s``: evict streams idle this long; ``eviction``: ``"drop"`` or ``"spill"`` (to ``spill_dir``, a
+      cache of this process's live state: never reloaded by another process, see ``engine.spill``).
+    - ``max_streams``: most streams held in memory; ``max_state_bytes``: most bytes of state tensors. A new
+      stream past either evicts the least recently used stream its batch does not use (drop or spill as
+      ``eviction`` says; counted in ``stats().evictions_for_capacity``); with none left, its events are
+      refused with ``StreamCapacityError`` (``stats().refused_streams``) and change nothing.
     - ``max_pending``: queued events before ``submit`` blocks (backpressure).
     - ``num_threads``: torch intra-op threads (process-wide); default: all cores but one, which keeps a
       core for the submitting threads and connectors (measured: 2 threads on 2 busy cores collapsed
@@ -97,9 +108,13 @@ class Engine:
         sweep_interval_s: float = 1.0,
         freeze_gc: bool = True,
         num_threads: int | None = None,
+        max_streams: int | None = None,
+        max_state_bytes: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if max_streams is not None and max_streams < 1:
+            raise ValueError("max_streams must be >= 1 (or None: no limit)")
         if eviction not in ("drop", "spill"):
             raise ValueError(f"eviction must be 'drop' or 'spill', got {eviction!r}")
         tune_allocator()
@@ -113,7 +128,10 @@ class Engine:
         spill = self._open_spill(spill_dir) if eviction == "spill" else None
         with torch.no_grad():
             initial = [p.detach().clone() for p in self.model.initial_states]
-        self._store = StateStore(initial, self.device, capacity, ttl_s, spill)
+        self._store = StateStore(
+            initial, self.device, capacity, ttl_s, spill, max_streams=max_streams, max_bytes=max_state_bytes
+        )
+        self._store.on_drop = self._forget_dropped
         self._queue = PendingQueue(max_pending)
         self._lock = threading.RLock()
         self._latency = LatencyWindow()
@@ -292,6 +310,12 @@ class Engine:
                 else np.array([it.x for it in items], dtype=np.int64)
             )
             out = self._run_events(ids, self._to_device(values), values).cpu().numpy()
+        except StreamCapacityError as exc:  # nothing changed: refuse the new streams, run the others
+            refused = set(exc.indices)
+            for i in exc.indices:
+                items[i].future.set_exception(exc)
+            self._run_steps([it for i, it in enumerate(items) if i not in refused])
+            return
         except PartiallyAppliedError as exc:  # the applied events succeed, the others fail
             applied = set(exc.applied.tolist())
             self._resolve([items[i] for i in exc.applied], exc.outputs)
@@ -327,13 +351,12 @@ class Engine:
                 self._store.slot(item.stream_id)
                 self._store.reset(item.stream_id)
             elif item.op == "end":
-                slot = self._store.slot(item.stream_id)
-                state = [t[slot : slot + 1] for t in self._store.tensors]
+                state = self._store.rows_at(self._store.slot(item.stream_id))
                 result = self.model.apply_head(self.model.top_hidden(state))[0].cpu().numpy()
                 self._store.release(item.stream_id)
             else:
                 raise ValueError(f"unknown control {item.op!r}")
-        except UnknownStreamError as exc:
+        except (UnknownStreamError, StreamCapacityError) as exc:  # refusals, not failures
             item.future.set_exception(exc)
             return
         except Exception as exc:  # a spill store or device error: this control fails, nothing else
@@ -356,7 +379,7 @@ class Engine:
         store.touch(slots, time.monotonic())
         waves = plan_waves(slots)
         if 1 < len(waves) == len(stream_ids) and self._recorder is None:  # one stream's events in a row
-            slot = torch.from_numpy(slots[:1]).to(self.device)
+            slot = store.locate(slots[:1])
             ys, state = self.model.steps(x.unsqueeze(1), store.gather(slot))
             store.scatter(slot, state)
             self._counted(len(stream_ids), len(waves))
@@ -367,7 +390,7 @@ class Engine:
         try:
             for wave in waves:
                 idx = None if whole else torch.from_numpy(wave).to(self.device)
-                wave_slots = torch.from_numpy(slots if whole else slots[wave]).to(self.device)
+                wave_slots = store.locate(slots if whole else slots[wave])
                 state = store.gather(wave_slots)
                 y = self._step_wave(x if whole else x.index_select(0, idx), wave_slots, state)
                 applied += 1
@@ -399,7 +422,7 @@ class Engine:
         if self.finetuner is not None and self.finetuner.inline:
             self.finetuner.run_due_round()
 
-    def _step_wave(self, x: Tensor, slots: Tensor, state: list[Tensor]) -> Tensor:
+    def _step_wave(self, x: Tensor, slots: Located, state: list[Tensor]) -> Tensor:
         """One fused step of the streams at ``slots`` from their gathered ``state``; returns outputs."""
         y, new_state = self.model.step(x, state)
         self._store.scatter(slots, new_state)
@@ -431,10 +454,12 @@ class Engine:
             return self._evict(None)
 
     def _evict(self, now: float | None) -> int:
-        n = self._store.evict_idle(now)
-        if n and self._recorder is not None and self._store.spill is None:
-            self._recorder.forget(self._store.last_evicted)  # dropped: their state restarts
-        return n
+        return self._store.evict_idle(now)
+
+    def _forget_dropped(self, stream_ids: list[StreamId]) -> None:
+        """Streams evicted without spill restart from the initial state: their recorded history ends."""
+        if self._recorder is not None:
+            self._recorder.forget(stream_ids)
 
     # ---- weights -------------------------------------------------------------------------------------
     def swap_weights(self, state_dict: dict[str, Tensor], version: int) -> None:
@@ -552,8 +577,7 @@ class Engine:
         """A copy of one stream's state tensors ``[(width,), ...]`` on CPU, after its queued events."""
         with self._lock:
             self._drain()
-            slot = self._store.slot(stream_id)
-            return [t[slot].clone().cpu() for t in self._store.tensors]
+            return [t[0].clone().cpu() for t in self._store.rows_at(self._store.slot(stream_id))]
 
     # ---- introspection -------------------------------------------------------------------------------
     def __contains__(self, stream_id: StreamId) -> bool:
@@ -586,6 +610,8 @@ class Engine:
             device=str(self.device),
             errors=c["errors"],
             loop_errors=c["loop_errors"],
+            refused_streams=store.refused_streams,
+            evictions_for_capacity=store.evictions_for_capacity,
             finetune=self.finetuner.stats().as_dict() if self.finetuner is not None else None,
         )
 

@@ -1,27 +1,41 @@
-"""The state store: every stream's recurrent state, one row per stream in per-layer tensors.
+"""The state store: every stream's recurrent state, one row per stream in paged per-layer tensors.
 
-Layout: ``tensors[k]`` is ``(capacity, widths[k])`` on the engine's device, one tensor per entry of the
-model's flat state list (``h`` per layer, plus ``c`` for LSTM). A stream id maps to a slot (row index).
-New streams take a free slot initialised to the model's initial state. Capacity grows geometrically
-(x2 while small, x1.25 past 64k rows so a million streams cost close to their raw size). Streams idle
-past a TTL are evicted: dropped, or spilled to disk and restored on their next event.
+Layout: the rows live in *pages*; ``pages[p][k]`` is ``(rows_p, widths[k])`` on the engine's device, one
+tensor per entry of the model's flat state list (``h`` per layer, plus ``c`` for LSTM). A stream id maps to
+a slot; slot ``s`` is row ``s % page_rows`` of page ``s // page_rows``. Every page but the last holds
+``page_rows`` rows. New streams take the lowest free slot, initialised to the model's initial state.
+
+Growth never copies the whole state: the first page starts at ``capacity`` rows and doubles up to
+``page_rows`` (a copy of at most one page), then each growth adds one fresh page. When streams go
+(eviction, release, ``end``) and the others fit in all pages but the last with a quarter page to spare, the
+last page's streams move into free slots below it and the page is freed, so memory comes back.
+
+Limits: ``max_streams`` (streams held in memory) and ``max_bytes`` (bytes of the page tensors). A new
+stream that would pass either evicts the least recently used stream the current call does not use
+(spilled or dropped like an idle one, counted in ``evictions_for_capacity``); when no such stream is left
+the new streams are refused with ``StreamCapacityError`` (counted in ``refused_streams``) and nothing
+changes. Streams idle past a TTL are evicted too: dropped, or spilled to disk and restored on their next
+event.
 """
 
 from __future__ import annotations
 
+import heapq
+import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from engine.errors import InvalidStreamIdError, UnknownStreamError
+from engine.errors import InvalidStreamIdError, StreamCapacityError, UnknownStreamError
 from engine.spill import SpillStore
 
 StreamId = str | int
 
-LARGE_CAPACITY = 65_536
+PAGE_ROWS = 16_384  # rows per page: 4 MiB per state tensor at hidden 64
 
 
 def check_stream_ids(stream_ids: list[object]) -> list[StreamId]:
@@ -40,19 +54,24 @@ def check_stream_id(stream_id: object) -> StreamId:
     raise InvalidStreamIdError(f"stream id must be str or int, got {type(stream_id).__name__}: {stream_id!r}")
 
 
-def grown_capacity(capacity: int, needed: int) -> int:
-    """Next capacity >= ``needed``: doubling below ``LARGE_CAPACITY``, then +25% per growth."""
-    while capacity < needed:
-        capacity = capacity * 2 if capacity < LARGE_CAPACITY else capacity + capacity // 4
-    return capacity
+@dataclass(slots=True)
+class Located:
+    """Where ``size`` slots live: one ``(page, positions, rows)`` part per page they touch; ``positions``
+    (device ``int64``) are indices into the slots, ``None`` when the part is all of them in order; ``rows``
+    (device ``int64``) are rows of the page."""
+
+    parts: list[tuple[int, Tensor | None, Tensor]]
+    size: int
 
 
 class StateStore:
-    """Per-stream recurrent state in slot-indexed tensors.
+    """Per-stream recurrent state in paged, slot-indexed tensors (see the module docstring).
 
     ``initial``: the model's initial state rows, one ``(width,)`` tensor per state tensor.
     ``ttl_s``: idle streams older than this are evicted by ``evict_idle``; None keeps them forever.
     ``spill``: where evicted states go; None drops them (their next event starts from the initial state).
+    ``max_streams`` / ``max_bytes``: limits (None: none). ``page_rows``: rows per full page.
+    ``on_drop``: called with the ids of streams evicted without a spill store (their history ends).
     """
 
     def __init__(
@@ -62,20 +81,31 @@ class StateStore:
         capacity: int = 1024,
         ttl_s: float | None = None,
         spill: SpillStore | None = None,
+        max_streams: int | None = None,
+        max_bytes: int | None = None,
+        page_rows: int = PAGE_ROWS,
     ) -> None:
         self.device = device
         self.initial = [t.detach().to(device=device, dtype=torch.float32) for t in initial]
         self.widths = [t.shape[0] for t in self.initial]
-        self.capacity = max(1, capacity)
-        self.tensors = [self._fresh_rows(self.capacity, k) for k in range(len(self.widths))]
+        self.page_rows = page_rows
+        self.max_streams = max_streams
+        self.max_bytes = max_bytes
+        first = min(max(1, capacity), page_rows, self._budget_rows(0))
+        if first < 1:
+            raise ValueError(f"max_state_bytes={max_bytes} cannot hold one stream ({self.row_bytes()} bytes)")
+        self.pages: list[list[Tensor]] = [self._fresh_page(first)]
+        self.capacity = first
         self.slot_of: dict[StreamId, int] = {}
-        self.id_at: list[StreamId | None] = [None] * self.capacity
-        self.last_seen = np.zeros(self.capacity, dtype=np.float64)
-        self.free: list[int] = list(range(self.capacity - 1, -1, -1))
+        self.id_at: list[StreamId | None] = [None] * first
+        self.last_seen = np.full(first, np.inf)  # inf: a free slot (never an eviction candidate)
+        self.free: list[int] = list(range(first))  # a heap: the lowest free slot is taken first
         self.ttl_s = ttl_s
         self.spill = spill
+        self.on_drop: Callable[[list[StreamId]], None] | None = None
         self.evictions = 0
-        self.last_evicted: list[StreamId] = []  # ids of the latest eviction
+        self.evictions_for_capacity = 0
+        self.refused_streams = 0
         self.restored_from_spill = 0
 
     # ---- sizes ---------------------------------------------------------------------------------------
@@ -86,24 +116,103 @@ class StateStore:
         return stream_id in self.slot_of or (self.spill is not None and stream_id in self.spill)
 
     @property
+    def tensors(self) -> list[Tensor]:
+        """Every state tensor held, page by page."""
+        return [t for page in self.pages for t in page]
+
+    @property
     def nbytes(self) -> int:
-        """Bytes held by the state tensors (all slots, used or free)."""
+        """Bytes held by the state tensors (all pages, slots used or free)."""
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def row_bytes(self) -> int:
         """Raw bytes of one stream's state."""
         return sum(self.widths) * 4
 
+    def _budget_rows(self, held_bytes: int | None = None) -> int:
+        """Rows ``max_bytes`` still allows beyond ``held_bytes`` (default: what the pages hold)."""
+        if self.max_bytes is None:
+            return sys.maxsize
+        held = self.nbytes if held_bytes is None else held_bytes
+        return max(0, (self.max_bytes - held) // self.row_bytes())
+
+    # ---- pages ---------------------------------------------------------------------------------------
+    def _fresh_page(self, rows: int) -> list[Tensor]:
+        return [init.unsqueeze(0).repeat(rows, 1) for init in self.initial]
+
+    def _grow(self) -> bool:
+        """Room for at least one more slot: the last page doubles (up to ``page_rows``) if it is short,
+        else a new page is added; existing pages are not copied. False if ``max_bytes`` forbids it."""
+        last_rows = self.pages[-1][0].shape[0]
+        budget = self._budget_rows()
+        if last_rows < self.page_rows:
+            added = min(self.page_rows, 2 * last_rows) - last_rows
+        else:
+            added = self.page_rows
+        added = min(added, budget)
+        if added < 1:
+            return False
+        fresh = self._fresh_page(added)
+        if last_rows < self.page_rows:
+            self.pages[-1] = [torch.cat([t, f]) for t, f in zip(self.pages[-1], fresh, strict=True)]
+        else:
+            self.pages.append(fresh)
+        start = self.capacity
+        self.capacity += added
+        self.id_at.extend([None] * added)
+        self.last_seen = np.concatenate([self.last_seen, np.full(added, np.inf)])
+        self.free.extend(range(start, self.capacity))  # all above every heap entry: still a heap
+        return True
+
+    def _shrink(self) -> None:
+        """Free the last page while the streams fit below it with a quarter page to spare, moving the
+        last page's streams into the lowest free slots first (a copy of at most one page)."""
+        while len(self.pages) > 1:
+            start = (len(self.pages) - 1) * self.page_rows
+            if len(self.slot_of) > start - self.page_rows // 4:
+                return
+            movers = [s for s in range(start, self.capacity) if self.id_at[s] is not None]
+            self.free = [s for s in self.free if s < start]
+            heapq.heapify(self.free)
+            targets = [heapq.heappop(self.free) for _ in movers]
+            if movers:
+                self.scatter(self.locate(np.array(targets)), self.gather(self.locate(np.array(movers))))
+            for src, dst in zip(movers, targets, strict=True):
+                sid = self.id_at[src]
+                self.slot_of[sid] = dst  # type: ignore[index]
+                self.id_at[dst], self.last_seen[dst] = sid, self.last_seen[src]
+            self.pages.pop()
+            self.capacity = start
+            del self.id_at[start:]
+            self.last_seen = self.last_seen[:start].copy()
+
+    def locate(self, slots: np.ndarray | Tensor) -> Located:
+        """Where ``slots (B,) int64`` live (for ``gather``/``scatter``); one part when one page holds them."""
+        slots = np.asarray(slots.cpu() if isinstance(slots, Tensor) else slots, dtype=np.int64)
+        if len(self.pages) == 1:
+            return Located([(0, None, torch.from_numpy(slots).to(self.device))], len(slots))
+        page = slots // self.page_rows
+        rows = slots - page * self.page_rows
+        if len(slots) == 0 or page.min() == page.max():
+            p = int(page[0]) if len(slots) else 0
+            return Located([(p, None, torch.from_numpy(rows).to(self.device))], len(slots))
+        order = np.argsort(page, kind="stable")
+        cuts = np.flatnonzero(np.diff(page[order])) + 1
+        parts = []
+        for pos in np.split(order, cuts):
+            dev_pos = torch.from_numpy(pos).to(self.device)
+            parts.append((int(page[pos[0]]), dev_pos, torch.from_numpy(rows[pos]).to(self.device)))
+        return Located(parts, len(slots))
+
     # ---- slots ---------------------------------------------------------------------------------------
     def slots_for(self, stream_ids: Sequence[StreamId]) -> np.ndarray:
-        """Slots of ``stream_ids`` ``(N,) int64``, allocating (or restoring from spill) unknown streams."""
+        """Slots of ``stream_ids`` ``(N,) int64``, admitting (or restoring from spill) unknown streams.
+        ``StreamCapacityError`` (nothing changed) if some new streams cannot get a slot."""
         found = list(map(self.slot_of.get, stream_ids))  # C-level loop: ~40 ns per event
         if None in found:
-            for i, sid in enumerate(stream_ids):
-                if found[i] is None:
-                    found[i] = self.slot_of.get(sid)
-                    if found[i] is None:
-                        found[i] = self._admit(sid)
+            new = list(dict.fromkeys(s for s, f in zip(stream_ids, found, strict=True) if f is None))
+            admitted = self._admit_all(new, [f for f in found if f is not None], stream_ids)
+            found = [admitted[s] if f is None else f for s, f in zip(stream_ids, found, strict=True)]
         return np.array(found, dtype=np.int64)
 
     def slot(self, stream_id: StreamId) -> int:
@@ -112,17 +221,47 @@ class StateStore:
         if slot is not None:
             return slot
         if self.spill is not None and stream_id in self.spill:
-            return self._admit(stream_id)
+            return self._admit_all([stream_id], [], [stream_id])[stream_id]
         raise UnknownStreamError(f"unknown stream {stream_id!r}: it has no state in this engine")
+
+    def _admit_all(
+        self, new: list[StreamId], in_use: list[int], events: Sequence[StreamId]
+    ) -> dict[StreamId, int]:
+        """Slots for the ``new`` streams, evicting least recently used streams (not among the slots
+        ``in_use`` by this call) where a limit requires it; refuses with ``StreamCapacityError`` (naming
+        the events of ``events`` concerned) before changing anything if they cannot all fit."""
+        for sid in new:
+            check_stream_id(sid)
+        live = len(self.slot_of)
+        limit = sys.maxsize if self.max_streams is None else self.max_streams
+        without_eviction = max(0, min(limit - live, len(self.free) + self._budget_rows()))
+        if len(new) > without_eviction:
+            protected = np.unique(np.asarray(in_use, dtype=np.int64))
+            evictable = live - len(protected)
+            if len(new) > without_eviction + evictable:
+                self._refuse(new[without_eviction + evictable :], events)
+            self._evict_for_capacity(len(new) - without_eviction, protected)
+        return {sid: self._admit(sid) for sid in new}
+
+    def _refuse(self, refused: list[StreamId], events: Sequence[StreamId]) -> None:
+        self.refused_streams += len(refused)
+        which = set(refused)
+        raise StreamCapacityError(
+            f"{len(refused)} new stream(s) refused (first: {refused[0]!r}): the engine holds "
+            f"{len(self.slot_of)} streams (max_streams={self.max_streams}, max_state_bytes={self.max_bytes}) "
+            "and every other stream is in use by the same call",
+            refused,
+            [i for i, s in enumerate(events) if s in which],
+        )
 
     def _admit(self, stream_id: StreamId) -> int:
         """Give a new slot to ``stream_id``: its spilled state if it has one, else the initial state."""
-        check_stream_id(stream_id)
-        if not self.free:
-            self._grow(self.capacity + 1)
-        slot = self.free.pop()
+        if not self.free and not self._grow():
+            raise StreamCapacityError(f"no slot for stream {stream_id!r}", [stream_id], [])  # a bug if seen
+        slot = heapq.heappop(self.free)
         self.slot_of[stream_id] = slot
         self.id_at[slot] = stream_id
+        self.last_seen[slot] = time.monotonic()
         row = self.spill.pop(stream_id) if self.spill is not None else None
         if row is None:
             self._set_initial(slot)
@@ -131,61 +270,69 @@ class StateStore:
             self.restored_from_spill += 1
         return slot
 
-    def _grow(self, needed: int) -> None:
-        new_cap = grown_capacity(self.capacity, needed)
-        extra = new_cap - self.capacity
-        self.tensors = [torch.cat([t, self._fresh_rows(extra, k)]) for k, t in enumerate(self.tensors)]
-        self.id_at.extend([None] * extra)
-        self.last_seen = np.concatenate([self.last_seen, np.zeros(extra)])
-        self.free.extend(range(new_cap - 1, self.capacity - 1, -1))
-        self.capacity = new_cap
+    def _free_slot(self, stream_id: StreamId, slot: int) -> None:
+        del self.slot_of[stream_id]
+        self.id_at[slot] = None
+        self.last_seen[slot] = np.inf
+        heapq.heappush(self.free, slot)
 
-    def _fresh_rows(self, n: int, k: int) -> Tensor:
-        return self.initial[k].unsqueeze(0).repeat(n, 1)
+    def rows_at(self, slot: int) -> list[Tensor]:
+        """One stream's state as ``(1, width)`` views, one per state tensor."""
+        page, row = divmod(slot, self.page_rows)
+        return [t[row : row + 1] for t in self.pages[page]]
 
     def _set_initial(self, slot: int) -> None:
-        for t, init in zip(self.tensors, self.initial, strict=True):
-            t[slot].copy_(init)
+        for t, init in zip(self.rows_at(slot), self.initial, strict=True):
+            t[0].copy_(init)
 
     # ---- state rows ----------------------------------------------------------------------------------
-    def gather(self, slots: Tensor) -> list[Tensor]:
-        """State rows at ``slots (B,) int64`` (on the device): one ``(B, width)`` tensor per state tensor."""
-        return [t.index_select(0, slots) for t in self.tensors]
+    def gather(self, where: Located | np.ndarray | Tensor) -> list[Tensor]:
+        """State rows at ``where`` (as from ``locate``, or the slots themselves): one ``(B, width)``
+        tensor per state tensor."""
+        loc = where if isinstance(where, Located) else self.locate(where)
+        if len(loc.parts) == 1:
+            page, _, rows = loc.parts[0]
+            return [t.index_select(0, rows) for t in self.pages[page]]
+        out = [torch.empty(loc.size, w, device=self.device) for w in self.widths]
+        for page, pos, rows in loc.parts:
+            for o, t in zip(out, self.pages[page], strict=True):
+                o.index_copy_(0, pos, t.index_select(0, rows))  # type: ignore[arg-type]
+        return out
 
-    def scatter(self, slots: Tensor, rows: Sequence[Tensor]) -> None:
-        """Write ``rows`` (as from ``gather``) back at ``slots``; slots must be distinct."""
-        for t, r in zip(self.tensors, rows, strict=True):
-            t.index_copy_(0, slots, r)
+    def scatter(self, where: Located | np.ndarray | Tensor, rows: Sequence[Tensor]) -> None:
+        """Write ``rows`` (as from ``gather``) back at ``where``; the slots must be distinct."""
+        loc = where if isinstance(where, Located) else self.locate(where)
+        for page, pos, page_rows in loc.parts:
+            for t, r in zip(self.pages[page], rows, strict=True):
+                t.index_copy_(0, page_rows, r if pos is None else r.index_select(0, pos))
 
     def touch(self, slots: np.ndarray, now: float) -> None:
         self.last_seen[slots] = now
 
     def read_row(self, slot: int) -> Tensor:
         """One stream's state tensors concatenated: ``(sum(widths),)`` float32 on CPU."""
-        return torch.cat([t[slot] for t in self.tensors]).cpu()
+        return torch.cat([t[0] for t in self.rows_at(slot)]).cpu()
 
     def _write_row(self, slot: int, row: Tensor) -> None:
-        for t, part in zip(self.tensors, torch.split(row, self.widths), strict=True):
-            t[slot].copy_(part)
+        for t, part in zip(self.rows_at(slot), torch.split(row, self.widths), strict=True):
+            t[0].copy_(part)
 
     def reset(self, stream_id: StreamId) -> None:
         """Put ``stream_id`` back to the initial state (admitting it if new)."""
         slot = self.slot_of.get(stream_id)
         if slot is None:
-            if self.spill is not None:
-                self.spill.discard(stream_id)
-            self._admit(stream_id)
-        else:
-            self._set_initial(slot)
+            self._admit_all([stream_id], [], [stream_id])
+            slot = self.slot_of[stream_id]
+        self._set_initial(slot)
 
     def release(self, stream_id: StreamId) -> None:
         """Forget ``stream_id``: free its slot (and any spilled copy)."""
-        slot = self.slot_of.pop(stream_id, None)
+        slot = self.slot_of.get(stream_id)
         if self.spill is not None:
             self.spill.discard(stream_id)
         if slot is not None:
-            self.id_at[slot] = None
-            self.free.append(slot)
+            self._free_slot(stream_id, slot)
+            self._shrink()
 
     # ---- eviction ------------------------------------------------------------------------------------
     def evict_idle(self, now: float | None = None) -> int:
@@ -193,22 +340,32 @@ class StateStore:
         if self.ttl_s is None or not self.slot_of:
             return 0
         now = time.monotonic() if now is None else now
-        idle = np.flatnonzero(self.last_seen < now - self.ttl_s)
-        victims = [int(s) for s in idle if self.id_at[s] is not None]
-        if not victims:
+        victims = np.flatnonzero(self.last_seen < now - self.ttl_s)  # free slots hold inf
+        if not len(victims):
             return 0
-        ids = [self.id_at[s] for s in victims]
+        self._evict(victims)
+        self._shrink()
+        return len(victims)
+
+    def _evict_for_capacity(self, n: int, protected: np.ndarray) -> None:
+        """Evict the ``n`` least recently used streams whose slots are not ``protected``."""
+        seen = self.last_seen.copy()
+        seen[protected] = np.inf
+        victims = np.argpartition(seen, n - 1)[:n] if n < len(seen) else np.arange(len(seen))
+        self._evict(victims)
+        self.evictions_for_capacity += n
+
+    def _evict(self, victims: np.ndarray) -> None:
+        """Spill (or drop) the streams at ``victims`` and free their slots."""
+        ids = [self.id_at[s] for s in victims.tolist()]
         if self.spill is not None:
-            idx = torch.as_tensor(victims, device=self.device)
-            rows = torch.cat([t.index_select(0, idx) for t in self.tensors], dim=1).cpu().numpy()
-            self.spill.put_many(ids, rows)
-        self.last_evicted = ids
-        for sid in ids:
-            slot = self.slot_of.pop(sid)
-            self.id_at[slot] = None
-            self.free.append(slot)
+            rows = torch.cat(self.gather(victims), dim=1).cpu().numpy()
+            self.spill.put_many(ids, rows)  # type: ignore[arg-type]
+        elif self.on_drop is not None:
+            self.on_drop(ids)  # type: ignore[arg-type]
+        for sid, slot in zip(ids, victims.tolist(), strict=True):
+            self._free_slot(sid, slot)  # type: ignore[arg-type]
         self.evictions += len(ids)
-        return len(ids)
 
     # ---- export / import -----------------------------------------------------------------------------
     def export(self, stream_ids: Iterable[StreamId] | None = None) -> tuple[list[StreamId], list[Tensor]]:
@@ -224,8 +381,8 @@ class StateStore:
             if self.spill is not None:
                 rows = ((s, self.spill.get(s)) for s in wanted if s not in self.slot_of)
                 spilled = [(s, r) for s, r in rows if r is not None]
-        idx = torch.as_tensor([self.slot_of[s] for s in in_memory], dtype=torch.int64, device=self.device)
-        parts = [t.index_select(0, idx).cpu() for t in self.tensors]
+        slots = np.array([self.slot_of[s] for s in in_memory], dtype=np.int64)
+        parts = [p.cpu() for p in self.gather(slots)]
         ids: list[StreamId] = in_memory
         if spilled:
             ids = ids + [s for s, _ in spilled]
@@ -237,24 +394,25 @@ class StateStore:
         self, stream_ids: Iterable[StreamId], parts: Sequence[Tensor], now: float, replace: bool = True
     ) -> None:
         """Load ``stream_ids`` with their rows (as from ``export``). ``replace``: forget every other stream
-        first; otherwise merge, overwriting the listed streams only."""
+        first; otherwise merge, overwriting the listed streams only (others may be evicted to make room).
+        ``StreamCapacityError`` (nothing changed) if the limits cannot hold them."""
         ids = [check_stream_id(s) for s in stream_ids]
         if replace:
+            fits = min(self.max_streams or sys.maxsize, self._budget_rows(0))
+            if len(set(ids)) > fits:
+                self._refuse(list(dict.fromkeys(ids))[fits:], ids)
             self.clear()
-        elif self.spill is not None:
-            for sid in ids:
-                self.spill.discard(sid)
-        needed = len(self.slot_of) + len(ids)
-        if needed > self.capacity:
-            self._grow(needed)
         slots = self.slots_for(ids)
-        idx = torch.as_tensor(slots, device=self.device)
-        self.scatter(idx, [p.to(self.device, torch.float32) for p in parts])
+        self.scatter(slots, [p.to(self.device, torch.float32) for p in parts])
         self.touch(slots, now)
 
     def clear(self) -> None:
-        """Forget every stream (memory and spill)."""
-        for sid in list(self.slot_of):
-            self.release(sid)
+        """Forget every stream (memory and spill); keep only the first page."""
+        del self.pages[1:]
+        self.capacity = self.pages[0][0].shape[0]
+        self.slot_of.clear()
+        self.id_at = [None] * self.capacity
+        self.last_seen = np.full(self.capacity, np.inf)
+        self.free = list(range(self.capacity))
         if self.spill is not None:
             self.spill.clear()

@@ -49,7 +49,7 @@ class EngineStats:
     mean_batch_size: float
     active_streams: int
     spilled_streams: int
-    evictions: int
+    evictions: int  # all evictions: idle past the TTL, and for capacity
     pending: int
     capacity: int
     state_bytes: int
@@ -61,6 +61,8 @@ class EngineStats:
     device: str
     errors: int
     loop_errors: int = 0  # failures outside any one event (a sweep, a bug): the step loop went on
+    refused_streams: int = 0  # new streams refused a slot (a limit reached, no stream evictable)
+    evictions_for_capacity: int = 0  # streams evicted (also in ``evictions``) to make room under a limit
     finetune: dict[str, Any] | None = None  # the fine-tuning worker's progress, when it runs
 
     def as_dict(self) -> dict[str, Any]:

@@ -30,6 +30,8 @@ class EngineConfig(Strict):
     ttl_s: float | None = Field(None, gt=0)
     eviction: Literal["drop", "spill"] = "drop"
     spill_dir: Path | None = None
+    max_streams: int | None = Field(None, ge=1)  # streams held in memory; past it: evict LRU or refuse
+    max_state_bytes: int | None = Field(None, ge=1)  # bytes of state tensors; same policy
 
 
 class CheckpointConfig(Strict):

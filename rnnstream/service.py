@@ -123,6 +123,8 @@ def _engine(config: ServiceConfig) -> Engine:
         ttl_s=e.ttl_s,
         eviction=e.eviction,
         spill_dir=e.spill_dir,
+        max_streams=e.max_streams,
+        max_state_bytes=e.max_state_bytes,
     )
     if ft is not None:
         engine.start_finetuning(ft)

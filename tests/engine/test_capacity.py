@@ -94,3 +94,97 @@ def test_snapshot_holds_streams_spilled_after_it_was_last_taken(tmp_path):
         fresh.restore(snap)
         np.testing.assert_allclose(fresh.state_of("a")[0].numpy(), want[2], atol=ATOL)
         np.testing.assert_allclose(fresh.state_of("b")[0].numpy(), want[4], atol=ATOL)
+
+
+# ---- limits ----------------------------------------------------------------------------------------------
+def _interleaved(n_streams: int, length: int, seed: int) -> tuple[list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = [f"s{k}" for k in rng.permutation(np.repeat(np.arange(n_streams), length))]
+    return ids, rng.standard_normal((len(ids), 3)).astype(np.float32)
+
+
+def test_max_streams_with_spill_is_transparent_and_counted(tmp_path):
+    """Ten streams through an engine that holds at most four: the least recently used go to disk and come
+    back on their next event; every output equals the unlimited engine's."""
+    ids, xs = _interleaved(10, 12, seed=2)
+    with Engine(_gru(), device="cpu") as plain:
+        expected = np.concatenate(
+            [plain.step_many(ids[i : i + 3], xs[i : i + 3]) for i in range(0, len(ids), 3)]
+        )
+    with Engine(_gru(), device="cpu", max_streams=4, eviction="spill", spill_dir=tmp_path) as engine:
+        got = np.concatenate([engine.step_many(ids[i : i + 3], xs[i : i + 3]) for i in range(0, len(ids), 3)])
+        stats = engine.stats()
+    np.testing.assert_allclose(got, expected, atol=ATOL)
+    assert stats.active_streams <= 4 and stats.evictions_for_capacity > 0 and stats.refused_streams == 0
+    assert stats.evictions >= stats.evictions_for_capacity
+
+
+def test_new_streams_past_the_limit_with_nothing_evictable_are_refused_and_change_nothing():
+    from engine import StreamCapacityError
+
+    xs = np.random.default_rng(3).standard_normal((4, 3)).astype(np.float32)
+    with Engine(_gru(), device="cpu", max_streams=2) as engine:
+        try:
+            engine.step_many(["a", "b", "c", "a"], xs)
+            raise AssertionError("a third stream in one call must be refused")
+        except StreamCapacityError as exc:
+            assert exc.stream_ids == ["c"] and exc.indices == [2]
+        assert (
+            engine.active_streams == 0 and engine.stats().events == 0 and engine.stats().refused_streams == 1
+        )
+        with Engine(_gru(), device="cpu") as plain:
+            want = plain.step_many(["a", "b", "a"], xs[[0, 1, 3]])
+        np.testing.assert_allclose(engine.step_many(["a", "b", "a"], xs[[0, 1, 3]]), want, atol=ATOL)
+
+
+def test_queued_events_of_a_refused_stream_fail_and_the_others_run():
+    from engine import StreamCapacityError
+
+    xs = np.random.default_rng(4).standard_normal((4, 3)).astype(np.float32)
+    with Engine(_gru(), device="cpu", max_streams=2, max_delay_ms=300) as engine:
+        futures = [engine.submit(s, x) for s, x in zip(["a", "b", "c", "a"], xs, strict=True)]
+        assert isinstance(futures[2].exception(timeout=10), StreamCapacityError)
+        with Engine(_gru(), device="cpu") as plain:
+            want = plain.step_many(["a", "b", "a"], xs[[0, 1, 3]])
+        got = np.stack([futures[i].result(timeout=10) for i in (0, 1, 3)])
+        np.testing.assert_allclose(got, want, atol=ATOL)
+        stats = engine.stats()
+        assert stats.events == 3 and stats.refused_streams == 1 and stats.errors == 0
+        engine.submit("d", xs[0]).result(timeout=10)  # a later batch: the least recently used one goes
+        assert engine.active_streams == 2 and engine.stats().evictions_for_capacity == 1
+
+
+def test_state_memory_stays_within_the_budget_and_comes_back_after_eviction():
+    with Engine(_gru(), device="cpu", capacity=1024) as probe:
+        row = probe._store.row_bytes()
+    budget = 50_000 * row
+    with Engine(_gru(), device="cpu", max_state_bytes=budget, ttl_s=3600) as engine:
+        rng = np.random.default_rng(5)
+        for start in range(0, 60_000, 4096):
+            ids = np.arange(start, min(start + 4096, 60_000))
+            engine.step_many(ids, rng.standard_normal((len(ids), 3)).astype(np.float32))
+            assert engine.stats().state_bytes <= budget
+        stats = engine.stats()
+        assert stats.active_streams == 50_000 and stats.evictions_for_capacity == 10_000
+        held = stats.state_bytes
+        engine.release(list(range(10_000, 60_000)))
+        assert engine.stats().state_bytes < held / 2  # pages were freed
+        assert engine.stats().capacity < 50_000
+
+
+def test_the_service_config_limits_reach_the_engine():
+    """``engine.max_streams`` / ``engine.max_state_bytes`` in a service config become the Engine's limits."""
+    import pytest
+
+    from rnnstream.config import ConfigError, load_config
+    from rnnstream.service import _engine
+
+    overrides = {"engine.max_streams": 2, "engine.max_state_bytes": 1 << 20, "engine.device": "cpu"}
+    engine = _engine(load_config(ROOT / "configs" / "sensors-csv.yaml", overrides))
+    try:
+        store = engine._store
+        assert (store.max_streams, store.max_bytes) == (2, 1 << 20)
+    finally:
+        engine.close()
+    with pytest.raises(ConfigError, match="max_streams"):
+        load_config(ROOT / "configs" / "sensors-csv.yaml", {"engine.max_streams": 0})

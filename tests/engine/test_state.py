@@ -1,15 +1,20 @@
-"""The state store: slots, growth, release and reuse, initial states."""
+"""The state store: slots, paged growth, release and reuse, initial states, limits."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from engine.state import LARGE_CAPACITY, StateStore, grown_capacity
+from engine import StreamCapacityError
+from engine.state import StateStore
 
 
-def _store(capacity: int = 2) -> StateStore:
+def _store(capacity: int = 2, **kwargs) -> StateStore:
     initial = [torch.full((3,), 0.5), torch.zeros(2)]
-    return StateStore(initial, torch.device("cpu"), capacity=capacity)
+    return StateStore(initial, torch.device("cpu"), capacity=capacity, **kwargs)
 
 
 def test_new_streams_start_from_the_initial_state_and_growth_keeps_rows():
@@ -35,8 +40,105 @@ def test_released_slots_are_reused_with_a_fresh_state():
     assert torch.equal(store.gather(torch.as_tensor([again]))[0], torch.full((1, 3), 0.5))
 
 
-def test_growth_is_geometric_and_gentle_when_large():
-    assert grown_capacity(1024, 1025) == 2048
-    assert grown_capacity(LARGE_CAPACITY, LARGE_CAPACITY + 1) == LARGE_CAPACITY * 5 // 4
-    cap = grown_capacity(1024, 1_000_000)
-    assert 1_000_000 <= cap < 1_250_000
+def _rows(store: StateStore, ids: list) -> np.ndarray:
+    """The streams' state rows concatenated: ``(N, 5)``."""
+    return torch.cat(store.gather(store.slots_for(ids)), dim=1).numpy()
+
+
+def _write(store: StateStore, ids: list, rows: np.ndarray) -> None:
+    parts = torch.split(torch.from_numpy(rows.astype(np.float32)), store.widths, dim=1)
+    store.scatter(store.slots_for(ids), list(parts))
+
+
+def test_growth_adds_pages_without_copying_the_state_held():
+    """The first page doubles up to ``page_rows``; past it each growth adds a page, and the pages already
+    held are neither copied nor moved (growth no longer stops the world for a copy of all state)."""
+    store = _store(capacity=2, page_rows=4)
+    _write(store, ["s0", "s1"], np.ones((2, 5)))
+    store.slots_for(["s2"])
+    assert store.capacity == 4 and len(store.pages) == 1
+    first_page = [t.data_ptr() for t in store.pages[0]]
+    ids = [f"s{i}" for i in range(11)]
+    rows = np.arange(55, dtype=np.float32).reshape(11, 5)
+    _write(store, ids, rows)
+    assert len(store.pages) == 3 and store.capacity == 12
+    assert [t.data_ptr() for t in store.pages[0]] == first_page
+    np.testing.assert_array_equal(_rows(store, ids), rows)
+    assert store.nbytes == 12 * store.row_bytes()  # at most one page beyond the streams held
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["write", "release", "evict"]), st.lists(st.integers(0, 30))), max_size=30
+    )
+)
+def test_paged_store_matches_a_dictionary_of_rows(ops):
+    """Random writes, releases and LRU evictions across pages of 4 rows: every stream reads back what was
+    last written (initial state when new), and pages come back once the streams fit below them."""
+    store = _store(capacity=1, page_rows=4)
+    model: dict[int, np.ndarray] = {}
+    initial = np.array([0.5, 0.5, 0.5, 0, 0], np.float32)
+    rng = np.random.default_rng(0)
+    for op, streams in ops:
+        ids = list(dict.fromkeys(streams))
+        if op == "write" and ids:
+            before = _rows(store, ids)
+            for sid, row in zip(ids, before, strict=True):
+                np.testing.assert_array_equal(row, model.get(sid, initial))
+            rows = rng.standard_normal((len(ids), 5)).astype(np.float32)
+            _write(store, ids, rows)
+            model.update(zip(ids, rows, strict=True))
+        elif op == "release":
+            for sid in ids:
+                store.release(sid)
+                model.pop(sid, None)
+        elif op == "evict" and len(store):
+            store.ttl_s = 0.0
+            store.evict_idle(float("inf"))
+            model.clear()
+        assert len(store) == len(model)
+        pages_needed = max(1, -(-len(model) // 4))
+        assert len(store.pages) <= pages_needed + 1
+    if model:
+        np.testing.assert_array_equal(_rows(store, list(model)), np.stack(list(model.values())))
+
+
+def test_memory_comes_back_after_streams_go():
+    store = _store(capacity=4, page_rows=4)
+    ids = list(range(40))
+    rows = np.arange(200, dtype=np.float32).reshape(40, 5)
+    _write(store, ids, rows)
+    assert len(store.pages) == 10
+    for sid in ids[:-3]:
+        store.release(sid)
+    assert len(store.pages) == 1 and store.nbytes == 4 * store.row_bytes()
+    np.testing.assert_array_equal(_rows(store, ids[-3:]), rows[-3:])
+
+
+def test_max_streams_evicts_the_least_recently_used_stream_not_in_use():
+    store = _store(capacity=2, max_streams=3)
+    dropped: list = []
+    store.on_drop = dropped.extend
+    for t, sid in enumerate(["a", "b", "c"]):
+        store.touch(store.slots_for([sid]), float(t))
+    store.touch(store.slots_for(["a"]), 10.0)  # "b" is now the least recently used
+    store.slots_for(["d"])
+    assert dropped == ["b"] and sorted(store.slot_of) == ["a", "c", "d"]
+    store.slots_for(["a", "e", "f"])  # "a" is in use by the call: "c" and "d" go, never "a"
+    assert sorted(store.slot_of) == ["a", "e", "f"] and store.evictions_for_capacity == 3
+    with pytest.raises(StreamCapacityError) as info:
+        store.slots_for(["a", "e", "f", "g", "h", "g"])  # every held stream is in use: g and h are refused
+    assert info.value.stream_ids == ["g", "h"] and info.value.indices == [3, 4, 5]
+    assert sorted(store.slot_of) == ["a", "e", "f"] and store.refused_streams == 2  # nothing changed
+
+
+def test_max_bytes_caps_the_state_tensors():
+    row = 5 * 4
+    store = _store(capacity=2, page_rows=4, max_bytes=6 * row)
+    store.slots_for(list(range(6)))
+    assert store.nbytes == 6 * row and store.capacity == 6
+    store.slots_for([6, 7])  # no room to grow: two streams are evicted instead
+    assert store.nbytes <= 6 * row and len(store) == 6 and store.evictions_for_capacity == 2
+    with pytest.raises(ValueError, match="cannot hold one stream"):
+        _store(max_bytes=row - 1)
