@@ -198,24 +198,9 @@ class PythonKafkaClient:
             admin.close()
 
     def start(self, topics: list[str], on_assigned: PartitionCallback, on_revoked: PartitionCallback) -> None:
-        from kafka import KafkaConsumer, KafkaProducer
+        from kafka import KafkaConsumer
 
-        self.producer = KafkaProducer(
-            bootstrap_servers=self.settings.bootstrap,
-            transactional_id=self.settings.member_id,
-            transaction_timeout_ms=self.settings.transaction_timeout_ms,
-            acks="all",
-            **{
-                "linger_ms": 2,
-                "batch_size": 256 * 1024,
-                # retries of CONCURRENT_TRANSACTIONS right after a commit (see kafka_confluent.py)
-                "retry_backoff_ms": 10,
-                **self.settings.client,
-                **self.settings.producer,
-            },
-        )
-        self.producer.init_transactions()
-        self.producer.begin_transaction()
+        self.producer = self._transactional_producer()
         self.consumer = KafkaConsumer(
             bootstrap_servers=self.settings.bootstrap,
             group_id=self.settings.group_id,
@@ -231,10 +216,34 @@ class PythonKafkaClient:
             },
         )
         _complete_every_rejoin(self.consumer)
+        _fence_offset_commits(self.producer, self.consumer)
         for topic in topics:  # know the partitions before joining, or the first assignment may be empty
             self.consumer.partitions_for_topic(topic)
         listener = _Listener(on_assigned, on_revoked, self._wait_for_stable_offsets)
         self.consumer.subscribe(topics, listener=listener)
+
+    def _transactional_producer(self) -> Any:
+        """A producer with this process's transactional id, inside a new transaction. Its
+        ``init_transactions`` aborts a transaction the id left open and fences its older producers."""
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(
+            bootstrap_servers=self.settings.bootstrap,
+            transactional_id=self.settings.member_id,
+            transaction_timeout_ms=self.settings.transaction_timeout_ms,
+            acks="all",
+            **{
+                "linger_ms": 2,
+                "batch_size": 256 * 1024,
+                # retries of CONCURRENT_TRANSACTIONS right after a commit (see kafka_confluent.py)
+                "retry_backoff_ms": 10,
+                **self.settings.client,
+                **self.settings.producer,
+            },
+        )
+        producer.init_transactions()
+        producer.begin_transaction()
+        return producer
 
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
         polled = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
@@ -262,10 +271,10 @@ class PythonKafkaClient:
                 offsets = {
                     TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in next_offsets.items()
                 }
-                # kafka-python 3 takes the group metadata (KIP-447 fencing); 2.x the group id.
-                meta = getattr(self.consumer, "group_metadata", None)
-                group = meta() if meta is not None else self.settings.group_id
-                self.producer.send_offsets_to_transaction(offsets, group)
+                if _membership(self.consumer).generation_id < 0:
+                    raise TransactionFailed("this process left the group: its partitions may be elsewhere")
+                # the group id: the membership goes with it (_fence_offset_commits, KIP-447)
+                self.producer.send_offsets_to_transaction(offsets, self.settings.group_id)
             self.producer.commit_transaction()
         except KafkaError as exc:
             raise TransactionFailed(str(exc)) from exc
@@ -276,9 +285,20 @@ class PythonKafkaClient:
 
         try:
             self.producer.abort_transaction()
-        except KafkaError as exc:
-            log.warning("abort failed: %s", exc)
+        except KafkaError as exc:  # a fatal error (fenced, timed out while the process stalled)
+            log.warning("abort failed (%s): replacing the producer, which aborts its transaction", exc)
+            self._renew_producer()
+            return
         self.producer.begin_transaction()
+
+    def _renew_producer(self) -> None:
+        old, self.producer = self.producer, None
+        try:
+            old.close(timeout=5)
+        except Exception:
+            log.exception("while closing the failed producer")
+        self.producer = self._transactional_producer()
+        _fence_offset_commits(self.producer, self.consumer)
 
     def rewind_to_committed(self) -> None:
         for tp in self.consumer.assignment():
@@ -386,6 +406,174 @@ def _complete_every_rejoin(consumer: Any) -> None:
         return False
 
     coordinator.need_rejoin = need_rejoin_recorded
+
+
+# ---- KIP-447 offset fencing for kafka-python 2.x -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupMembership:
+    """The consumer's place in its group when offsets are sent: what the broker checks a transactional
+    offset commit against (KIP-447). ``generation_id`` is -1 once the consumer knows it left the group."""
+
+    generation_id: int
+    member_id: str
+    group_instance_id: str | None
+
+
+def _membership(consumer: Any) -> GroupMembership:
+    coordinator = consumer._coordinator
+    with coordinator._lock:
+        generation = coordinator._generation
+    return GroupMembership(generation.generation_id, generation.member_id, coordinator.group_instance_id)
+
+
+def _txn_offset_commit_v3() -> tuple[type, type]:
+    """TxnOffsetCommit v3 (KIP-447, brokers 2.5+): v2 plus the committing member's generation, member id
+    and group instance id, so that the group coordinator refuses offsets from a member that is no longer
+    in the current generation. kafka-python 2.x knows only v0-v2."""
+    from kafka.protocol.api import Request, Response
+    from kafka.protocol.types import CompactArray, CompactString, Int16, Int32, Int64, Schema, TaggedFields
+
+    class TxnOffsetCommitResponseV3(Response):
+        API_KEY = 28
+        API_VERSION = 3
+        FLEXIBLE_VERSION = True
+        SCHEMA = Schema(
+            ("throttle_time_ms", Int32),
+            (
+                "topics",
+                CompactArray(
+                    ("name", CompactString("utf-8")),
+                    (
+                        "partitions",
+                        CompactArray(("index", Int32), ("error_code", Int16), ("tags", TaggedFields)),
+                    ),
+                    ("tags", TaggedFields),
+                ),
+            ),
+            ("tags", TaggedFields),
+        )
+
+    class TxnOffsetCommitRequestV3(Request):
+        API_KEY = 28
+        API_VERSION = 3
+        FLEXIBLE_VERSION = True
+        RESPONSE_TYPE = TxnOffsetCommitResponseV3
+        SCHEMA = Schema(
+            ("transactional_id", CompactString("utf-8")),
+            ("group_id", CompactString("utf-8")),
+            ("producer_id", Int64),
+            ("producer_epoch", Int16),
+            ("generation_id", Int32),
+            ("member_id", CompactString("utf-8")),
+            ("group_instance_id", CompactString("utf-8")),
+            (
+                "topics",
+                CompactArray(
+                    ("name", CompactString("utf-8")),
+                    (
+                        "partitions",
+                        CompactArray(
+                            ("index", Int32),
+                            ("offset", Int64),
+                            ("leader_epoch", Int32),
+                            ("metadata", CompactString("utf-8")),
+                            ("tags", TaggedFields),
+                        ),
+                    ),
+                    ("tags", TaggedFields),
+                ),
+            ),
+            ("tags", TaggedFields),
+        )
+
+    return TxnOffsetCommitRequestV3, TxnOffsetCommitResponseV3
+
+
+def _patch_offset_commit_handler() -> None:
+    """Make kafka-python's ``TxnOffsetCommitHandler`` send v3 with the membership its transaction manager
+    carries (``group_membership``, set by ``_fence_offset_commits``) and treat the broker's fencing answers
+    as abortable errors (kafka-python 2.3.3 makes every unlisted error fatal, and its own retriable branch
+    raises ``AttributeError``). Without ``group_membership`` the handler is kafka-python's, unchanged.
+    The class is patched in place: kafka-python creates it by name and calls ``super()`` through that name."""
+    import kafka.errors as errors
+    from kafka.producer.transaction_manager import TxnOffsetCommitHandler as Handler
+    from kafka.structs import TopicPartition
+
+    if getattr(Handler, "fences", False):
+        return
+    request_v3, _ = _txn_offset_commit_v3()
+    fenced = (
+        errors.IllegalGenerationError,
+        errors.UnknownMemberIdError,
+        errors.FencedInstanceIdError,
+        errors.RebalanceInProgressError,
+        errors.GroupAuthorizationFailedError,
+    )
+    retriable = (errors.CoordinatorNotAvailableError, errors.NotCoordinatorError, errors.RequestTimedOutError)
+    build_v2, handle_v2 = Handler._build_request, Handler.handle_response
+
+    def build_request(self):
+        membership = getattr(self.transaction_manager, "group_membership", None)
+        if membership is None:
+            return build_v2(self)
+        topics: dict[str, list] = {}
+        for tp, offset in self.offsets.items():
+            topics.setdefault(tp.topic, []).append((tp.partition, offset.offset, -1, offset.metadata, {}))
+        m = membership()
+        return request_v3(
+            transactional_id=self.transactional_id,
+            group_id=self.consumer_group_id,
+            producer_id=self.producer_id,
+            producer_epoch=self.producer_epoch,
+            generation_id=m.generation_id,
+            member_id=m.member_id,
+            group_instance_id=m.group_instance_id,
+            topics=[(t, parts, {}) for t, parts in topics.items()],
+            tags={},
+        )
+
+    def handle_response(self, response):
+        if getattr(self.transaction_manager, "group_membership", None) is None:
+            return handle_v2(self, response)
+        pending = self.transaction_manager._pending_txn_offset_commits
+        retry = lookup = False
+        for topic, partitions, _tags in response.topics:
+            for partition, code, _ in partitions:
+                error = errors.for_code(code)
+                if error is errors.NoError:
+                    pending.pop(TopicPartition(topic, partition), None)
+                elif error in retriable or error is errors.UnknownTopicOrPartitionError:
+                    retry, lookup = True, lookup or error is not errors.UnknownTopicOrPartitionError
+                elif error in fenced:
+                    self.abortable_error(error(f"offsets of group {self.consumer_group_id} refused"))
+                    return
+                else:
+                    self.fatal_error(error())
+                    return
+        if lookup:
+            self.transaction_manager._lookup_coordinator("group", self.consumer_group_id)
+        if not retry:
+            self.result.done()
+        elif pending:
+            self.offsets = pending
+            self.request = self._build_request()
+            self.reenqueue()
+
+    Handler._build_request, Handler.handle_response, Handler.fences = build_request, handle_response, True
+
+
+def _fence_offset_commits(producer: Any, consumer: Any) -> None:
+    """Make ``producer``'s transactional offset commits carry ``consumer``'s group membership (KIP-447).
+
+    kafka-python 2.x commits offsets in a transaction with the group id only, and the transactional id
+    is per process: a process that stalls past its session timeout while its partitions move to another
+    one would, on waking, commit its open transaction (outputs, changelog rows, and offsets older than
+    the new owner's) for partitions it no longer owns. With the generation in the request the broker
+    refuses such a commit; the transaction becomes abortable and the service aborts it."""
+    _patch_offset_commit_handler()
+    producer._transaction_manager.group_membership = lambda: _membership(consumer)
 
 
 class _Listener(ConsumerRebalanceListener):

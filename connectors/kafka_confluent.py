@@ -74,21 +74,7 @@ class ConfluentKafkaClient:
         return width
 
     def start(self, topics: list[str], on_assigned: PartitionCallback, on_revoked: PartitionCallback) -> None:
-        self.producer = Producer(
-            {
-                **self.base,
-                "transactional.id": self.settings.member_id,
-                "transaction.timeout.ms": self.settings.transaction_timeout_ms,
-                "linger.ms": 2,
-                # A new transaction's first AddPartitionsToTxn/AddOffsetsToTxn often meets the previous
-                # one's markers still being written (CONCURRENT_TRANSACTIONS) and is retried after this
-                # backoff; librdkafka's default of 100 ms made one checkpoint in ten take ~110 ms.
-                "retry.backoff.ms": 10,
-                **self.settings.producer,
-            }
-        )
-        self.producer.init_transactions(30)
-        self.producer.begin_transaction()
+        self.producer = self._transactional_producer()
         self.consumer = Consumer(
             {
                 **self.base,
@@ -110,6 +96,26 @@ class ConfluentKafkaClient:
             self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
 
         self.consumer.subscribe(topics, on_assign=assign, on_revoke=revoke, on_lost=revoke)
+
+    def _transactional_producer(self) -> Producer:
+        """A producer with this process's transactional id, inside a new transaction. Its
+        ``init_transactions`` aborts a transaction the id left open and fences its older producers."""
+        producer = Producer(
+            {
+                **self.base,
+                "transactional.id": self.settings.member_id,
+                "transaction.timeout.ms": self.settings.transaction_timeout_ms,
+                "linger.ms": 2,
+                # A new transaction's first AddPartitionsToTxn/AddOffsetsToTxn often meets the previous
+                # one's markers still being written (CONCURRENT_TRANSACTIONS) and is retried after this
+                # backoff; librdkafka's default of 100 ms made one checkpoint in ten take ~110 ms.
+                "retry.backoff.ms": 10,
+                **self.settings.producer,
+            }
+        )
+        producer.init_transactions(30)
+        producer.begin_transaction()
+        return producer
 
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
         """Up to ``max_records`` records; waits at most ``timeout_s`` for the first one, none for the rest.
@@ -169,8 +175,10 @@ class ConfluentKafkaClient:
     def abort(self) -> None:
         try:
             self.producer.abort_transaction(30)
-        except KafkaException as exc:
-            log.warning("abort failed: %s", exc)
+        except KafkaException as exc:  # a fatal error (fenced, timed out while the process stalled)
+            log.warning("abort failed (%s): replacing the producer, which aborts its transaction", exc)
+            self.producer = self._transactional_producer()
+            return
         self.producer.begin_transaction()
 
     def rewind_to_committed(self) -> None:
