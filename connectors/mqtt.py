@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -70,6 +72,19 @@ class MqttError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Tls:
+    """TLS to the broker, passed to paho's ``tls_set``: ``ca_file`` (PEM CA certificates the broker's
+    certificate must chain to; None: the system's), ``cert_file`` / ``key_file`` / ``key_password`` (a
+    client certificate, for mutual TLS), ``check_hostname`` (the certificate must name the broker's host)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    key_password: str | None = field(default=None, repr=False)
+    check_hostname: bool = True
+
+
+@dataclass(frozen=True)
 class Connection:
     """How a client reaches the broker.
 
@@ -78,6 +93,8 @@ class Connection:
       after a disconnect. ``keepalive_s``: seconds between pings.
     - ``reconnect_backoff_s``: ``(first, max)`` delay between reconnect attempts, doubling (seconds).
     - ``connect_timeout_s``: how long the first connection may take before ``MqttError`` (seconds).
+    - ``tls``: connect over TLS (None: plaintext); a failed handshake (an unknown CA, a certificate that
+      does not name the host, a plaintext port) fails ``start`` at once, naming the TLS error.
     """
 
     broker: str
@@ -85,9 +102,10 @@ class Connection:
     session_expiry_s: int = 86_400
     keepalive_s: int = 30
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     reconnect_backoff_s: tuple[float, float] = (0.1, 10.0)
     connect_timeout_s: float = 30.0
+    tls: Tls | None = None
 
     def host_port(self) -> tuple[str, int]:
         host, sep, port = self.broker.rpartition(":")
@@ -146,6 +164,8 @@ class _Link:
         c.reconnect_delay_set(*self.conn.reconnect_backoff_s)  # type: ignore[arg-type]  (floats work)
         if self.conn.username is not None:
             c.username_pw_set(self.conn.username, self.conn.password)
+        if self.conn.tls is not None:
+            _set_tls(c, self.conn.tls)
         c.on_connect = self._connected
         c.on_disconnect = self._disconnected
         c.on_connect_fail = self._connect_failed
@@ -245,7 +265,18 @@ class _Link:
 
     def _connect_failed(self, _c: Any, _u: Any) -> None:
         self.counts["connect_failures"] += 1
-        log.debug("MQTT %r: cannot reach %s, retrying", self.conn.client_id, self.conn.broker)
+        error = sys.exc_info()[1]  # paho calls this inside its ``except OSError`` around the connect
+        if isinstance(error, ssl.SSLError):  # retrying cannot help: a waiting ``start`` fails now
+            self._refused = f"TLS handshake failed: {error}"
+        log.debug("MQTT %r: cannot reach %s (%s), retrying", self.conn.client_id, self.conn.broker, error)
+
+
+def _set_tls(client: mqtt.Client, tls: Tls) -> None:
+    """Make ``client`` connect over TLS as ``tls`` says."""
+    client.tls_set(
+        ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file, keyfile_password=tls.key_password
+    )
+    client.tls_insecure_set(not tls.check_hostname)
 
 
 # ---- topics ------------------------------------------------------------------------------------------

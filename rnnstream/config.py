@@ -7,9 +7,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from engine.finetune import FineTuneSettings
+from rnnstream.config_secrets import normalized_key, resolve, resolve_settings
 
 
 class ConfigError(ValueError):
@@ -17,7 +27,8 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a ValidationError (kept as a ConfigError's cause) never quotes a value, a secret
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class EngineConfig(Strict):
@@ -65,15 +76,29 @@ RESERVED_KAFKA_KEYS = frozenset(
 confluent-kafka key is compared with its dots and dashes as underscores."""
 
 
-def _kafka_key(key: object) -> str:
-    return str(key).lower().replace(".", "_").replace("-", "_")
-
-
 class KafkaConnection(Strict):
     """How to reach Kafka, for every Kafka source, sink and dead-letter topic of the pipeline. ``client``
     is passed to every client of the chosen library (security settings: ``security_protocol``,
     ``sasl_mechanism``, ``ssl_cafile``, ...); ``consumer`` and ``producer`` only to that one
-    (``session_timeout_ms``, ``linger_ms``, ``compression_type``, ...)."""
+    (``session_timeout_ms``, ``linger_ms``, ``compression_type``, ...). Settings are passed through as
+    written, in the library's own names.
+
+    Secrets (any key naming a ``password`` or ``secret``, inline keys such as ``ssl.key.pem``) are
+    references, never the secret itself: ``${env:NAME}`` or ``${file:/absolute/path}``
+    (``rnnstream.config_secrets``); a literal is refused naming the key. Resolved, they are ``SecretStr``
+    (shown as ``**********``) until the client is built. Kafka over SASL_SSL with kafka-python::
+
+        kafka:
+          bootstrap_servers: broker1:9093
+          client:
+            security_protocol: SASL_SSL
+            ssl_cafile: /etc/rnnstream/ca.pem
+            sasl_mechanism: PLAIN          # or SCRAM-SHA-256 / SCRAM-SHA-512
+            sasl_plain_username: rnnstream
+            sasl_plain_password: ${env:KAFKA_PASSWORD}
+
+    and with ``client_library: confluent-kafka``: ``security.protocol``, ``ssl.ca.location``,
+    ``sasl.mechanism``, ``sasl.username``, ``sasl.password``."""
 
     bootstrap_servers: str
     # kafka-python by default (pure Python); confluent-kafka (librdkafka) is several times faster on
@@ -89,24 +114,59 @@ class KafkaConnection(Strict):
     def _no_reserved_client_keys(cls, client: dict[str, Any]) -> dict[str, Any]:
         """Keys rnnstream sets itself, in either library's spelling (``isolation_level`` for
         kafka-python, ``isolation.level`` for confluent-kafka), are refused."""
-        clash = [
-            k for k in client if str(k).lower().replace(".", "_").replace("-", "_") in RESERVED_KAFKA_KEYS
-        ]
+        clash = [k for k in client if normalized_key(k) in RESERVED_KAFKA_KEYS]
         if clash:
             raise ValueError(f"set by rnnstream itself, not in the config: {sorted(clash)}")
-        return client
+        return resolve_settings(client)
+
+
+class MqttTls(Strict):
+    """TLS to the MQTT broker (paho's ``tls_set``); files are PEM, paths absolute or relative to the working
+    directory. ``key_password`` is a secret reference, as ``MqttConnection.password``."""
+
+    ca_file: Path | None = None  # CA certificates the broker's certificate must chain to (None: the system's)
+    cert_file: Path | None = None  # client certificate, when the broker asks for one (mutual TLS)
+    key_file: Path | None = None  # its private key
+    key_password: SecretStr | None = None  # ${env:NAME} or ${file:/path}: the private key's password
+    check_hostname: bool = True  # the certificate must name the broker's host
+
+    @field_validator("key_password", mode="before")
+    @classmethod
+    def _resolve_secret(cls, value: object, info: ValidationInfo) -> SecretStr | None:
+        return _secret_field(value, info)
 
 
 class MqttConnection(Strict):
     """How to reach the MQTT broker, for every MQTT source, sink and dead-letter topic. Each gets the
-    stable client id ``<client_id>``, ``<client_id>-out`` or ``<client_id>-dlq`` and a persistent session."""
+    stable client id ``<client_id>``, ``<client_id>-out`` or ``<client_id>-dlq`` and a persistent session.
+
+    ``password`` is a reference, never the password itself: ``${env:NAME}`` or ``${file:/absolute/path}``
+    (``rnnstream.config_secrets``; a literal is refused). MQTT over TLS with a username and password::
+
+        mqtt:
+          broker: broker.example.com:8883
+          username: rnnstream
+          password: ${file:/run/secrets/mqtt_password}
+          tls:
+            ca_file: /etc/rnnstream/ca.pem"""
 
     broker: str = "127.0.0.1:1883"  # host:port
     client_id: str = "rnnstream"
     username: str | None = None
-    password: str | None = None
+    password: SecretStr | None = None  # ${env:NAME} or ${file:/path}
+    tls: MqttTls | None = None  # None: plaintext
     keepalive_s: int = Field(30, ge=5)
     session_expiry_s: int = Field(86_400, ge=0)
+
+    @field_validator("password", mode="before")
+    @classmethod
+    def _resolve_secret(cls, value: object, info: ValidationInfo) -> SecretStr | None:
+        return _secret_field(value, info)
+
+
+def _secret_field(value: object, info: ValidationInfo) -> SecretStr | None:
+    """A secret field's reference resolved (``rnnstream.config_secrets.resolve``); ``None`` stays."""
+    return None if value is None else resolve(str(info.field_name), value)
 
 
 class KafkaSourceConfig(Strict):

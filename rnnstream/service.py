@@ -24,10 +24,12 @@ from rnnstream.config import (
     LimitsConfig,
     MicrophoneSourceConfig,
     MqttSourceConfig,
+    MqttTls,
     ReadingsConfig,
     SerialSourceConfig,
     ServiceConfig,
 )
+from rnnstream.config_secrets import reveal, revealed
 from rnnstream.limits import StreamRateLimit
 from rnnstream.pipeline import MessageDecoder, Pipeline, RawOutputs, Scoring
 from rnnstream.sensors import ForecastScoring, ReadingGuard
@@ -140,9 +142,9 @@ def _kafka_settings(config: ServiceConfig, group_id: str) -> Any:
         k.bootstrap_servers,
         group_id,
         k.instance_id,
-        k.client,
-        k.consumer,
-        k.producer,
+        revealed(k.client),  # secrets as text from here on: only the client library gets them
+        revealed(k.consumer),
+        revealed(k.producer),
         config.checkpoint.transaction_timeout_ms,
     )
 
@@ -155,6 +157,7 @@ def _kafka_client(config: ServiceConfig) -> Any:
     from connectors import kafka as kc
 
     assert config.kafka is not None
+    _reach_kafka(config)
     client = kc.open_client(config.kafka.client_library, _kafka_settings(config, src.group_id))
     others = [p.topic for p in (config.sink, config.dead_letters) if getattr(p, "type", None) == "kafka"]
     inputs = src.topics + ([src.feedback_topic] if src.feedback_topic else [])
@@ -162,9 +165,19 @@ def _kafka_client(config: ServiceConfig) -> Any:
     return client
 
 
+def _reach_kafka(config: ServiceConfig) -> None:
+    """Fail at once, naming the cause, when the brokers refuse our TLS or credentials (``kafka_probe``)."""
+    from connectors.kafka_probe import probe
+
+    k = config.kafka
+    assert k is not None
+    probe(k.client_library, k.bootstrap_servers, revealed(k.client))
+
+
 def _plain_producer(config: ServiceConfig) -> Any:
     from connectors import kafka as kc
 
+    _reach_kafka(config)
     return kc.KafkaProducer(_kafka_settings(config, "rnnstream"))
 
 
@@ -174,10 +187,21 @@ def _mqtt_args(config: ServiceConfig, suffix: str) -> dict[str, Any]:
         "broker": m.broker,
         "client_id": m.client_id + suffix,
         "username": m.username,
-        "password": m.password,
+        "password": reveal(m.password),
+        "tls": _mqtt_tls(m.tls),
         "keepalive_s": m.keepalive_s,
         "session_expiry_s": m.session_expiry_s,
     }
+
+
+def _mqtt_tls(tls: MqttTls | None) -> Any:
+    """``mqtt.tls`` as ``connectors.mqtt.Tls`` (the key password as text), or None for plaintext."""
+    if tls is None:
+        return None
+    from connectors.mqtt import Tls
+
+    paths = [None if p is None else str(p) for p in (tls.ca_file, tls.cert_file, tls.key_file)]
+    return Tls(*paths, key_password=reveal(tls.key_password), check_hostname=tls.check_hostname)
 
 
 def _source(config: ServiceConfig, kafka: Any) -> Source:
