@@ -237,3 +237,123 @@ def test_a_restore_of_more_streams_than_a_stage_table_holds_loads_every_row():
     fresh.load_extra(got_ids, extra)
     np.testing.assert_array_equal(fresh.tables[0].export(ids[:10]), tail[:10])
     np.testing.assert_array_equal(fresh.tables[0].export(ids[10:]), np.tile([0.0, 1.0, 2.0], (1490, 1)))
+
+
+# ---- through the Kafka changelog of a real broker ----------------------------------------------------------
+def _kafka_config(tmp_path: Path, bundle: Path, bootstrap: str, topic: str, name: str) -> Path:
+    cfg = {
+        "model": str(bundle),
+        "kafka": {"bootstrap_servers": bootstrap, "instance_id": "0"},
+        "source": {"type": "kafka", "topics": [topic], "group_id": f"g-{topic}", "format": "json"},
+        "sink": {"type": "kafka", "topic": f"{topic}-out"},
+        "dead_letters": {"type": "kafka", "topic": f"{topic}-dlq"},
+        "checkpoint": {"interval_ms": 50},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _json_x(x: np.ndarray) -> bytes:
+    return json.dumps({"x": x.tolist()}).encode()
+
+
+def _kafka_produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for key, value in records:
+        producer.send(topic, key=key, value=value, partition=0)
+    producer.flush()
+    producer.close()
+
+
+def _kafka_outputs(bootstrap: str, topic: str, expected: int, timeout_s: float = 90) -> list[dict]:
+    """The first ``expected`` committed output documents of ``topic``, with their stream."""
+    import time
+
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", isolation_level="read_committed"
+    )
+    docs: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(docs) < expected and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=300).values():
+                docs.extend({"stream": r.key.decode(), **json.loads(r.value)} for r in batch)
+    finally:
+        consumer.close()
+    return docs
+
+
+def _serve(config: Path, until) -> None:
+    """The service of ``config`` in a thread until ``until()`` returns; re-raises what ``run`` raised."""
+    import threading
+
+    pipeline = build_pipeline(load_config(config))
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pipeline.run()
+        except BaseException as exc:  # handed to the test
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        until(thread)
+    finally:
+        pipeline.stop()
+        thread.join(60)
+    assert not thread.is_alive()
+    if failure:
+        raise failure[0]
+
+
+@pytest.mark.integration
+@pytest.mark.kafka
+def test_kafka_changelog_rows_are_versioned_garbage_restarts_one_stream_another_layout_is_refused(
+    ref_factory, tmp_path, kafka_cluster
+):
+    import time
+
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    bootstrap, topic = kafka_cluster.bootstrap, f"records-{time.monotonic_ns()}"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(topic, 1, 1)])
+    admin.close()
+    ref = ref_factory("gru", input_size=3, hidden_size=16, num_layers=2)
+    bundle = save_bundle(ref.model, tmp_path / "gru-2x16.safetensors")
+    rng = np.random.default_rng(9)
+    xs = {f"s{i}": rng.standard_normal((10, 3)).astype(np.float32) for i in range(4)}
+
+    def send(steps: range) -> None:
+        _kafka_produce(bootstrap, topic, [(s.encode(), _json_x(x[t])) for t in steps for s, x in xs.items()])
+
+    # the first half, then a garbage row for s1 in the changelog, then the second half
+    send(range(5))
+    config = _kafka_config(tmp_path, bundle, bootstrap, topic, "first")
+    changelog = load_config(config).changelog_topic
+    _serve(config, lambda _t: _kafka_outputs(bootstrap, f"{topic}-out", 20))
+    _kafka_produce(bootstrap, changelog, [(b"s1", b"\x13garbage, not a state row")])
+    send(range(5, 10))
+    _serve(config, lambda _t: _kafka_outputs(bootstrap, f"{topic}-out", 40))
+
+    docs = _kafka_outputs(bootstrap, f"{topic}-out", 40)
+    assert len(docs) == 40
+    for sid, x in xs.items():
+        got = np.stack([np.asarray(d["y"], np.float32)[0] for d in docs if d["stream"] == sid])
+        want = ref.run(x)
+        np.testing.assert_allclose(got[:5], want[:5], atol=1e-5, err_msg=sid)
+        want_after = ref.run(x[5:]) if sid == "s1" else want[5:]
+        np.testing.assert_allclose(got[5:], want_after, atol=1e-5, err_msg=sid)
+
+    other = ref_factory("gru", input_size=3, hidden_size=32, num_layers=1)
+    bundle = save_bundle(other.model, tmp_path / "gru-1x32.safetensors")
+    config = _kafka_config(tmp_path, bundle, bootstrap, topic, "other")
+    with pytest.raises(StateLayoutError, match="state written by gru 2x16 cannot load into gru 1x32"):
+        _serve(config, lambda t: t.join(60))
