@@ -143,14 +143,20 @@ class StateLayout:
         _check_version(version)
         end = _FIXED.size + 4 * layers * per
         names = {c: n for n, c in _CELL_CODES.items()}, {c: n for n, c in _DTYPE_CODES.items()}
-        if cell not in names[0] or dtype not in names[1] or len(row) < end:
-            raise ValueError(f"state row of {len(row)} bytes: unreadable header (cell {cell}, dtype {dtype})")
+        if cell not in names[0] or dtype not in names[1] or not layers * per or len(row) < end:
+            raise ValueError(
+                f"state row of {len(row)} bytes: unreadable header (cell {cell}, dtype {dtype}, "
+                f"{layers} layers of {per} tensors)"
+            )
         widths = list(struct.unpack_from(f"<{layers * per}I", row, _FIXED.size))
         return cls.grouped(names[0][cell], layers, widths, names[1][dtype]), end
 
 
 def _check_version(version: int) -> None:
-    if version > STATE_RECORD_VERSION or version < 1:
+    """``ValueError`` for a version that never existed, ``StateLayoutError`` for a newer one."""
+    if version < 1:
+        raise ValueError(f"state record version {version} does not exist")
+    if version > STATE_RECORD_VERSION:
         raise StateLayoutError(
             f"state record version {version}: this release reads versions 1 to {STATE_RECORD_VERSION}"
         )

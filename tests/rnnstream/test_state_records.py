@@ -93,6 +93,8 @@ def test_garbage_rows_are_refused_for_their_own_stream_only(caplog):
         "cut": good[0][:-3],
         "header-only": header,
         "bad-header": header[:4] + b"\x01\x09" + header[6:] + engine_rows[0].tobytes(),  # cell code 9
+        "version-0": header[:4] + b"\x00" + header[5:] + engine_rows[0].tobytes(),
+        "no-layers": header[:7] + b"\x00\x00" + engine_rows[0].tobytes(),
     }
     with pytest.raises(ValueError):
         codec.decode([garbage["short"]])
