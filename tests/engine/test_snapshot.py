@@ -149,7 +149,7 @@ def test_partial_snapshot_merge_and_release(ref_factory):
     np.testing.assert_allclose(out_a, expected[stay], atol=ATOL)
 
 
-# ---- versioned state records: the state layout (cell, layers, widths, dtype) travels with the states --------
+# ---- versioned state records: the state layout (cell, layers, widths, dtype) travels with the states -------
 def _stepped_snapshot(ref, streams: int = 3, steps: int = 4):
     """A snapshot of ``ref``'s model after ``steps`` random events on each of ``streams`` streams."""
     rng = np.random.default_rng(7)
@@ -163,8 +163,16 @@ def _stepped_snapshot(ref, streams: int = 3, steps: int = 4):
     ("written", "reading", "message"),
     [
         (("gru", 2, 16), ("lstm", 1, 32), r"state written by gru 2x16 cannot load into lstm 1x32 \(cell"),
-        (("gru", 2, 16), ("gru", 1, 32), r"gru 2x16 cannot load into gru 1x32 \(layers: 2 vs 1; state widths"),
-        (("gru", 1, 32), ("rnn_tanh", 1, 32), r"gru 1x32 cannot load into rnn_tanh 1x32 \(cell: gru vs rnn_tanh\)"),
+        (
+            ("gru", 2, 16),
+            ("gru", 1, 32),
+            r"gru 2x16 cannot load into gru 1x32 \(layers: 2 vs 1; state widths",
+        ),
+        (
+            ("gru", 1, 32),
+            ("rnn_tanh", 1, 32),
+            r"gru 1x32 cannot load into rnn_tanh 1x32 \(cell: gru vs rnn_tanh\)",
+        ),
     ],
 )
 def test_restore_refusal_says_which_layout_wrote_the_states_and_what_differs(
