@@ -421,6 +421,7 @@ class Pipeline:
         counts = asdict(self.counters)
         counts.pop("started")
         counts.update({f"rejected_{k}": v for k, v in self._rejected.items()})
+        counts["refused_state_rows"] = self.codec.refused
         if self.checks is not None:
             counts.update({f"readings_{k}": v for k, v in self.checks.counters().items()})
         source_counters = getattr(self.source, "counters", None)
