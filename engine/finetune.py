@@ -25,9 +25,9 @@ Pieces, in the order data flows:
 ``versions_dir`` belongs to one fine-tuner at a time: it holds an exclusive lock on ``versions_dir/LOCK``
 (``flock``, released by ``stop`` or by the kernel when the process dies) and a second one, in this process
 or another, is refused naming the key and the holder. A published version file is write-once: a restart
-that resumes from it (``serving_bundle``) keeps it, with what trained it, and publishes after it; another
-model under a number already published there is refused. A relative ``versions_dir`` is made absolute
-(against the working directory) when the fine-tuner starts.
+that resumes from it (``serving_bundle``) keeps it, with what trained it, and publishes after it (parent
+and update count go on from it); another model under a number already published there is refused. A
+relative ``versions_dir`` is made absolute (against the working directory) when the fine-tuner starts.
 
 Next-step targets through a ``regression`` head are the next input in the head's units,
 ``x[t+1]·scale + offset`` (the head un-standardises; the inputs are standardised).
@@ -535,6 +535,7 @@ class FineTuner:
         self._previous_version: int | None = None
         self._kept = self.versions()
         self._next_version = max([model.info.version, *self._kept]) + 1
+        self._updates_before = 0  # updates that trained the serving version before this fine-tuner
         try:
             self._keep_serving(model)
         except BaseException:
@@ -645,7 +646,9 @@ class FineTuner:
                 model.state_dict(), version, dict(model.info.trained_on) or {"source": "initial"}
             )
             return
-        published = load_bundle(path).state_dict()
+        bundle = load_bundle(path)
+        self._updates_before = int(bundle.info.trained_on.get("updates_total", 0))  # the count goes on
+        published = bundle.state_dict()
         live = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if published.keys() != live.keys() or not all(torch.equal(published[k], live[k]) for k in live):
             raise ValueError(
@@ -730,7 +733,7 @@ class FineTuner:
                 {
                     "source": "online fine-tuning",
                     "parent_version": self._serving_version,
-                    "updates_total": st.updates,
+                    "updates_total": self._updates_before + st.updates,
                     "chunks_seq_range": [min(seqs), max(seqs)] if seqs else [],
                     "val_loss": result.val_candidate,
                     "val_loss_parent": result.val_serving,

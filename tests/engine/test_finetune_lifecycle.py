@@ -17,7 +17,7 @@ import yaml
 
 from benchmarks.finetune_bench import copy_model as _copy
 from engine import Engine
-from engine.finetune import SERVING_FILE, FineTuneSettings, serving_bundle
+from engine.finetune import SERVING_FILE, FineTuneSettings, RoundResult, serving_bundle
 from models.bundle import load_bundle, save_bundle
 from models.stream_model import ModelInfo, ModelSpec, StreamModel
 from rnnstream.config import ServiceConfig, load_config
@@ -77,6 +77,20 @@ def test_resuming_keeps_the_serving_versions_file_and_its_recorded_history(tmp_p
         assert tuner.load_version(3).info.trained_on == history
         assert (versions / "v000003.safetensors").read_bytes() == published
         assert tuner._next_version == 4
+
+
+def test_versions_published_after_a_resume_continue_its_history(tmp_path):
+    """The first version published after a restart names the resumed one as parent, and its update count
+    goes on from the resumed version's (170 before the restart + 5 now)."""
+    versions = tmp_path / "versions"
+    _publish_by_hand(versions, StreamModel(SPEC), 3, {"source": "online fine-tuning", "updates_total": 170})
+    with Engine(load_bundle(serving_bundle(versions)), device="cpu") as engine:
+        tuner = engine.start_finetuning(_idle(str(versions)))
+        weights = {k: v.numpy() + 0.01 for k, v in engine.model.state_dict().items()}
+        tuner._apply(RoundResult(updates=5, decision="publish", weights=weights), 0, [])
+        trained_on = tuner.load_version(4).info.trained_on
+        assert (trained_on["parent_version"], trained_on["updates_total"]) == (3, 175)
+        assert serving_bundle(versions) == tuner.version_path(4)
 
 
 def test_a_fresh_start_records_the_initial_models_own_history(tmp_path):
