@@ -20,11 +20,12 @@ import numpy as np
 from engine.errors import EngineClosedError
 
 
-def plan_waves(slots: np.ndarray) -> list[np.ndarray]:
+def plan_waves(slots: np.ndarray, by_slot: bool = False) -> list[np.ndarray]:
     """Split events into waves of distinct slots, preserving per-slot order.
 
     slots: ``(N,) int64``, the slot of each event in arrival order. Returns index arrays into the
-    events; wave ``k`` holds every slot's ``k``-th event, in arrival order. O(N log N).
+    events; wave ``k`` holds every slot's ``k``-th event, in arrival order (``by_slot``: in ascending slot
+    order, which a paged state store gathers without reordering). O(N log N).
     """
     n = len(slots)
     if n == 0:
@@ -39,8 +40,8 @@ def plan_waves(slots: np.ndarray) -> list[np.ndarray]:
     rank = np.empty(n, dtype=np.int64)
     rank[order] = positions - group_start
     if not rank.any():
-        return [positions]
-    by_rank = np.argsort(rank, kind="stable")
+        return [order] if by_slot else [positions]
+    by_rank = order[np.argsort(rank[order], kind="stable")] if by_slot else np.argsort(rank, kind="stable")
     counts = np.bincount(rank)
     return np.split(by_rank, np.cumsum(counts)[:-1])
 

@@ -37,7 +37,7 @@ from engine.inputs import check_category, check_category_batch, check_feature_ba
 from engine.runtime import freeze_startup_objects, tune_allocator
 from engine.snapshot import EngineSnapshot, state_layout
 from engine.spill import SpillStore
-from engine.state import Located, StateStore, StreamId, check_stream_id, check_stream_ids
+from engine.state import PAGE_ROWS, Located, StateStore, StreamId, check_stream_id, check_stream_ids
 from engine.stats import EngineStats, LatencyWindow
 from models.stream_model import StreamModel
 
@@ -71,6 +71,7 @@ class Engine:
       stream past either evicts the least recently used stream its batch does not use (drop or spill as
       ``eviction`` says; counted in ``stats().evictions_for_capacity``); with none left, its events are
       refused with ``StreamCapacityError`` (``stats().refused_streams``) and change nothing.
+    - ``page_rows``: rows per page of the state store (``engine.state``; small pages are for tests).
     - ``max_pending``: queued events before ``submit`` blocks (backpressure).
     - ``num_threads``: torch intra-op threads (process-wide); default: all cores but one, which keeps a
       core for the submitting threads and connectors (measured: 2 threads on 2 busy cores collapsed
@@ -110,6 +111,7 @@ class Engine:
         num_threads: int | None = None,
         max_streams: int | None = None,
         max_state_bytes: int | None = None,
+        page_rows: int = PAGE_ROWS,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -129,7 +131,14 @@ class Engine:
         with torch.no_grad():
             initial = [p.detach().clone() for p in self.model.initial_states]
         self._store = StateStore(
-            initial, self.device, capacity, ttl_s, spill, max_streams=max_streams, max_bytes=max_state_bytes
+            initial,
+            self.device,
+            capacity,
+            ttl_s,
+            spill,
+            max_streams=max_streams,
+            max_bytes=max_state_bytes,
+            page_rows=page_rows,
         )
         self._store.on_drop = self._forget_dropped
         self._queue = PendingQueue(max_pending)
@@ -377,14 +386,14 @@ class Engine:
         store = self._store
         slots = store.slots_for(stream_ids)
         store.touch(slots, time.monotonic())
-        waves = plan_waves(slots)
+        waves = plan_waves(slots, by_slot=store.paged)
         if 1 < len(waves) == len(stream_ids) and self._recorder is None:  # one stream's events in a row
             slot = store.locate(slots[:1])
             ys, state = self.model.steps(x.unsqueeze(1), store.gather(slot))
             store.scatter(slot, state)
             self._counted(len(stream_ids), len(waves))
             return ys[:, 0]
-        whole = len(waves) == 1
+        whole = len(waves) == 1 and not store.paged  # paged: waves are in slot order, not arrival order
         out = None if whole else torch.empty(len(stream_ids), self.model.output_size, device=self.device)
         applied = 0
         try:

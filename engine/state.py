@@ -21,6 +21,7 @@ event.
 from __future__ import annotations
 
 import heapq
+import itertools
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -56,12 +57,15 @@ def check_stream_id(stream_id: object) -> StreamId:
 
 @dataclass(slots=True)
 class Located:
-    """Where ``size`` slots live: one ``(page, positions, rows)`` part per page they touch; ``positions``
-    (device ``int64``) are indices into the slots, ``None`` when the part is all of them in order; ``rows``
-    (device ``int64``) are rows of the page."""
+    """Where ``size`` slots live: one ``(page, start, end, rows)`` part per page touched, for the slots
+    ``[start, end)`` in page order, ``rows`` (device ``int64``) their rows in that page. Slots given in
+    ascending order (as ``plan_waves(..., by_slot=True)`` makes them) are in page order already; others are
+    sorted by ``order`` (device ``int64``; ``inverse`` undoes it), which costs two more copies."""
 
-    parts: list[tuple[int, Tensor | None, Tensor]]
+    parts: list[tuple[int, int, int, Tensor]]
     size: int
+    order: Tensor | None = None
+    inverse: Tensor | None = None
 
 
 class StateStore:
@@ -114,6 +118,11 @@ class StateStore:
 
     def __contains__(self, stream_id: StreamId) -> bool:
         return stream_id in self.slot_of or (self.spill is not None and stream_id in self.spill)
+
+    @property
+    def paged(self) -> bool:
+        """More than one page: ``locate`` is cheapest on slots in ascending order."""
+        return len(self.pages) > 1
 
     @property
     def tensors(self) -> list[Tensor]:
@@ -189,20 +198,25 @@ class StateStore:
     def locate(self, slots: np.ndarray | Tensor) -> Located:
         """Where ``slots (B,) int64`` live (for ``gather``/``scatter``); one part when one page holds them."""
         slots = np.asarray(slots.cpu() if isinstance(slots, Tensor) else slots, dtype=np.int64)
+        n = len(slots)
         if len(self.pages) == 1:
-            return Located([(0, None, torch.from_numpy(slots).to(self.device))], len(slots))
+            return Located([(0, 0, n, torch.from_numpy(slots).to(self.device))], n)
         page = slots // self.page_rows
         rows = slots - page * self.page_rows
-        if len(slots) == 0 or page.min() == page.max():
-            p = int(page[0]) if len(slots) else 0
-            return Located([(p, None, torch.from_numpy(rows).to(self.device))], len(slots))
-        order = np.argsort(page, kind="stable")
-        cuts = np.flatnonzero(np.diff(page[order])) + 1
-        parts = []
-        for pos in np.split(order, cuts):
-            dev_pos = torch.from_numpy(pos).to(self.device)
-            parts.append((int(page[pos[0]]), dev_pos, torch.from_numpy(rows[pos]).to(self.device)))
-        return Located(parts, len(slots))
+        if n == 0 or page.min() == page.max():
+            return Located([(int(page[0]) if n else 0, 0, n, torch.from_numpy(rows).to(self.device))], n)
+        order = inverse = None
+        if not (page[:-1] <= page[1:]).all():
+            order = np.argsort(page, kind="stable")
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(n)
+            page, rows = page[order], rows[order]
+        dev_rows = torch.from_numpy(rows).to(self.device)
+        bounds = [0, *(np.flatnonzero(np.diff(page)) + 1).tolist(), n]
+        parts = [(int(page[a]), a, b, dev_rows[a:b]) for a, b in itertools.pairwise(bounds)]
+        if order is None:
+            return Located(parts, n)
+        return Located(parts, n, *(torch.from_numpy(a).to(self.device) for a in (order, inverse)))
 
     # ---- slots ---------------------------------------------------------------------------------------
     def slots_for(self, stream_ids: Sequence[StreamId]) -> np.ndarray:
@@ -291,20 +305,23 @@ class StateStore:
         tensor per state tensor."""
         loc = where if isinstance(where, Located) else self.locate(where)
         if len(loc.parts) == 1:
-            page, _, rows = loc.parts[0]
+            page, _, _, rows = loc.parts[0]
             return [t.index_select(0, rows) for t in self.pages[page]]
-        out = [torch.empty(loc.size, w, device=self.device) for w in self.widths]
-        for page, pos, rows in loc.parts:
-            for o, t in zip(out, self.pages[page], strict=True):
-                o.index_copy_(0, pos, t.index_select(0, rows))  # type: ignore[arg-type]
+        out = []
+        for k, w in enumerate(self.widths):
+            by_page = torch.empty(loc.size, w, device=self.device)
+            for page, a, b, rows in loc.parts:
+                torch.index_select(self.pages[page][k], 0, rows, out=by_page[a:b])
+            out.append(by_page if loc.inverse is None else by_page.index_select(0, loc.inverse))
         return out
 
     def scatter(self, where: Located | np.ndarray | Tensor, rows: Sequence[Tensor]) -> None:
         """Write ``rows`` (as from ``gather``) back at ``where``; the slots must be distinct."""
         loc = where if isinstance(where, Located) else self.locate(where)
-        for page, pos, page_rows in loc.parts:
-            for t, r in zip(self.pages[page], rows, strict=True):
-                t.index_copy_(0, page_rows, r if pos is None else r.index_select(0, pos))
+        for k, r in enumerate(rows):
+            by_page = r if loc.order is None else r.index_select(0, loc.order)
+            for page, a, b, page_rows in loc.parts:
+                self.pages[page][k].index_copy_(0, page_rows, by_page[a:b])
 
     def touch(self, slots: np.ndarray, now: float) -> None:
         self.last_seen[slots] = now

@@ -29,10 +29,13 @@ def test_empty_batch():
     assert plan_waves(np.array([], dtype=np.int64)) == []
 
 
-@given(st.lists(st.integers(0, 6), max_size=60))
-def test_wave_plan_properties(slots_list):
+@given(st.lists(st.integers(0, 6), max_size=60), st.booleans())
+def test_wave_plan_properties(slots_list, by_slot):
     slots = np.array(slots_list, dtype=np.int64)
-    waves = plan_waves(slots)
+    waves = plan_waves(slots, by_slot=by_slot)
+    for wave in waves:  # by_slot: ascending slots (a paged store gathers them without reordering)
+        in_order = np.sort(slots[wave]) if by_slot else slots[np.sort(wave)]
+        assert slots[wave].tolist() == in_order.tolist()
     seen = np.concatenate(waves) if waves else np.array([], dtype=np.int64)
     assert sorted(seen.tolist()) == list(range(len(slots)))  # every event exactly once
     for wave in waves:

@@ -188,3 +188,39 @@ def test_the_service_config_limits_reach_the_engine():
         engine.close()
     with pytest.raises(ConfigError, match="max_streams"):
         load_config(ROOT / "configs" / "sensors-csv.yaml", {"engine.max_streams": 0})
+
+
+def test_outputs_across_pages_equal_the_torch_module(ref_factory):
+    """Streams spread over many small pages (4 rows), stepped in random batches through ``step_many`` and
+    ``submit`` while others end and free pages (moving streams between pages): every output equals the
+    torch module run over the stream's whole sequence."""
+    ref = ref_factory("lstm", input_size=3, hidden_size=5, num_layers=2, head_out=2)
+    rng = np.random.default_rng(8)
+    seqs = {f"s{k}": ref.random_inputs(rng, 24) for k in range(30)}
+    outs: dict[str, list] = {sid: [] for sid in seqs}
+    with Engine(ref.model, device="cpu", capacity=1, page_rows=4, max_batch=16) as engine:
+        for t in range(0, 24, 2):
+            live = [s for s in seqs if t < 12 or int(s[1:]) % 3 == 0]  # two thirds end at t = 12
+            if t == 12:
+                for sid in set(seqs) - set(live):
+                    engine.end(sid)
+            ids = [s for s in live for _ in range(2)]
+            order = rng.permutation(len(ids))
+            ids = [ids[i] for i in order]
+            cursor = dict.fromkeys(live, t)
+            xs = []
+            for sid in ids:
+                xs.append(seqs[sid][cursor[sid]])
+                cursor[sid] += 1
+            half = len(ids) // 2
+            ys = list(engine.step_many(ids[:half], np.stack(xs[:half])))
+            ys += [
+                f.result(timeout=10)
+                for f in [engine.submit(s, x) for s, x in zip(ids[half:], xs[half:], strict=True)]
+            ]
+            for sid, y in zip(ids, ys, strict=True):
+                outs[sid].append(y)
+        assert len(engine._store.pages) <= 3  # 10 streams left: pages were freed
+    for sid, seq in seqs.items():
+        n = len(outs[sid])
+        np.testing.assert_allclose(np.stack(outs[sid]), ref.run(seq[:n]), atol=ATOL, err_msg=sid)

@@ -147,10 +147,16 @@ def order_ref(ref_factory):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(programs=st.lists(program_st, min_size=2, max_size=3), max_batch=st.sampled_from([1, 3, 64]))
-def test_every_entry_point_keeps_per_stream_order(order_ref, programs, max_batch):
+@given(
+    programs=st.lists(program_st, min_size=2, max_size=3),
+    max_batch=st.sampled_from([1, 3, 64]),
+    page_rows=st.sampled_from([2, 16_384]),  # 2: streams spread over pages, moved when pages are freed
+)
+def test_every_entry_point_keeps_per_stream_order(order_ref, programs, max_batch, page_rows):
     inputs = order_ref.random_inputs(np.random.default_rng(7), 16)
-    with Engine(order_ref.model, device="cpu", max_batch=max_batch) as engine:
+    with Engine(
+        order_ref.model, device="cpu", max_batch=max_batch, capacity=1, page_rows=page_rows
+    ) as engine:
         runners = [Program(engine, order_ref, inputs, t) for t in range(len(programs))]
         errors: list[BaseException] = []
         barrier = threading.Barrier(len(programs))
