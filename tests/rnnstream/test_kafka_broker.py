@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import ssl
 import time
 import uuid
 from pathlib import Path
@@ -155,6 +157,7 @@ def test_up_status_down_across_calls(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert again.bootstrap == first.bootstrap and again.pids == first.pids
         current = kb.status()
         assert current is not None and current.bootstrap == first.bootstrap
+        assert current.tls_bootstrap == first.tls_bootstrap and current.password_file == first.password_file
     finally:
         stopped = kb.down()
     assert stopped
@@ -165,3 +168,49 @@ def test_up_status_down_across_calls(tmp_path: Path, monkeypatch: pytest.MonkeyP
         time.sleep(0.1)
     assert all(_gone(p) for p in first.pids)
     assert kb.down() is False
+
+
+def _tls_handshake(port: int, ca_file: Path) -> ssl.SSLSocket:
+    """A TLS connection to 127.0.0.1:``port`` that trusts only ``ca_file`` and checks the host name."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return context.wrap_socket(sock, server_hostname="127.0.0.1")
+
+
+def test_sasl_ssl_listener_needs_the_ca_and_the_password(kafka_cluster, tmp_path: Path) -> None:
+    from kafka import KafkaAdminClient, KafkaProducer
+    from kafka.errors import KafkaError
+
+    from rnnstream.local_tls import make_tls_files
+
+    tls = kafka_cluster.tls
+    port = int(kafka_cluster.tls_bootstrap.rpartition(":")[2])
+    with _tls_handshake(port, tls.ca_file) as conn:  # the certificate chains to the CA and names the host
+        assert conn.version() is not None
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _tls_handshake(port, make_tls_files(tmp_path / "other").ca_file)
+    settings = {
+        "security_protocol": "SASL_SSL",
+        "ssl_cafile": str(tls.ca_file),
+        "sasl_mechanism": "PLAIN",
+        "sasl_plain_username": kafka_cluster.username,
+    }
+    topic = _topic()
+    _create_topic(kafka_cluster.bootstrap, topic, partitions=1, rf=1)
+    producer = KafkaProducer(
+        bootstrap_servers=kafka_cluster.tls_bootstrap,
+        acks="all",
+        sasl_plain_password=tls.password(),
+        **settings,
+    )
+    values = [f"tls-{i}".encode() for i in range(10)]
+    for v in values:
+        producer.send(topic, value=v)
+    producer.flush(timeout=30)
+    producer.close()
+    assert sorted(_consume(kafka_cluster.bootstrap, topic, len(values), "g-tls")) == values  # in over TLS
+    with pytest.raises(KafkaError):
+        KafkaAdminClient(
+            bootstrap_servers=kafka_cluster.tls_bootstrap, sasl_plain_password="nope", **settings
+        )
+    assert tls.password() not in kafka_cluster.log_files[0].read_text(errors="replace")

@@ -350,3 +350,34 @@ def test_cli_up_status_down(tmp_path: Path) -> None:
     assert not state.exists()
     assert _cli("status", env=env).returncode == 1
     assert "no broker was running" in _cli("down", env=env).stdout
+
+
+def _tls_pub(broker: Broker, topic: str, message: str, *auth: str) -> subprocess.CompletedProcess[str]:
+    """``mosquitto_pub`` to the TLS listener with ``auth`` (``--cafile``, ``-u``, ``-P`` ...)."""
+    cmd = ["mosquitto_pub", "-h", broker.host, "-p", str(broker.tls_port), "-q", "1", "-t", topic]
+    return subprocess.run(
+        [*cmd, "-m", message, *auth], capture_output=True, text=True, timeout=20, check=False
+    )
+
+
+def test_tls_listener_needs_the_broker_ca_and_the_password(mqtt_broker: Broker, tmp_path: Path) -> None:
+    from rnnstream.local_tls import make_tls_files
+
+    password = mqtt_broker.tls.password()
+    ca = ["--cafile", str(mqtt_broker.tls.ca_file)]
+    topic = _topic()
+    sub = _start_sub(mqtt_broker, topic, 1)  # the plaintext listener stays anonymous
+    sent = _tls_pub(mqtt_broker, topic, "over-tls", *ca, "-u", mqtt_broker.username, "-P", password)
+    assert sent.returncode == 0, sent.stderr
+    assert _payloads(sub) == ["over-tls"]
+    other_ca = ["--cafile", str(make_tls_files(tmp_path / "other").ca_file)]
+    refused = {
+        "wrong password": _tls_pub(mqtt_broker, topic, "x", *ca, "-u", mqtt_broker.username, "-P", "nope"),
+        "anonymous": _tls_pub(mqtt_broker, topic, "x", *ca),
+        "another CA": _tls_pub(
+            mqtt_broker, topic, "x", *other_ca, "-u", mqtt_broker.username, "-P", password
+        ),
+    }
+    assert {why: r.returncode != 0 for why, r in refused.items()} == dict.fromkeys(refused, True)
+    assert password not in mqtt_broker.config.read_text()  # the config names files, not the password
+    assert mqtt_broker.password_file.stat().st_mode & 0o077 == 0
