@@ -4,7 +4,8 @@
 # Kafka client for interop tests), Mosquitto (the local MQTT broker) and mosquitto-clients
 # (mosquitto_pub/mosquitto_sub, independent MQTT clients), and the headless audio device (rnnstream.pulseaudio:
 # PulseAudio with a null sink, PortAudio for sounddevice, the ALSA "pulse" device; sox and espeak-ng make
-# test audio). Needs root (or sudo) only when something is missing.
+# test audio), and openssl (the local brokers' TLS listeners get a throwaway CA at each start). Needs root
+# (or sudo) only when something is missing.
 set -euo pipefail
 
 need=()
@@ -13,6 +14,7 @@ command -v java >/dev/null || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
 command -v kcat >/dev/null || need+=(kcat)
 command -v socat >/dev/null || need+=(socat)  # pty pairs for the serial-source tests
+command -v openssl >/dev/null || need+=(openssl)  # the brokers' throwaway TLS CA (rnnstream.local_tls)
 # Debian installs the broker in /usr/sbin, which is not always on a non-root PATH.
 command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
