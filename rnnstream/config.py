@@ -113,7 +113,8 @@ class KafkaConnection(Strict):
     @classmethod
     def _no_reserved_client_keys(cls, client: dict[str, Any]) -> dict[str, Any]:
         """Keys rnnstream sets itself, in either library's spelling (``isolation_level`` for
-        kafka-python, ``isolation.level`` for confluent-kafka), are refused."""
+        kafka-python, ``isolation.level`` for confluent-kafka), are refused; secrets' references are
+        resolved (``rnnstream.config_secrets.resolve_settings``)."""
         clash = [k for k in client if normalized_key(k) in RESERVED_KAFKA_KEYS]
         if clash:
             raise ValueError(f"set by rnnstream itself, not in the config: {sorted(clash)}")
@@ -121,8 +122,8 @@ class KafkaConnection(Strict):
 
 
 class MqttTls(Strict):
-    """TLS to the MQTT broker (paho's ``tls_set``); files are PEM, paths absolute or relative to the working
-    directory. ``key_password`` is a secret reference, as ``MqttConnection.password``."""
+    """TLS to the MQTT broker (paho's ``tls_set``); files are PEM, relative paths relative to the config
+    file. ``key_password`` is a secret reference, as ``MqttConnection.password``."""
 
     ca_file: Path | None = None  # CA certificates the broker's certificate must chain to (None: the system's)
     cert_file: Path | None = None  # client certificate, when the broker asks for one (mutual TLS)
@@ -431,6 +432,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
 
 
 PATH_KEYS = ("model", "checkpoint.dir", "finetune.versions_dir", "sink.path", "dead_letters.path")
+PATH_KEYS += ("mqtt.tls.ca_file", "mqtt.tls.cert_file", "mqtt.tls.key_file")
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

@@ -136,3 +136,11 @@ def test_the_mqtt_connection_repr_hides_its_passwords():
 
     conn = Connection("127.0.0.1:8883", "c", password=SECRET, tls=Tls("/ca.pem", key_password=SECRET))
     assert SECRET not in repr(conn) and "/ca.pem" in repr(conn)
+
+
+def test_mqtt_tls_files_are_relative_to_the_config_file(tmp_path):
+    tls = {"ca_file": "certs/ca.pem", "cert_file": "/abs/client.pem", "key_file": "certs/client.key"}
+    cfg = load_config(_config(tmp_path, lambda c: c.update(mqtt={"tls": tls})))
+    assert cfg.mqtt.tls is not None and cfg.mqtt.tls.check_hostname
+    got = (cfg.mqtt.tls.ca_file, cfg.mqtt.tls.cert_file, cfg.mqtt.tls.key_file)
+    assert got == (tmp_path / "certs/ca.pem", Path("/abs/client.pem"), tmp_path / "certs/client.key")
