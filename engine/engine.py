@@ -213,7 +213,11 @@ class Engine:
 
         ``stream_ids``: ``N`` ids (a stream may repeat; its events apply in order);
         ``xs``: ``(N, feature_size)`` floats or ``(N,)`` integer ids. The whole call is checked first:
-        one bad event raises ``InvalidInputError`` naming it and no state changes.
+        one bad event raises ``InvalidInputError`` naming it and no state changes. New streams past
+        ``max_streams``/``max_state_bytes`` with nothing left to evict raise ``StreamCapacityError``
+        (naming the refused events; no state changes): send those elsewhere and call again without them.
+        A failure after some waves were applied raises ``PartiallyAppliedError`` (see the class docstring).
+        Events queued by ``submit`` before this call are applied first.
         """
         self._check_open()
         ids = stream_ids.tolist() if isinstance(stream_ids, np.ndarray) else list(stream_ids)
@@ -564,7 +568,8 @@ class Engine:
     def restore(self, snapshot: EngineSnapshot, replace: bool = True) -> None:
         """Load the snapshot's streams, after the events queued before this call. ``replace=True``
         forgets every other stream; ``False`` merges (for a partition moving in, say), overwriting only the
-        snapshot's streams."""
+        snapshot's streams (others may be evicted to make room under ``max_streams``/``max_state_bytes``).
+        ``StreamCapacityError`` (nothing changed) if the limits cannot hold the snapshot's streams."""
         snapshot.check_fits(state_layout(self.model))  # SnapshotError naming both layouts
         with self._lock:
             self._drain()

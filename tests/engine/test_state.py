@@ -142,3 +142,17 @@ def test_max_bytes_caps_the_state_tensors():
     assert store.nbytes <= 6 * row and len(store) == 6 and store.evictions_for_capacity == 2
     with pytest.raises(ValueError, match="cannot hold one stream"):
         _store(max_bytes=row - 1)
+
+
+def test_import_under_a_limit_evicts_others_or_refuses_without_changing_anything():
+    store = _store(capacity=2, max_streams=2)
+    _write(store, ["keep"], np.ones((1, 5)))
+    rows = [torch.full((3, 3), 2.0), torch.full((3, 2), 3.0)]
+    with pytest.raises(StreamCapacityError) as info:
+        store.import_(["a", "b", "c"], rows, now=1.0, replace=True)
+    assert info.value.stream_ids == ["c"] and info.value.indices == [2]
+    assert list(store.slot_of) == ["keep"] and store.refused_streams == 1
+    np.testing.assert_array_equal(_rows(store, ["keep"]), np.ones((1, 5)))
+    store.import_(["a", "b"], [r[:2] for r in rows], now=1.0, replace=False)  # "keep" makes room
+    assert sorted(store.slot_of) == ["a", "b"] and store.evictions_for_capacity == 1
+    np.testing.assert_array_equal(_rows(store, ["a"]), [[2, 2, 2, 3, 3]])
