@@ -17,6 +17,24 @@ idempotent producer instead (``KafkaProducer``), flushed at each checkpoint: at-
 Two client libraries implement ``KafkaClient``: kafka-python (default, pure Python, here) and
 confluent-kafka (librdkafka, much faster; ``connectors.kafka_confluent``), chosen by
 ``kafka.client_library`` in the service config.
+
+Guarantee under rebalances and stalls (both libraries): a transaction commits only if its offsets are
+accepted by the group coordinator for the committing member's current generation (KIP-447: the offsets go
+with the consumer's generation, member id and group instance id; kafka-python 2.x does not send them, so
+this module adds TxnOffsetCommit v3 to it, ``_fence_offset_commits``). A process that stalls past its
+session timeout (GC, SIGSTOP, a frozen VM) and wakes up after its partitions moved therefore cannot commit
+outputs, changelog rows or offsets for them: the broker refuses the offsets, the transaction is aborted and
+the process rolls back to the committed state. A partition taken away while the process was out of the
+group is *lost*, not revoked: nothing is committed for it (``Assignment.lost``). When the stall outlasted
+the transaction timeout the broker has aborted the transaction and fenced the producer; the client then
+replaces its producer (the same transactional id) instead of ending the process. A new owner reads offsets
+only once no transaction holds them pending, and the changelog only up to its last stable offset, so it
+starts from exactly the last committed checkpoint: no event lost, none applied twice.
+
+Rebalances: confluent-kafka rebalances incrementally (cooperative-sticky): only moved partitions are
+revoked (checkpointed, dropped) and restored; the others keep serving with their streams in memory.
+kafka-python 2.x has only the eager protocol (range/round-robin assignors, no cooperative support): every
+rebalance revokes every partition, so each process checkpoints and reloads all its streams.
 """
 
 from __future__ import annotations
@@ -71,8 +89,16 @@ class KafkaClient(Protocol):
         partition count."""
         ...
 
-    def start(self, topics: list[str], on_assigned: PartitionCallback, on_revoked: PartitionCallback) -> None:
-        """Init transactions (fencing a crashed predecessor), begin one, subscribe to ``topics``."""
+    def start(
+        self,
+        topics: list[str],
+        on_assigned: PartitionCallback,
+        on_revoked: PartitionCallback,
+        on_lost: PartitionCallback | None = None,
+    ) -> None:
+        """Init transactions (fencing a crashed predecessor), begin one, subscribe to ``topics``.
+        ``on_lost`` (default ``on_revoked``): partitions taken away while this process was out of the
+        group, which it must not commit for."""
         ...
 
     def poll(self, timeout_s: float, max_records: int) -> list[Record]: ...
@@ -197,7 +223,13 @@ class PythonKafkaClient:
         finally:
             admin.close()
 
-    def start(self, topics: list[str], on_assigned: PartitionCallback, on_revoked: PartitionCallback) -> None:
+    def start(
+        self,
+        topics: list[str],
+        on_assigned: PartitionCallback,
+        on_revoked: PartitionCallback,
+        on_lost: PartitionCallback | None = None,
+    ) -> None:
         from kafka import KafkaConsumer
 
         self.producer = self._transactional_producer()
@@ -220,6 +252,8 @@ class PythonKafkaClient:
         for topic in topics:  # know the partitions before joining, or the first assignment may be empty
             self.consumer.partitions_for_topic(topic)
         listener = _Listener(on_assigned, on_revoked, self._wait_for_stable_offsets)
+        if on_lost is not None:  # kafka-python calls the revocation; the group generation tells them apart
+            listener.on_lost, listener.is_lost = on_lost, lambda: _membership(self.consumer).generation_id < 0
         self.consumer.subscribe(topics, listener=listener)
 
     def _transactional_producer(self) -> Any:
@@ -246,7 +280,12 @@ class PythonKafkaClient:
         return producer
 
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
+        """Records of the current assignment. Out of the group (its session expired), the consumer may
+        still hand out records of partitions that are another process's now: they are dropped (the
+        rejoin fetches every partition's position from the committed offsets again)."""
         polled = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        if polled and _membership(self.consumer).generation_id < 0:
+            return []
         return [
             Record(r.topic, r.partition, r.offset, r.key, r.value)
             for records in polled.values()
@@ -345,7 +384,16 @@ class PythonKafkaClient:
             }
         )
         try:
-            probe.committed([Tp(tp.topic, tp.partition) for tp in partitions], timeout=60)
+            deadline = time.monotonic() + 60
+            while True:
+                answers = probe.committed([Tp(tp.topic, tp.partition) for tp in partitions], timeout=60)
+                unsettled = [tp for tp in answers if tp.error is not None]
+                if not unsettled:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"committed offsets still unsettled: {unsettled}")
+                log.info("committed offsets not settled yet (%s): asking again", unsettled[0].error)
+                time.sleep(0.1)
         finally:
             probe.close()
 
@@ -589,10 +637,13 @@ class _Listener(ConsumerRebalanceListener):
     ) -> None:
         self.on_assigned = on_assigned
         self.on_revoked = on_revoked
+        self.on_lost = on_revoked
+        self.is_lost: Callable[[], bool] = lambda: False
         self.before_assigned = before_assigned
 
     def on_partitions_revoked(self, revoked) -> None:
-        self.on_revoked(sorted({tp.partition for tp in revoked}))
+        handle = self.on_lost if self.is_lost() else self.on_revoked
+        handle(sorted({tp.partition for tp in revoked}))
 
     def on_partitions_assigned(self, assigned) -> None:
         if self.before_assigned is not None:
@@ -637,7 +688,9 @@ class KafkaSource:
     def open(self, assignment: Assignment, resume: Mapping[str, Any]) -> None:
         """Init transactions (fencing a crashed predecessor) and join the group; ``resume`` is unused:
         the offsets are committed in Kafka."""
-        self.client.start(self.topics, assignment.assigned, assignment.revoked)
+        self.client.start(
+            self.topics, assignment.assigned, assignment.revoked, getattr(assignment, "lost", None)
+        )
 
     def poll(self, timeout_s: float) -> list[Message]:
         records = self.client.poll(timeout_s, self.max_poll_records)

@@ -3,6 +3,12 @@ several times the throughput. Settings under ``client``/``consumer``/``producer`
 (``security.protocol``, ``sasl.mechanism``, ``linger.ms``, ...).
 
 Rebalance callbacks run inside ``poll`` on the service's own thread, so they may block.
+
+Rebalances are incremental (``partition.assignment.strategy: cooperative-sticky`` by default; set
+``range``/``roundrobin`` under ``consumer`` for the eager protocol, which every member of a group must then
+use): a rebalance revokes only the partitions that move, so the service keeps serving the others with their
+streams in memory and restores only what it gains. librdkafka calls the callbacks with the partitions added
+or revoked (possibly none), and fences offset commits with the consumer's group metadata (KIP-447).
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from confluent_kafka import (
@@ -73,7 +79,13 @@ class ConfluentKafkaClient:
                 log.debug("topic %s was created concurrently", topic)
         return width
 
-    def start(self, topics: list[str], on_assigned: PartitionCallback, on_revoked: PartitionCallback) -> None:
+    def start(
+        self,
+        topics: list[str],
+        on_assigned: PartitionCallback,
+        on_revoked: PartitionCallback,
+        on_lost: PartitionCallback | None = None,
+    ) -> None:
         self.producer = self._transactional_producer()
         self.consumer = Consumer(
             {
@@ -83,19 +95,26 @@ class ConfluentKafkaClient:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",
+                "partition.assignment.strategy": "cooperative-sticky",
                 **self.settings.consumer,
             }
         )
 
         def assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
-            self._assigned = {(tp.topic, tp.partition) for tp in partitions}
+            # eager: the whole assignment after a revocation of everything; cooperative: the added ones
+            self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
             on_assigned(sorted({tp.partition for tp in partitions}))
 
-        def revoke(consumer: Consumer, partitions: list[TopicPartition]) -> None:
-            on_revoked(sorted({tp.partition for tp in partitions}))
-            self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        def leaving(callback: PartitionCallback) -> Callable[[Consumer, list[TopicPartition]], None]:
+            def leave(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+                self._assigned -= {(tp.topic, tp.partition) for tp in partitions}  # a rollback keeps the rest
+                callback(sorted({tp.partition for tp in partitions}))
 
-        self.consumer.subscribe(topics, on_assign=assign, on_revoke=revoke, on_lost=revoke)
+            return leave
+
+        self.consumer.subscribe(
+            topics, on_assign=assign, on_revoke=leaving(on_revoked), on_lost=leaving(on_lost or on_revoked)
+        )
 
     def _transactional_producer(self) -> Producer:
         """A producer with this process's transactional id, inside a new transaction. Its
@@ -265,12 +284,29 @@ def _wait_for_completed_transactions(
         return {tp.partition: f.result().offset for tp, f in futures.items()}
 
     while True:
-        stable, high = ends(IsolationLevel.READ_COMMITTED), ends(IsolationLevel.READ_UNCOMMITTED)
+        try:
+            stable, high = ends(IsolationLevel.READ_COMMITTED), ends(IsolationLevel.READ_UNCOMMITTED)
+        except KafkaException as exc:  # a changelog just created has no leader yet, for one
+            if not _retriable(exc.args[0]) or time.monotonic() > deadline:
+                raise
+            stable, high = {}, {None: exc}
         if stable == high:
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"changelog {topic}: transactions still open on {stable} < {high}")
         time.sleep(0.05)
+
+
+_NOT_READY = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+}
+
+
+def _retriable(error: KafkaError) -> bool:
+    """Worth asking again: flagged so, or a partition whose leader is not known yet (a new topic)."""
+    return error.retriable() or error.code() in _NOT_READY
 
 
 # kafka-python setting names → librdkafka's, for the connection settings both libraries share.

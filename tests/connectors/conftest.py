@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,16 +109,13 @@ class ServiceRun:
 
     def consume(self, topic: str, expected: int, timeout_s: float = 120) -> list:
         """``consume_all`` that fails at once, with the log, if a service process died."""
-        records: list = []
-        deadline = time.monotonic() + timeout_s
-        while len(records) < expected and time.monotonic() < deadline:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    log = self.log(name)[-5000:]
-                    raise AssertionError(f"service {name} exited {proc.returncode}:\n{log}")
-            wait = min(10.0, deadline - time.monotonic())
-            records = consume_all(self.bootstrap, topic, expected, timeout_s=wait)
-        return records
+        return consume_all(self.bootstrap, topic, expected, timeout_s, check=self.check_alive)
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                log = self.log(name)[-5000:]
+                raise AssertionError(f"service {name} exited {proc.returncode}:\n{log}")
 
     def log(self, instance: str = "0") -> str:
         path = self.workdir / f"service-{instance}.log"
@@ -173,10 +171,16 @@ def produce_paced(
 
 
 def consume_all(
-    bootstrap: str, topic: str, expected: int, timeout_s: float = 120, committed_only: bool = True
+    bootstrap: str,
+    topic: str,
+    expected: int,
+    timeout_s: float = 120,
+    committed_only: bool = True,
+    check: Callable[[], None] | None = None,
 ) -> list:
-    """Read ``topic`` from the beginning until ``expected`` records arrived (or time ran out)."""
-    from kafka import KafkaConsumer
+    """Read ``topic`` from the beginning until ``expected`` records arrived (or time ran out), with one
+    consumer that keeps what it read (``check``, if given, is called between polls: raise to give up)."""
+    from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -184,18 +188,23 @@ def consume_all(
         enable_auto_commit=False,
         isolation_level="read_committed" if committed_only else "read_uncommitted",
         group_id=None,
+        # kafka-python 2.x refuses responses over 1 MB ("Invalid frame length") and retries the same fetch
+        # for ever: a topic of more than about 1 MB per broker was never read to its end (the scale-out flake)
+        receive_message_max_bytes=100_000_000,
     )
     try:
-        from kafka import TopicPartition
-
         deadline = time.monotonic() + timeout_s
         while not consumer.partitions_for_topic(topic) and time.monotonic() < deadline:
+            if check is not None:
+                check()
             time.sleep(0.2)
         tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        records = []
+        records: list = []
         while len(records) < expected and time.monotonic() < deadline:
+            if check is not None:
+                check()
             for batch in consumer.poll(timeout_ms=500).values():
                 records.extend(batch)
         return records

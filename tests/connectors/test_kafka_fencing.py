@@ -24,6 +24,16 @@ def _restored(log: str) -> int:
     return sum(int(n) for n in re.findall(r"restored (\d+) streams", log))
 
 
+def _committed(bootstrap: str, group: str) -> dict[int, int]:
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        return {tp.partition: o.offset for tp, o in admin.list_consumer_group_offsets(group).items()}
+    finally:
+        admin.close()
+
+
 def _wait_for(condition, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -38,8 +48,9 @@ def test_a_stalled_process_cannot_commit_for_partitions_it_lost(service, kafka_h
     restores their states and answers the same inputs. Then process 0 continues (SIGCONT): whatever it
     still holds must be refused. (When the stop lands inside a commit whose offsets the broker already
     holds, process 1 waits for them to settle until the transaction times out, and process 0 wakes to a
-    fenced producer: it must recover, not exit.) Every input is answered once, the outputs equal the offline computation,
-    and a third process started afterwards continues every stream from the committed state and offsets."""
+    fenced producer: it must recover, not exit.) Every input is answered once, the outputs equal the
+    offline computation, and a third process started afterwards continues every stream from the committed
+    state and offsets."""
     h = kafka_helpers
     service.extra = {"checkpoint": {"transaction_timeout_ms": 30_000}}
     rng = np.random.default_rng(11)
@@ -55,6 +66,7 @@ def test_a_stalled_process_cannot_commit_for_partitions_it_lost(service, kafka_h
     try:
         _wait_for(lambda: h.committed_total(service.bootstrap, service.group) > 2000, 60, "nothing committed")
         restored_before = _restored(service.log("1"))
+        at_stop = _committed(service.bootstrap, service.group)
         zombie = service.procs["0"]
         zombie.send_signal(signal.SIGSTOP)
         try:
@@ -80,7 +92,10 @@ def test_a_stalled_process_cannot_commit_for_partitions_it_lost(service, kafka_h
     records = h.consume_all(service.bootstrap, service.outputs_topic, 2 * total, timeout_s=10)
     by_stream, answered = h.outputs_by_stream(records)
     twice = sorted(pos for pos, n in answered.items() if n > 1)
-    assert not twice, f"{len(twice)} inputs answered more than once, e.g. {twice[:5]}"
+    spans = {p: (min(o for q, o in twice if q == p), max(o for q, o in twice if q == p)) for p, _ in twice}
+    assert not twice, (
+        f"{len(twice)} answered more than once, offsets by partition {spans}; committed {at_stop}"
+    )
     assert len(answered) == len(first) + len(second)
     expected = h.offline_outputs(service.model, first + second)
     assert set(by_stream) == set(expected)
