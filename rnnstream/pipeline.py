@@ -769,25 +769,42 @@ class Pipeline:
         return True
 
     def _rollback(self) -> None:
-        """After a failed checkpoint: drop every stream, go back to the committed positions, restore the
-        committed state."""
+        """After a failed checkpoint: drop every stream and go back to the committed positions; the loop
+        restores the committed state of the partitions still assigned before it processes anything (so a
+        rollback inside a revocation or a loss restores nothing that the rebalance takes away)."""
         self.counters.aborts += 1
         self._in_flight.clear()
+        self._dirty, self._ended, self._pending = {}, {}, 0  # changes of the streams dropped now
         self._drop_tasks(set(self._tasks))
-        assigned = self.source.rollback()
-        self._restore_tasks(assigned)
+        self._to_restore.update(self.source.rollback())
 
     # ---- partitions ----------------------------------------------------------------------------------
     def revoked(self, partitions: list[int]) -> None:
-        """Commit everything so far while the partitions are still ours (called inside ``poll``)."""
+        """Commit everything so far while the partitions are still ours (called inside ``poll``), then drop
+        their streams. Under incremental rebalancing only the partitions that move are revoked: the others
+        keep serving, their streams in memory."""
         self.counters.rebalances += 1
-        self._to_restore.difference_update(partitions)
         try:
             self.checkpoint()
-            self._drop_tasks(set(partitions))
         except Exception:
             log.exception("while partitions were revoked")
             raise
+        self._leave(partitions, "revoked")
+
+    def lost(self, partitions: list[int]) -> None:
+        """Partitions taken away without a revocation (this process's session expired while it stalled):
+        another process may own them already, so nothing of theirs may be committed. The open transaction
+        is aborted (every partition goes back to its committed state) and their streams are dropped."""
+        if not partitions:  # kafka-python, joining for the first time: nothing held, nothing lost
+            return
+        self.counters.rebalances += 1
+        self._rollback()
+        self._leave(partitions, "lost")
+
+    def _leave(self, partitions: list[int], how: str) -> None:
+        self._to_restore.difference_update(partitions)
+        dropped = self._drop_tasks(set(partitions))
+        log.info("%s partitions %s: dropped %d streams", how, partitions, dropped)
 
     def assigned(self, partitions: list[int]) -> None:
         """Note the partitions; the loop restores their streams right after ``poll`` returns, before
@@ -803,12 +820,16 @@ class Pipeline:
             log.error("messages of partitions %s arrived without an assignment: restoring first", unowned)
             self._restore_tasks(sorted(unowned))
 
-    def _drop_tasks(self, partitions: set[int]) -> None:
+    def _drop_tasks(self, partitions: set[int]) -> int:
+        """Release the streams of ``partitions``; returns how many."""
+        dropped = 0
         for p in partitions:
             sids = self._tasks.pop(p, set())
             self.engine.release(list(sids))
             for sid in sids:
                 self._forget_stream(sid)
+            dropped += len(sids)
+        return dropped
 
     def _restore_tasks(self, partitions: list[int]) -> None:
         """Load the committed states of ``partitions`` not held yet."""
