@@ -37,6 +37,7 @@ from engine.spill import SpillStore
 StreamId = str | int
 
 PAGE_ROWS = 16_384  # rows per page: 4 MiB per state tensor at hidden 64
+EVICT_SHARE = 256  # a capacity eviction takes at least 1/256 of the streams held (see _admit_all)
 
 
 def check_stream_ids(stream_ids: list[object]) -> list[StreamId]:
@@ -254,7 +255,10 @@ class StateStore:
             evictable = live - len(protected)
             if len(new) > without_eviction + evictable:
                 self._refuse(new[without_eviction + evictable :], events)
-            self._evict_for_capacity(len(new) - without_eviction, protected)
+            # At least 1/EVICT_SHARE of the streams held go at once, so the O(streams) search for the
+            # least recently used runs once per that many new streams, not once per call.
+            needed = len(new) - without_eviction
+            self._evict_for_capacity(min(evictable, max(needed, live // EVICT_SHARE)), protected)
         return {sid: self._admit(sid) for sid in new}
 
     def _refuse(self, refused: list[StreamId], events: Sequence[StreamId]) -> None:
@@ -366,9 +370,13 @@ class StateStore:
 
     def _evict_for_capacity(self, n: int, protected: np.ndarray) -> None:
         """Evict the ``n`` least recently used streams whose slots are not ``protected``."""
-        seen = self.last_seen.copy()
-        seen[protected] = np.inf
-        victims = np.argpartition(seen, n - 1)[:n] if n < len(seen) else np.arange(len(seen))
+        seen = self.last_seen
+        saved = seen[protected]
+        seen[protected] = np.inf  # free slots hold inf too: never chosen
+        try:
+            victims = np.argpartition(seen, n - 1)[:n]
+        finally:
+            seen[protected] = saved
         self._evict(victims)
         self.evictions_for_capacity += n
 

@@ -156,3 +156,15 @@ def test_import_under_a_limit_evicts_others_or_refuses_without_changing_anything
     store.import_(["a", "b"], [r[:2] for r in rows], now=1.0, replace=False)  # "keep" makes room
     assert sorted(store.slot_of) == ["a", "b"] and store.evictions_for_capacity == 1
     np.testing.assert_array_equal(_rows(store, ["a"]), [[2, 2, 2, 3, 3]])
+
+
+def test_capacity_eviction_takes_a_share_of_the_streams_at_once():
+    """At the limit, one search for the least recently used frees 1/256 of the streams held, so a stream of
+    new ones does not pay an O(streams) search each."""
+    store = _store(capacity=512, max_streams=512)
+    for k in range(512):
+        store.touch(store.slots_for([k]), float(k))
+    store.slots_for(["new"])
+    assert store.evictions_for_capacity == 2 and 0 not in store and 1 not in store and 2 in store
+    store.slots_for(["newer"])  # the free slot left by the share: no search, no eviction
+    assert store.evictions_for_capacity == 2 and len(store) == 512
