@@ -56,6 +56,7 @@ from rich.table import Table
 
 from benchmarks.report import bench_console, publish
 from connectors.base import Message
+from rnnstream.admin import call_admin
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "assets" / "sensor_lstm.safetensors"
@@ -266,18 +267,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get_json(address: str, path: str) -> tuple[int, dict]:
-    """``GET http://address/path`` → (status, JSON body); an error status is returned, not raised."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-
-
 def start_worker(workload: Workload, workdir: Path, nice: int = 0) -> tuple[subprocess.Popen, str]:
     """The worker subprocess and its admin address, once ``/readyz`` answers 200 (60 s at most)."""
     port = _free_port()
@@ -301,9 +290,9 @@ def start_worker(workload: Workload, workdir: Path, nice: int = 0) -> tuple[subp
         if proc.poll() is not None:
             raise RuntimeError(f"the soak worker exited {proc.returncode}:\n{_tail(workdir / 'worker.log')}")
         try:
-            if _get_json(address, "/readyz")[0] == 200:
-                return proc, address
-        except OSError:
+            call_admin(address, "/readyz", timeout_s=2)
+            return proc, address
+        except (RuntimeError, OSError):  # 503 (not ready yet), or not listening yet
             pass
         time.sleep(0.2)
     proc.kill()
@@ -319,7 +308,7 @@ def sample(proc: psutil.Process, address: str, checkpoint: Path, t_s: float) -> 
     with proc.oneshot():
         rss, threads, fds = proc.memory_info().rss, proc.num_threads(), proc.num_fds()
         cpu = proc.cpu_percent()
-    _, stats = _get_json(address, "/stats")
+    stats = call_admin(address, "/stats")
     service = stats["service"]
     return Sample(
         t_s=round(t_s, 2),
