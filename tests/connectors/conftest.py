@@ -179,7 +179,9 @@ def consume_all(
     check: Callable[[], None] | None = None,
 ) -> list:
     """Read ``topic`` from the beginning until ``expected`` records arrived (or time ran out), with one
-    consumer that keeps what it read (``check``, if given, is called between polls: raise to give up)."""
+    consumer that keeps what it read (``check``, if given, is called between polls: raise to give up).
+    (It used to start again from the beginning every 10 s, and the last round, cut short by the deadline,
+    could report a late but complete run as records missing.)"""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(
@@ -188,8 +190,8 @@ def consume_all(
         enable_auto_commit=False,
         isolation_level="read_committed" if committed_only else "read_uncommitted",
         group_id=None,
-        # kafka-python 2.x refuses responses over 1 MB ("Invalid frame length") and retries the same fetch
-        # for ever: a topic of more than about 1 MB per broker was never read to its end (the scale-out flake)
+        # kafka-python 2.x's 1 MB frame limit is below one fetch response of a busy topic: it drops the
+        # connection ("Invalid frame length") and fetches again
         receive_message_max_bytes=100_000_000,
     )
     try:
