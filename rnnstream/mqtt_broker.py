@@ -77,8 +77,8 @@ from rnnstream.local_tls import USERNAME, TlsFiles, TlsSetupError, make_tls_file
 
 HOST = "127.0.0.1"
 MOSQUITTO_FALLBACK = Path("/usr/sbin/mosquitto")
-PASSWD_FALLBACK = Path("/usr/bin/mosquitto_passwd")
 """Where Debian installs the broker (``/usr/sbin`` is often missing from a non-root ``PATH``)."""
+PASSWD_FALLBACK = Path("/usr/bin/mosquitto_passwd")
 AUTOSAVE_INTERVAL_S = 1
 """Seconds between two writes of the persistence database (the data a SIGKILL can lose)."""
 CONFIG_NAME = "mosquitto.conf"
@@ -118,13 +118,19 @@ def state_file() -> Path:
     return run_dir() / STATE_FILE_NAME
 
 
+def _executable(name: str, fallback: Path) -> str | None:
+    """``name`` on ``PATH``, else ``fallback`` when it is executable, else None."""
+    path = shutil.which(name)
+    if path is None and os.access(fallback, os.X_OK):
+        path = str(fallback)
+    return path
+
+
 def mosquitto_binary() -> str:
     """Path of the ``mosquitto`` executable: ``PATH`` first, then ``/usr/sbin/mosquitto``."""
-    path = shutil.which("mosquitto")
+    path = _executable("mosquitto", MOSQUITTO_FALLBACK)
     if path is not None:
         return path
-    if os.access(MOSQUITTO_FALLBACK, os.X_OK):
-        return str(MOSQUITTO_FALLBACK)
     raise MqttBrokerError(
         "'mosquitto' not found on PATH nor at /usr/sbin/mosquitto; install it with "
         "scripts/system_deps.sh (apt-get install -y mosquitto mosquitto-clients)"
@@ -327,11 +333,9 @@ def broker_config(broker: Broker) -> str:
 
 
 def _passwd_binary() -> str:
-    path = shutil.which("mosquitto_passwd")
+    path = _executable("mosquitto_passwd", PASSWD_FALLBACK)
     if path is not None:
         return path
-    if os.access(PASSWD_FALLBACK, os.X_OK):
-        return str(PASSWD_FALLBACK)
     raise MqttBrokerError("'mosquitto_passwd' not found (it comes with the mosquitto package)")
 
 
