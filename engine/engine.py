@@ -149,6 +149,7 @@ class Engine:
         self._closed = False
         self._staging: Tensor | None = None
         self._recorder: ReplayBuffer | None = None
+        self._dropped: list[StreamId] | None = None  # ids evicted without spill, once watch_drops is on
         self.finetuner: FineTuner | None = None
         self._weight_history: list[tuple[int, int, float]] = [(self.model.info.version, 0, time.time())]
         if freeze_gc:
@@ -470,9 +471,12 @@ class Engine:
         return self._store.evict_idle(now)
 
     def _forget_dropped(self, stream_ids: list[StreamId]) -> None:
-        """Streams evicted without spill restart from the initial state: their recorded history ends."""
+        """Streams evicted without spill restart from the initial state: their recorded history ends (and
+        a ``watch_drops`` caller hears of them)."""
         if self._recorder is not None:
             self._recorder.forget(stream_ids)
+        if self._dropped is not None:
+            self._dropped.extend(stream_ids)
 
     # ---- weights -------------------------------------------------------------------------------------
     def swap_weights(self, state_dict: dict[str, Tensor], version: int) -> None:
@@ -576,6 +580,38 @@ class Engine:
             self._store.import_(snapshot.stream_ids, snapshot.states, time.monotonic(), replace=replace)
             if self._recorder is not None:
                 self._recorder.forget(None if replace else snapshot.stream_ids)
+
+    def admit(self, stream_ids: Sequence[StreamId]) -> list[StreamId]:
+        """Give every stream of ``stream_ids`` a slot now (a new one starts from the initial state, a
+        spilled one gets its state back), evicting under ``max_streams``/``max_state_bytes`` as a step
+        would, after the events queued before this call. Returns the streams refused for capacity (no
+        state changed for them; the others are admitted). A caller with per-stream bookkeeping of its own
+        learns of a refusal this way before touching it, instead of from ``step_many``."""
+        ids = check_stream_ids(list(dict.fromkeys(stream_ids)))
+        with self._lock:
+            self._drain()
+            try:
+                self._store.slots_for(ids)
+                return []
+            except StreamCapacityError as exc:
+                refused = set(exc.stream_ids)
+                self._store.slots_for([s for s in ids if s not in refused])  # the first ones fit
+                return list(exc.stream_ids)
+
+    def watch_drops(self) -> None:
+        """From now on keep the ids of streams dropped by eviction (TTL or capacity, ``eviction: drop``)
+        for ``take_dropped``: a caller that keeps per-stream data of its own must forget them too."""
+        with self._lock:
+            if self._dropped is None:
+                self._dropped = []
+
+    def take_dropped(self) -> list[StreamId]:
+        """The streams dropped by eviction since the last call (``watch_drops`` first)."""
+        with self._lock:
+            if self._dropped is None:
+                return []
+            dropped, self._dropped = self._dropped, []
+            return dropped
 
     def release(self, stream_ids: Sequence[StreamId]) -> None:
         """Forget streams without output (e.g. their partition moved to another process), after the

@@ -52,7 +52,7 @@ from connectors.base import (
     StateBackend,
 )
 from connectors.codec import FLOAT32_MAX, Decoded, DecodeError, check_label, decode_feedback
-from engine import Engine, EngineSnapshot, UnknownStreamError
+from engine import Engine, EngineSnapshot, StreamCapacityError, UnknownStreamError
 from engine.runtime import freeze_startup_objects
 from engine.snapshot import StateLayout, StateLayoutError, state_layout
 from rnnstream.limits import StreamRateLimit
@@ -335,6 +335,7 @@ class Pipeline:
         self._on_close: list[Callable[[], None]] = []
         tables = [t for t in (checks.table if checks else None, self.scoring.table) if t is not None]
         self.codec = StateCodec(state_layout(engine.model), tables)
+        engine.watch_drops()  # streams the engine evicts without spill end here too (_forget_dropped)
         self.counters = PipelineCounters()
         self._rejected: Counter[str] = Counter()  # decode rejections by kind (DecodeError.kind)
         self._stop = threading.Event()
@@ -470,7 +471,8 @@ class Pipeline:
                     self._notice(msg, note)
                 if reset:
                     batch = self._flush(batch)
-                    self._start(msg, sid)
+                    if not self._start(msg, sid):
+                        continue
             if decoded.label is not None and self.labels_wanted:  # labels this message's timesteps
                 try:
                     check_label(decoded.label)
@@ -483,8 +485,8 @@ class Pipeline:
                 continue
             if decoded.control is not None and sid in batch.streams:  # its earlier steps go first
                 batch = self._flush(batch)
-            if decoded.control in ("start", "reset"):
-                self._start(msg, sid)
+            if decoded.control in ("start", "reset") and not self._start(msg, sid):
+                continue
             if len(decoded.xs):
                 batch.add(msg, sid, decoded)
             if decoded.control == "end":
@@ -542,6 +544,9 @@ class Pipeline:
         if not batch:
             return batch
         engine = self.engine
+        batch = self._without_refused_streams(batch)
+        if not batch:
+            return batch
         dtype = np.int64 if engine.model.categorical else self.scoring.dtype
         decoded = self._inputs(batch, dtype)
         if decoded is None:  # a message the engine would refuse: without it (dead letter), then again
@@ -563,6 +568,22 @@ class Pipeline:
         self.sink.write(outputs)
         self.counters.outputs += len(outputs)
         return Batch()
+
+    def _without_refused_streams(self, batch: Batch) -> Batch:
+        """``batch`` without the messages of new streams the engine has no room for (``max_streams``,
+        ``max_state_bytes``, nothing evictable), each a dead letter (``capacity``). Asked before the
+        scoring's per-stream tables are touched; the others get their slots now."""
+        refused = self.engine.admit(list(dict.fromkeys(sid for _, sid, _, _ in batch.items)))  # in order
+        if not refused:
+            return batch
+        kept, gone = Batch(), set(refused)
+        for msg, sid, _n, decoded in batch.items:
+            if sid in gone:
+                self._rejected["capacity"] += 1
+                self._dead_letter(msg, f"capacity: no room for new stream {sid!r} (engine limits reached)")
+            else:
+                kept.add(msg, sid, decoded)
+        return kept
 
     def _inputs(self, batch: Batch, dtype: type) -> np.ndarray | None:
         """The batch's decoded inputs, or ``None`` when one of them is not what the engine takes (wrong
@@ -596,11 +617,18 @@ class Pipeline:
                 kept.add(msg, sid, decoded)
         return kept
 
-    def _start(self, msg: Message, sid: str) -> None:
-        self.engine.start(sid)
+    def _start(self, msg: Message, sid: str) -> bool:
+        """(Re)start the stream; ``False`` (the message is a dead letter) if the engine has no room."""
+        try:
+            self.engine.start(sid)
+        except StreamCapacityError as exc:
+            self._rejected["capacity"] += 1
+            self._dead_letter(msg, f"capacity: no room for new stream {sid!r} ({exc})")
+            return False
         if self.scoring.table is not None:
             self.scoring.table.reset([sid])
         self._mark_dirty(msg.partition, sid)
+        return True
 
     def _end(self, msg: Message, sid: str) -> None:
         try:
@@ -702,6 +730,7 @@ class Pipeline:
         outputs and dead letters up to their marks are acknowledged. Otherwise it flushes and commits at
         once (for Kafka: one transaction)."""
         self._last_checkpoint = time.monotonic()
+        self._forget_dropped()
         if self._pending or self._dirty or self._ended:
             rows, positions = self._changed_rows(), self.source.positions()
             if self._deferred:
@@ -713,6 +742,22 @@ class Pipeline:
                 self._commit(rows, positions, None)
         if self._in_flight:
             self._complete(wait)
+
+    def _forget_dropped(self) -> None:
+        """Streams the engine dropped (idle past ``ttl_s``, or evicted for capacity, ``eviction: drop``)
+        end here too: their rows are deleted at this checkpoint (so a restart does not bring back a state
+        the live process no longer has) and their bookkeeping goes."""
+        dropped = self.engine.take_dropped()
+        if not dropped:
+            return
+        gone = {sid for sid in dropped if sid not in self.engine}  # not back since (a new event)
+        for partition, sids in chain(self._tasks.items(), self._dirty.items()):
+            ended = sids & gone
+            if ended:
+                sids -= ended
+                self._ended.setdefault(partition, set()).update(ended)
+        for sid in gone:
+            self._forget_stream(sid)
 
     def _changed_rows(self) -> list[tuple[int, str, bytes | None]]:
         """``(partition, stream, row or None for an ended stream)`` of every stream changed since the

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +225,38 @@ def test_outputs_across_pages_equal_the_torch_module(ref_factory):
     for sid, seq in seqs.items():
         n = len(outs[sid])
         np.testing.assert_allclose(np.stack(outs[sid]), ref.run(seq[:n]), atol=ATOL, err_msg=sid)
+
+
+def test_admit_refuses_what_does_not_fit_before_any_state_changes_and_admits_the_rest():
+    engine = Engine(_gru(), device="cpu", freeze_gc=False, max_streams=3)
+    xs = np.random.default_rng(5).standard_normal((4, 3)).astype(np.float32)
+    engine.step_many(["a"], xs[:1])
+    before = engine.state_of("a")[0].clone()
+    refused = engine.admit(["a", "b", "c", "d", "b"])  # "a" is in this call: not evictable
+    assert refused == ["d"] and "d" not in engine
+    assert "b" in engine and "c" in engine
+    assert torch.equal(engine.state_of("a")[0], before)
+    assert engine.stats().refused_streams == 1
+    # admitted streams start from the initial state: stepping them now equals stepping them fresh
+    fresh = Engine(_gru(), device="cpu", freeze_gc=False)
+    np.testing.assert_allclose(engine.step_many(["b"], xs[1:2]), fresh.step_many(["b"], xs[1:2]), atol=ATOL)
+    engine.close()
+    fresh.close()
+
+
+def test_streams_dropped_by_eviction_are_reported_once_to_a_watcher():
+    engine = Engine(_gru(), device="cpu", freeze_gc=False, ttl_s=0.05, max_streams=2, sweep_interval_s=60)
+    xs = np.ones((1, 3), np.float32)
+    engine.step_many(["x"], xs)
+    time.sleep(0.1)
+    assert engine.evict_idle() == 1
+    assert engine.take_dropped() == []  # dropped before anyone watched
+    engine.watch_drops()
+    for sid in "abc":  # "c" is past max_streams: the least recently used ("a") is dropped for it
+        engine.step_many([sid], xs)
+    assert engine.take_dropped() == ["a"]
+    time.sleep(0.1)
+    assert engine.evict_idle() == 2
+    assert sorted(engine.take_dropped()) == ["b", "c"]
+    assert engine.take_dropped() == []
+    engine.close()

@@ -10,11 +10,22 @@ import numpy as np
 import pytest
 
 from connectors.base import Message
+from connectors.codec import Decoder, KeyedDecoder
+from engine import Engine
 from rnnstream.checkpoint import LocalCheckpoint
 from rnnstream.config import LimitsConfig
 from rnnstream.limits import StreamRateLimit
+from rnnstream.pipeline import Pipeline
 from rnnstream.service import _rate_limit
-from tests.rnnstream.test_pipeline import F, ListSource, _by_stream, _offline, _pipeline
+from tests.rnnstream.test_pipeline import (
+    F,
+    ListDeadLetters,
+    ListSink,
+    ListSource,
+    _by_stream,
+    _offline,
+    _pipeline,
+)
 
 
 def test_a_bucket_lets_a_burst_through_then_the_sustained_rate():
@@ -90,3 +101,69 @@ def test_a_flooding_stream_is_refused_with_a_reason_and_the_others_are_untouched
     assert set(got) == set(want)
     for sid in want:  # the flood's state saw exactly its accepted events; the others saw all of theirs
         np.testing.assert_allclose(got[sid], want[sid], atol=1e-5)
+
+
+def _json_messages(events: list[tuple[str, np.ndarray]]) -> list[Message]:
+    return [
+        Message(json.dumps({"x": x.tolist()}).encode(), s.encode(), 0, k) for k, (s, x) in enumerate(events)
+    ]
+
+
+def test_new_streams_past_the_engines_limits_are_dead_letters_and_the_others_run_exactly(
+    ref_factory, tmp_path
+):
+    ref = ref_factory("lstm", input_size=F, hidden_size=8, head_out=2)
+    rng = np.random.default_rng(11)
+    events = [(f"s{k % 3}", rng.standard_normal(F).astype(np.float32)) for k in range(30)]
+    sink, dead = ListSink(), ListDeadLetters()
+    engine = Engine(ref.model, device="cpu", freeze_gc=False, max_streams=2)
+    decoder = KeyedDecoder(Decoder("json", F))
+    source = ListSource(_json_messages(events), batch=100)  # one poll: no stream can make room
+    Pipeline(engine, source, decoder, sink, dead, LocalCheckpoint(tmp_path), checkpoint_interval_s=0.0).run()
+    assert len(dead.outputs) == 10
+    assert all(d.reason.startswith("capacity: no room for new stream 's2'") for d in dead.outputs)
+    got = _by_stream(sink.outputs)
+    want = _offline(ref, [(s, x) for s, x in events if s != "s2"])
+    assert set(got) == set(want) == {"s0", "s1"}
+    for sid in want:
+        np.testing.assert_allclose(got[sid], want[sid], atol=1e-5)
+
+
+class PausingSource(ListSource):
+    """``ListSource`` that waits ``pause_s`` before handing out message number ``at``."""
+
+    def __init__(self, messages: list[Message], at: int, pause_s: float) -> None:
+        super().__init__(messages, batch=1)
+        self.at, self.pause_s = at, pause_s
+
+    def poll(self, timeout_s: float) -> list[Message]:
+        if self.next == self.at:
+            time.sleep(self.pause_s)
+        return super().poll(timeout_s)
+
+
+def test_streams_the_engine_drops_when_idle_leave_the_checkpoint_and_the_others_stay(ref_factory, tmp_path):
+    ref = ref_factory("gru", input_size=F, hidden_size=8, head_out=2)
+    rng = np.random.default_rng(12)
+    early = [(s, rng.standard_normal(F).astype(np.float32)) for s in ["gone", "kept"] * 3]
+    late = [("kept", rng.standard_normal(F).astype(np.float32)) for _ in range(3)]
+    msgs = _json_messages(early + late)
+    engine = Engine(ref.model, device="cpu", freeze_gc=False, ttl_s=0.15, sweep_interval_s=0.02)
+    sink, dead = ListSink(), ListDeadLetters()
+    source = PausingSource(msgs, at=len(early), pause_s=0.5)  # "gone" goes quiet, then "kept" too...
+    pipe = Pipeline(
+        engine,
+        source,
+        KeyedDecoder(Decoder("json", F)),
+        sink,
+        dead,
+        LocalCheckpoint(tmp_path),
+        checkpoint_interval_s=0.0,
+    )
+    pipe.run()  # ... and comes back: "kept" restarts from the initial state, as in the live engine
+    rows = LocalCheckpoint(tmp_path).read([0])[0]
+    assert set(rows) == {"kept"}  # "gone"'s checkpointed row was deleted when the engine dropped it
+    assert pipe._tasks == {0: {"kept"}}
+    got = _by_stream(sink.outputs)
+    want = _offline(ref, late)["kept"]
+    np.testing.assert_allclose(got["kept"][-3:], want, atol=1e-5)
