@@ -37,13 +37,16 @@ _ENGINE_COUNTERS = {
     "steps": "fused steps run",
     "errors": "events failed",
     "loop_errors": "step-loop failures outside any one event (the loop went on)",
-    "evictions": "streams evicted",
+    "evictions": "streams evicted (idle past the TTL, or for capacity)",
+    "evictions_for_capacity": "streams evicted to make room under max_streams/max_state_bytes",
+    "refused_streams": "new streams refused a slot (a limit reached, nothing evictable)",
 }
 _ENGINE_GAUGES = {
     "active_streams": "streams held in memory",
     "spilled_streams": "streams spilled to disk",
     "pending": "events queued",
     "state_bytes": "bytes of state tensors",
+    "capacity": "stream slots allocated",
     "latency_p50_ms": "submit→result p50 (recent events)",
     "latency_p99_ms": "submit→result p99 (recent events)",
     "model_version": "serving weights",

@@ -180,3 +180,20 @@ def test_a_running_pipeline_is_scraped_alive_and_ready_then_not_when_its_loop_st
         source.release.set()
         thread.join(10)
         admin.close()
+
+
+def test_limits_reached_show_in_the_metrics():
+    model = StreamModel(ModelSpec("gru", 1, 8, head="regression", head_out=1))
+    with Engine(model, device="cpu", max_streams=2) as eng:
+        admin = AdminServer(eng, port=0)
+        try:
+            eng.step_many(["a", "b"], np.zeros((2, 1), np.float32))
+            eng.step_many(["c"], np.zeros((1, 1), np.float32))  # evicts the least recently used
+            assert eng.admit(["d", "e", "f"]) == ["f"]  # one call: "d" and "e" fit by evicting, "f" not
+            metrics = _metrics(admin.address)
+            assert metrics["rnnstream_evictions_for_capacity_total"] == 3.0
+            assert metrics["rnnstream_evictions_total"] == 3.0
+            assert metrics["rnnstream_refused_streams_total"] == 1.0
+            assert metrics["rnnstream_capacity"] >= 2.0
+        finally:
+            admin.close()
