@@ -82,8 +82,10 @@ class EngineCollector(Collector):
             paused = GaugeMetricFamily("rnnstream_finetune_paused", "1 while the worker is paused")
             paused.add_metric([], float(finetune["state"] == "paused"))
             yield paused
+        taken = set(_ENGINE_COUNTERS) | set(_ENGINE_GAUGES)
         for name, value in (self.extra() if self.extra else {}).items():
-            yield CounterMetricFamily(f"rnnstream_{name}", name.replace("_", " "), value=value)
+            metric = f"rnnstream_{name}" if name not in taken else f"rnnstream_service_{name}"
+            yield CounterMetricFamily(metric, name.replace("_", " "), value=value)
 
 
 def _families(

@@ -421,6 +421,7 @@ class Pipeline:
         checks' and the source's own (when it keeps any: serial line errors, MQTT reconnects...)."""
         counts = asdict(self.counters)
         counts.pop("started")
+        counts.pop("events")  # the engine's own ``events`` counts them (one metric name, one meaning)
         counts.update({f"rejected_{k}": v for k, v in self._rejected.items()})
         counts["refused_state_rows"] = self.codec.refused
         if self.checks is not None:

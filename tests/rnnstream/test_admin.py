@@ -197,3 +197,19 @@ def test_limits_reached_show_in_the_metrics():
             assert metrics["rnnstream_capacity"] >= 2.0
         finally:
             admin.close()
+
+
+def test_a_service_counter_named_like_an_engine_metric_does_not_repeat_its_name(engine):
+    admin = AdminServer(engine, port=0, extra=lambda: {"events": 5.0, "outputs": 2.0})
+    try:
+        engine.step_many(["a"], np.zeros((1, 1), np.float32))
+        with urllib.request.urlopen(f"http://{admin.address}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+        assert len(names) == len(set(names))  # Prometheus refuses a scrape that repeats a family
+        metrics = _metrics(admin.address)
+        assert metrics["rnnstream_events_total"] == 1.0
+        assert metrics["rnnstream_service_events_total"] == 5.0
+        assert metrics["rnnstream_outputs_total"] == 2.0
+    finally:
+        admin.close()
