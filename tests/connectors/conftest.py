@@ -204,11 +204,14 @@ def consume_all(
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         records: list = []
+        seen: set[tuple[int, int]] = set()  # a record read again (the consumer went back) counts once
         while len(records) < expected and time.monotonic() < deadline:
             if check is not None:
                 check()
             for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
+                fresh = [r for r in batch if (r.partition, r.offset) not in seen]
+                seen.update((r.partition, r.offset) for r in fresh)
+                records.extend(fresh)
         return records
     finally:
         consumer.close()

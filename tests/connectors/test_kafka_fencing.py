@@ -41,18 +41,28 @@ def _wait_for(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_a_stalled_process_cannot_commit_for_partitions_it_lost(service, kafka_helpers):
+@pytest.mark.parametrize(
+    ("transaction_timeout_s", "stall_s"),
+    [(30, 0), (8, 12)],
+    ids=["within-transaction-timeout", "past-transaction-timeout"],
+)
+def test_a_stalled_process_cannot_commit_for_partitions_it_lost(
+    service, kafka_helpers, transaction_timeout_s, stall_s
+):
     """Two processes of one group share live input. Process 0 is stopped (SIGSTOP) with a transaction
-    open (its outputs not yet committed) for longer than the session timeout (6 s) but less than the
-    transaction timeout (30 s, so the broker does not abort it first); process 1 takes its partitions,
-    restores their states and answers the same inputs. Then process 0 continues (SIGCONT): whatever it
-    still holds must be refused. (When the stop lands inside a commit whose offsets the broker already
-    holds, process 1 waits for them to settle until the transaction times out, and process 0 wakes to a
-    fenced producer: it must recover, not exit.) Every input is answered once, the outputs equal the
-    offline computation, and a third process started afterwards continues every stream from the committed
-    state and offsets."""
+    open (its outputs not yet committed) for longer than the session timeout (6 s); process 1 takes its
+    partitions, restores their states and answers the same inputs. Then process 0 continues (SIGCONT).
+
+    - Within the transaction timeout (30 s) the broker has not aborted process 0's transaction: whatever
+      it still holds must be refused (its offsets are from a generation it is no longer in).
+    - Past it (8 s; stopped for at least 12 s) the broker aborted it and fenced the producer: process 0
+      must recover, not exit. (So must it when the stop lands inside a commit whose offsets the broker
+      already holds: process 1 then waits for them to settle until the transaction times out.)
+
+    Every input is answered once, the outputs equal the offline computation, and a third process started
+    afterwards continues every stream from the committed state and offsets."""
     h = kafka_helpers
-    service.extra = {"checkpoint": {"transaction_timeout_ms": 30_000}}
+    service.extra = {"checkpoint": {"transaction_timeout_ms": transaction_timeout_s * 1000}}
     rng = np.random.default_rng(11)
     first = h.random_events(rng, streams=200, events=24_000, features=3)
     second = h.random_events(rng, streams=200, events=400, features=3)
@@ -69,11 +79,13 @@ def test_a_stalled_process_cannot_commit_for_partitions_it_lost(service, kafka_h
         at_stop = _committed(service.bootstrap, service.group)
         zombie = service.procs["0"]
         zombie.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
         try:
             _wait_for(
                 lambda: _restored(service.log("1")) > restored_before, 60, "process 1 took nothing over"
             )
             time.sleep(3)  # process 1 answers the inputs process 0 had answered in its open transaction
+            time.sleep(max(0.0, stopped + stall_s - time.monotonic()))
         finally:
             zombie.send_signal(signal.SIGCONT)
     finally:
