@@ -251,7 +251,7 @@ class PythonKafkaClient:
         _fence_offset_commits(self.producer, self.consumer)
         for topic in topics:  # know the partitions before joining, or the first assignment may be empty
             self.consumer.partitions_for_topic(topic)
-        listener = _Listener(on_assigned, on_revoked, self._wait_for_stable_offsets)
+        listener = _Listener(on_assigned, on_revoked, self._before_assigned)
         if on_lost is not None:  # kafka-python calls the revocation; the group generation tells them apart
             listener.on_lost, listener.is_lost = on_lost, lambda: _membership(self.consumer).generation_id < 0
         self.consumer.subscribe(topics, listener=listener)
@@ -357,6 +357,11 @@ class PythonKafkaClient:
 
         settings = librdkafka_settings(self.settings.bootstrap, self.settings.client)
         return read_changelog(settings, f"{self.settings.group_id}-restore", topic, partitions)
+
+    def _before_assigned(self, partitions: set) -> None:
+        """Runs before kafka-python fetches the committed offsets of a new assignment."""
+        _forget_offset_fetches(self.consumer)
+        self._wait_for_stable_offsets(partitions)
 
     def _wait_for_stable_offsets(self, partitions: set) -> None:
         """Block until no transaction still holds pending offset commits for ``partitions``.
@@ -622,6 +627,21 @@ def _fence_offset_commits(producer: Any, consumer: Any) -> None:
     refuses such a commit; the transaction becomes abortable and the service aborts it."""
     _patch_offset_commit_handler()
     producer._transaction_manager.group_membership = lambda: _membership(consumer)
+
+
+def _forget_offset_fetches(consumer: Any) -> None:
+    """Work around a kafka-python 2.3.3 bug that replayed partitions from old offsets (found with the
+    fencing test).
+
+    ``fetch_committed_offsets`` caches its OffsetFetch future by the set of partitions asked for and drops
+    it only once a call sees it done. The service polls for 5 ms, so the fetch for a new assignment
+    usually outlives the poll that sent it; when a rebalance then changes the assignment, the future
+    stays in the cache, and the next time the same set of partitions is assigned (minutes later, after
+    other processes committed far beyond) kafka-python takes its old answer: the partitions restart from
+    the offsets committed back then (or from the beginning) while their streams are restored from the
+    changelog, so events are applied and answered twice. Forgetting the cached fetches at each assignment
+    makes every assignment ask the coordinator again."""
+    consumer._coordinator._offset_fetch_futures.clear()
 
 
 class _Listener(ConsumerRebalanceListener):
