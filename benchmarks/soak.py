@@ -424,7 +424,7 @@ def judge(samples: list[Sample], limits: Limits) -> list[Check]:
     done, offered = samples[-1].messages, samples[-1].offered
     checks.append(
         Check(
-            "messages processed / offered",
+            "messages offered → processed",
             offered,
             done,
             f"≥ {limits.min_processed:.0%}",
@@ -443,15 +443,15 @@ def write_csv(samples: list[Sample], path: Path) -> None:
 
 
 def plot(result: SoakResult, path: Path) -> Path:
-    """RSS, streams and slots, threads and fds over time (minutes), one panel each, to a PNG."""
+    """RSS, streams and slots, the checkpoint, threads and fds over time (minutes), one panel each (PNG)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     s = result.samples
     t = np.array([x.t_s for x in s]) / 60
-    fig = Figure(figsize=(11, 8), layout="constrained")
+    fig = Figure(figsize=(11, 10), layout="constrained")
     FigureCanvasAgg(fig)
-    rss, streams, handles = fig.subplots(3, 1, sharex=True)
+    rss, streams, stored, handles = fig.subplots(4, 1, sharex=True, height_ratios=(3, 2, 2, 2))
     w = result.workload
     fig.suptitle(
         f"rnnstream soak: {s[-1].events:,} events in {t[-1]:.0f} min at {w.rate_hz:,.0f} msg/s, "
@@ -460,12 +460,14 @@ def plot(result: SoakResult, path: Path) -> Path:
     rss.plot(t, [x.rss_mb for x in s], color="tab:blue")
     rss.set_ylabel("worker RSS (MB)")
     for edge in (t[-1] / 3, 2 * t[-1] / 3):
-        for ax in (rss, streams, handles):
+        for ax in (rss, streams, stored, handles):
             ax.axvline(edge, color="grey", lw=0.6, ls="--")
     streams.plot(t, [x.active_streams for x in s], label="active streams")
     streams.plot(t, [x.capacity for x in s], label="slot capacity")
     streams.set_ylabel("streams")
     streams.legend(loc="upper left")
+    stored.plot(t, [x.checkpoint_kb / 1024 for x in s], color="tab:purple")
+    stored.set_ylabel("checkpoint file (MB)")
     handles.plot(t, [x.threads for x in s], label="threads")
     handles.plot(t, [x.fds for x in s], label="open fds")
     handles.set_ylabel("count")

@@ -111,7 +111,7 @@ def test_a_flat_run_passes_every_check():
         ({"checkpoint_kb": lambda k: 700.0 + 30 * k}, {"checkpoint KB, mean"}),
         ({"threads": lambda k: 4 + k // 3}, {"threads, max"}),
         ({"fds": lambda k: 5 + k // 4}, {"open fds, max"}),
-        ({"messages": lambda k: 40_000 * (k + 1)}, {"messages processed / offered"}),
+        ({"messages": lambda k: 40_000 * (k + 1)}, {"messages offered → processed"}),
     ],
 )
 def test_each_kind_of_leak_fails_its_own_check(series, failing):
