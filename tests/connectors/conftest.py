@@ -204,7 +204,7 @@ def consume_all(
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         records: list = []
-        seen: set[tuple[int, int]] = set()  # a record read again (the consumer went back) counts once
+        seen: set[tuple[int, int]] = set()  # one record, one position: counted once however often read
         while len(records) < expected and time.monotonic() < deadline:
             if check is not None:
                 check()
