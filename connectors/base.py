@@ -98,11 +98,15 @@ class Output:
 class Assignment(Protocol):
     """How a source announces the partitions it reads. ``assigned`` comes before any message of those
     partitions is returned by ``poll``; ``revoked`` is called while they are still owned (the pipeline
-    checkpoints and drops their streams inside the call)."""
+    checkpoints and drops their streams inside the call); ``lost`` when they were taken away without a
+    revocation (another process may own them already: the pipeline aborts what it has not committed and
+    drops their streams, committing nothing)."""
 
     def assigned(self, partitions: list[int]) -> None: ...
 
     def revoked(self, partitions: list[int]) -> None: ...
+
+    def lost(self, partitions: list[int]) -> None: ...
 
 
 @runtime_checkable

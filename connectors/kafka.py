@@ -709,7 +709,7 @@ class KafkaSource:
         """Init transactions (fencing a crashed predecessor) and join the group; ``resume`` is unused:
         the offsets are committed in Kafka."""
         self.client.start(
-            self.topics, assignment.assigned, assignment.revoked, getattr(assignment, "lost", None)
+            self.topics, assignment.assigned, assignment.revoked, assignment.lost
         )
 
     def poll(self, timeout_s: float) -> list[Message]:
