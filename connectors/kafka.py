@@ -708,9 +708,7 @@ class KafkaSource:
     def open(self, assignment: Assignment, resume: Mapping[str, Any]) -> None:
         """Init transactions (fencing a crashed predecessor) and join the group; ``resume`` is unused:
         the offsets are committed in Kafka."""
-        self.client.start(
-            self.topics, assignment.assigned, assignment.revoked, assignment.lost
-        )
+        self.client.start(self.topics, assignment.assigned, assignment.revoked, assignment.lost)
 
     def poll(self, timeout_s: float) -> list[Message]:
         records = self.client.poll(timeout_s, self.max_poll_records)
