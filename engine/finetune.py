@@ -546,6 +546,8 @@ class FineTuner:
         self._running = threading.Event()
         self._running.set()
         self._stopped = threading.Event()
+        self._between_rounds = threading.Event()  # clear while a round runs (``pause`` waits for it)
+        self._between_rounds.set()
         self._probation_from_seq: int | None = None
         self._last_round_seq = -(10**9)
         self._started = time.monotonic()
@@ -558,10 +560,13 @@ class FineTuner:
             self._thread.start()
 
     # ---- control ----
-    def pause(self) -> None:
-        """Finish the current round, then train no more until ``resume`` (events are still recorded)."""
+    def pause(self, timeout_s: float = 120.0) -> None:
+        """Train no more until ``resume`` (events are still recorded); returns once a round in flight has
+        finished (or after ``timeout_s``), so nothing is published after this returns."""
         self._running.clear()
         self._stats.state = "paused"
+        if threading.current_thread() is not self._thread:
+            self._between_rounds.wait(timeout_s)
 
     def resume(self) -> None:
         self._running.set()
@@ -595,7 +600,7 @@ class FineTuner:
     def run_due_round(self) -> None:
         """``schedule: inline``: one round now if enough fresh chunks are buffered (called by the engine's
         step loop after a batch, so a swap lands between two batches at a point fixed by the input)."""
-        if not self._running.is_set() or self._stopped.is_set():
+        if not self._begin_round():
             return
         try:
             with torch.inference_mode(False), torch.enable_grad():  # the step loop runs without autograd
@@ -604,6 +609,17 @@ class FineTuner:
             self._stopped.set()
             self._stats.state = "failed"
             self._stats.last_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._between_rounds.set()
+
+    def _begin_round(self) -> bool:
+        """Mark a round as running, unless paused or stopped (checked after the mark, so a ``pause``
+        either prevents the round or waits for its end)."""
+        self._between_rounds.clear()
+        if self._running.is_set() and not self._stopped.is_set():
+            return True
+        self._between_rounds.set()
+        return False
 
     def stats(self) -> FineTuneStats:
         self._stats.buffer = self.buffer.stats()
@@ -684,8 +700,14 @@ class FineTuner:
                 self._running.wait()
                 if self._stopped.is_set():
                     break
+                if not self._begin_round():
+                    continue
                 started = time.monotonic()
-                if not self._round():
+                try:
+                    trained = self._round()
+                finally:
+                    self._between_rounds.set()
+                if not trained:
                     self._stopped.wait(0.05)  # not enough data yet
                 rest = self.settings.min_round_interval_s - (time.monotonic() - started)
                 if rest > 0:

@@ -393,8 +393,7 @@ def test_pause_resume_stop_and_progress_in_stats(sine_model):
     feeder.start()
     try:
         _wait_for(lambda: tuner.stats().rounds >= 2, 60, "training rounds")
-        tuner.pause()
-        time.sleep(0.5)  # a round in flight finishes
+        tuner.pause()  # returns once a round in flight has finished
         paused_at = tuner.stats().rounds
         time.sleep(0.5)
         assert tuner.stats().rounds == paused_at and tuner.stats().state == "paused"
