@@ -189,7 +189,7 @@ def test_finetune_bench_quick_run_measures_both_latencies_and_the_drift(monkeypa
         fb,
         "latency_run",
         lambda model, finetune, rate, seconds, streams, seed, burner=False: latency_run(
-            model, finetune, rate, seconds=1.0, streams=100, seed=seed, burner=burner
+            model, finetune, rate, seconds=2.0, streams=100, seed=seed, burner=burner
         ),
     )
     monkeypatch.setattr(
@@ -202,7 +202,7 @@ def test_finetune_bench_quick_run_measures_both_latencies_and_the_drift(monkeypa
     json.loads(json.dumps(results))  # JSON-able
     (r,) = results["latency"]
     off, on, burner = r["off"], r["on"], r["burner"]
-    assert off["events"] == on["events"] == burner["events"] == 2000
+    assert off["events"] == on["events"] == burner["events"] == 4000  # 2 s at 2,000 events/s
     assert not off["finetune"] and on["finetune"] and burner["background_burner"]
     assert on["updates_per_s"] > 0 and "updates_per_s" not in off
     assert r["p99_ratio"] == on["p99_ms"] / off["p99_ms"]
