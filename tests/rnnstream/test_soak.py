@@ -30,18 +30,6 @@ def _table(result) -> str:
 
 @pytest.mark.soak
 @pytest.mark.slow
-def test_a_minute_of_streams_starting_and_ending_leaves_rss_slots_threads_and_fds_flat(tmp_path):
-    """Every stream ends with an ``end`` control after ~50 events (about 100 new streams a second), TTL
-    eviction on as in production."""
-    workload = Workload(rate_hz=5000, end_fraction=1.0, onednn_cache=64)
-    result = run_soak(workload, SHORT, duration_s=60, sample_s=2, workdir=tmp_path)
-    last = result.samples[-1]
-    assert last.ended > 4000 and last.events > 0.95 * 5000 * 60
-    assert result.ok, _table(result)
-
-
-@pytest.mark.soak
-@pytest.mark.slow
 def test_the_verdict_catches_ended_streams_that_keep_their_slots(tmp_path):
     """The control run: ``StateStore.release`` made a no-op in the worker and no TTL to clean up after it;
     every ended stream keeps its slot, and the slot check fails (the checkpoint does not grow: the
@@ -54,12 +42,14 @@ def test_the_verdict_catches_ended_streams_that_keep_their_slots(tmp_path):
 @pytest.mark.soak
 @pytest.mark.slow
 def test_streams_left_to_ttl_eviction_leave_the_checkpoint_and_rss_flat(tmp_path):
-    """Half the streams go silent instead of ending (the engine evicts them after ``ttl_s``): a service
-    whose devices come and go must not keep them forever. (Before the pipeline heard of the engine's
+    """A minute of streams coming and going: half end with an ``end`` control after ~50 events, half go
+    silent instead (the engine evicts them after ``ttl_s``); a service whose devices come and go must not
+    keep them forever. (Before the pipeline heard of the engine's
     drops, its checkpoint grew ~20 KB/s here.)"""
     workload = Workload(rate_hz=5000, end_fraction=0.5, ttl_s=2.0, onednn_cache=64)
     result = run_soak(workload, SHORT, duration_s=60, sample_s=2, workdir=tmp_path)
-    assert result.samples[-1].evictions > 1000
+    last = result.samples[-1]  # both ways out were taken many times: an end control, and TTL eviction
+    assert last.evictions > 1000 and last.ended > 1000 and last.events > 0.95 * 5000 * 60
     assert result.ok, _table(result)
 
 
