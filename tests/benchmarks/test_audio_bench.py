@@ -3,15 +3,12 @@ to end (structure and positive figures only: speed is measured by ``rnnstream be
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 
 import numpy as np
 import pytest
-from rich.console import Console
-from rich.table import Table
 
 from benchmarks.audio_bench import (
     FSDD,
@@ -22,6 +19,7 @@ from benchmarks.audio_bench import (
     render_tables,
     search,
 )
+from tests.benchmarks.tables import table_rows as _rows
 
 
 def _needs_fsdd() -> None:
@@ -69,17 +67,6 @@ def test_search_doubles_then_bisects_and_goes_down_when_the_start_fails():
     calls.clear()
     out = search(_fake(10**9, calls), 4, 16, 3, 1.0, lambda m: None)
     assert calls == [4, 8, 16] and out["first_failing_streams"] is None
-
-
-def _rows(table: Table) -> list[dict[str, str]]:
-    """A table's body rows as printed (no colours, wide enough not to wrap): column header → cell text."""
-    console = Console(file=io.StringIO(), width=300, color_system=None)
-    console.print(table)
-    lines = console.file.getvalue().splitlines()
-    header = next(line for line in lines if line.startswith("┃"))
-    names = [cell.strip() for cell in header.strip("┃").split("┃")]
-    body = [line for line in lines if line.startswith("│")]
-    return [dict(zip(names, [c.strip() for c in line.strip("│").split("│")], strict=True)) for line in body]
 
 
 def _results(met: bool) -> dict:

@@ -8,9 +8,9 @@ import math
 
 import pytest
 from rich.console import Console
-from rich.table import Table
 
 from benchmarks.engine_bench import render_table, run_engine_benchmarks
+from tests.benchmarks.tables import table_rows as _rows
 
 THROUGHPUT_FIGURES = (
     "engine_eps",
@@ -91,17 +91,6 @@ def test_quick_engine_benchmark_structure() -> None:
         console.print(table)
     text = out.getvalue()
     assert "Throughput" in text and "Latency" in text and "memory" in text
-
-
-def _rows(table: Table) -> list[dict[str, str]]:
-    """A table's body rows as printed (no colours, wide enough not to wrap): column header → cell text."""
-    console = Console(file=io.StringIO(), width=300, color_system=None)
-    console.print(table)
-    lines = console.file.getvalue().splitlines()
-    header = next(line for line in lines if line.startswith("┃"))
-    names = [cell.strip() for cell in header.strip("┃").split("┃")]
-    body = [line for line in lines if line.startswith("│")]
-    return [dict(zip(names, [c.strip() for c in line.strip("│").split("│")], strict=True)) for line in body]
 
 
 @pytest.mark.parametrize("recovered_steps", [412, None], ids=["drift-recovered", "never-recovered"])

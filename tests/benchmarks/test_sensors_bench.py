@@ -3,11 +3,7 @@ the throughput part runs end to end on a small file (the full run is ``rnnstream
 
 from __future__ import annotations
 
-import io
 import math
-
-from rich.console import Console
-from rich.table import Table
 
 from benchmarks.sensors_bench import (
     naive_rate,
@@ -17,6 +13,7 @@ from benchmarks.sensors_bench import (
     render_tables,
     write_readings,
 )
+from tests.benchmarks.tables import table_rows as _rows
 
 
 def test_unanswered_readings_are_infinitely_late():
@@ -25,17 +22,6 @@ def test_unanswered_readings_are_infinitely_late():
     assert figures["p50_ms"] == 1.0 and figures["answered"] == 98
     assert math.isinf(figures["p99_ms"]) and math.isinf(figures["max_ms"])
     assert percentiles([0.001] * 100, expected=100)["p99_ms"] == 1.0
-
-
-def _rows(table: Table) -> list[dict[str, str]]:
-    """A table's body rows as printed (no colours, wide enough not to wrap): column header → cell text."""
-    console = Console(file=io.StringIO(), width=300, color_system=None)
-    console.print(table)
-    lines = console.file.getvalue().splitlines()
-    header = next(line for line in lines if line.startswith("┃"))
-    names = [cell.strip() for cell in header.strip("┃").split("┃")]
-    body = [line for line in lines if line.startswith("│")]
-    return [dict(zip(names, [c.strip() for c in line.strip("│").split("│")], strict=True)) for line in body]
 
 
 THROUGHPUT_TARGET = 50_000  # readings/s, the pipeline with and without fine-tuning
