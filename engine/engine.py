@@ -634,6 +634,11 @@ class Engine:
         return stream_id in self._store
 
     @property
+    def limited(self) -> bool:
+        """Whether ``max_streams`` or ``max_state_bytes`` is set (only then can a new stream be refused)."""
+        return self._store.max_streams is not None or self._store.max_bytes is not None
+
+    @property
     def active_streams(self) -> int:
         return len(self._store)
 

@@ -574,6 +574,8 @@ class Pipeline:
         """``batch`` without the messages of new streams the engine has no room for (``max_streams``,
         ``max_state_bytes``, nothing evictable), each a dead letter (``capacity``). Asked before the
         scoring's per-stream tables are touched; the others get their slots now."""
+        if not self.engine.limited:  # nothing can be refused: no second pass over the batch's streams
+            return batch
         refused = self.engine.admit(list(dict.fromkeys(sid for _, sid, _, _ in batch.items)))  # in order
         if not refused:
             return batch
