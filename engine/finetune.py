@@ -5,10 +5,12 @@ Pieces, in the order data flows:
 
 - ``ReplayBuffer`` (``engine.replay``) records every applied event and cuts chunks (start state, inputs,
   targets); one chunk in ``validation_every`` is held back.
-- ``FineTuner`` (this module, a thread in the serving process) runs *rounds*: it samples
-  ``updates_per_round`` training batches and the newest held-back batch and hands them to the worker.
+- ``FineTuner`` (this module, a thread in the serving process) runs *rounds*: when enough fresh chunks
+  are buffered it asks the worker for one, and executes its decision. It samples nothing itself.
 - ``WorkerCore`` (in a child process by default, so training has its own CPU budget and never holds the
-  serving process's GIL) keeps three weight sets: *serving* (what the engine runs), *previous* (what it ran
+  serving process's GIL) maps the replay buffer's chunk store (shared memory, ``engine.replay_store``),
+  samples ``updates_per_round`` training batches and the newest held-back batch itself, and keeps three
+  weight sets: *serving* (what the engine runs), *previous* (what it ran
   before the last publish) and *candidate* (being trained). A round applies the updates to the candidate,
   then decides:
 
@@ -46,7 +48,6 @@ import copy
 import fcntl
 import math
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -64,7 +65,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from engine.replay import IGNORE_LABEL, ChunkBatch, ReplayBuffer
+from engine.replay import IGNORE_LABEL, ChunkBatch, ReplayBuffer, sample_store, validation_from_store
+from engine.replay_store import ChunkStore
 from models.bundle import load_bundle, save_weights
 from models.stream_model import ModelInfo, ModelSpec, StreamModel
 from models.tbptt import TBPTT, apply_update
@@ -169,6 +171,13 @@ class RoundResult:
     decision: Literal["none", "publish", "rollback"] = "none"
     reason: str = ""
     weights: Weights | None = None
+    seq_range: list[int] = field(default_factory=list)  # arrival numbers of the chunks trained on
+    sample_s: float = 0.0  # seconds the worker spent sampling its batches
+    train_s: float = 0.0  # seconds it spent training and deciding
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return np.dtype(str(dtype).removeprefix("torch."))
 
 
 def to_numpy_weights(model: torch.nn.Module) -> Weights:
@@ -195,6 +204,7 @@ class WorkerCore:
         self.candidate = copy.deepcopy(self.serving).train()
         self.tbptt = TBPTT(settings.k1, settings.k2)
         self.updates = 0
+        self.rng = np.random.default_rng(settings.seed)
         self._new_optimiser()
 
     def _new_optimiser(self) -> None:
@@ -307,6 +317,25 @@ class WorkerCore:
         self._maybe_publish(validation, result)
         return result
 
+    def sampled_round(self, store: ChunkStore, probation_from_seq: int | None) -> RoundResult:
+        """A round on batches this worker samples from the chunk ``store`` itself: ``updates_per_round``
+        training batches, the newest held-back chunks, and (a version on probation) the held-back chunks
+        that arrived after ``probation_from_seq``."""
+        s = self.settings
+        started = time.perf_counter()
+        train = [sample_store(store, s.batch_size, self.rng) for _ in range(s.updates_per_round)]
+        batches = [b for b in train if b is not None]
+        validation = validation_from_store(store, s.validation_size)
+        live = None
+        if probation_from_seq is not None:
+            live = validation_from_store(store, s.validation_size, since_seq=probation_from_seq)
+        sampled = time.perf_counter()
+        result = self.round(batches, validation, live)
+        seqs = [seq for b in batches for seq in b.seqs]
+        result.seq_range = [min(seqs), max(seqs)] if seqs else []
+        result.sample_s, result.train_s = sampled - started, time.perf_counter() - sampled
+        return result
+
     def _judge_probation(self, live: ChunkBatch, result: RoundResult) -> bool:
         """Compare the serving version with the one before on chunks that arrived after its publication;
         roll back if it got worse. Returns True when it rolled back."""
@@ -377,11 +406,12 @@ def _worker_process_main(fd: int) -> None:
     """The child process (``python -m engine.finetune FD``): receive the model and settings, then answer
     rounds until told to stop."""
     conn = Connection(fd)
-    spec, weights, settings = conn.recv()
+    spec, weights, settings, layout, store_fd = conn.recv()
     parsed = FineTuneSettings(**settings)
     torch.set_num_threads(parsed.threads)
     _lower_priority(parsed)
     core = WorkerCore(spec, weights, parsed)
+    store = ChunkStore.attach(layout, store_fd)
     conn.send(("ready", None))
     while True:
         try:
@@ -394,17 +424,22 @@ def _worker_process_main(fd: int) -> None:
             # "leaked" warnings at a normal exit. Nothing is left to flush.
             os._exit(0)
         try:
-            conn.send(("result", core.round(*payload)))
+            conn.send(("result", core.sampled_round(store, *payload)))
         except Exception:  # report, keep serving
             conn.send(("error", traceback.format_exc()))
 
 
 class _ThreadWorker:
-    def __init__(self, spec: dict[str, Any], weights: Weights, settings: FineTuneSettings) -> None:
-        self.core = WorkerCore(spec, weights, settings)
+    """The worker in this process (``isolation: thread`` or ``schedule: inline``), on the same store."""
 
-    def round(self, *payload: Any) -> RoundResult:
-        return self.core.round(*payload)
+    def __init__(
+        self, spec: dict[str, Any], weights: Weights, settings: FineTuneSettings, store: ChunkStore
+    ) -> None:
+        self.core = WorkerCore(spec, weights, settings)
+        self.store = store
+
+    def round(self, probation_from_seq: int | None) -> RoundResult:
+        return self.core.sampled_round(self.store, probation_from_seq)
 
     def close(self) -> None:
         pass
@@ -417,24 +452,26 @@ class _ProcessWorker:
     ``__main__``, which re-runs any user script that lacks an ``if __name__ == "__main__"`` guard.
     """
 
-    def __init__(self, spec: dict[str, Any], weights: Weights, settings: FineTuneSettings) -> None:
+    def __init__(
+        self, spec: dict[str, Any], weights: Weights, settings: FineTuneSettings, store: ChunkStore
+    ) -> None:
         parent, child = socket.socketpair()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "engine.finetune", str(child.fileno())],
-            pass_fds=(child.fileno(),),
+            pass_fds=(child.fileno(), store.fd),  # the chunk store: the worker maps the same pages
             stdin=subprocess.DEVNULL,
         )
         child.close()
         self.conn = Connection(parent.detach())
-        self.conn.send((spec, weights, settings.model_dump()))
+        self.conn.send((spec, weights, settings.model_dump(), store.layout, store.fd))
         if not self.conn.poll(120):
             raise RuntimeError("the fine-tuning worker did not start within 120 s")
         kind, _ = self.conn.recv()
         if kind != "ready":
             raise RuntimeError(f"the fine-tuning worker did not start: {kind}")
 
-    def round(self, *payload: Any) -> RoundResult:
-        self.conn.send(("round", payload))
+    def round(self, probation_from_seq: int | None) -> RoundResult:
+        self.conn.send(("round", (probation_from_seq,)))
         kind, value = self.conn.recv()
         if kind == "error":
             raise RuntimeError(f"fine-tuning worker failed:\n{value}")
@@ -490,6 +527,8 @@ class FineTuneStats:
     last_decision: str = ""
     last_error: str = ""
     updates_per_s: float = 0.0
+    first_update_s: float | None = None  # seconds from the start to the first update / published version
+    first_version_s: float | None = None
     buffer: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -524,7 +563,12 @@ class FineTuner:
             max_abs_value=settings.max_abs_value,
             input_dtype=np.int64 if model.categorical else np.float32,
             sequence_labels=settings.loss == "ctc",
+            state_widths=model.state_widths(),
+            state_dtype=_numpy_dtype(next(model.parameters()).dtype),
+            target_shape=() if settings.loss == "cross_entropy" else (model.output_size,),
+            target_dtype=np.int64 if settings.loss == "cross_entropy" else np.float32,
         )
+        self.buffer.open_store()  # before the worker starts: it maps the store
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if settings.versions_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="rnnstream-versions-")
@@ -541,7 +585,6 @@ class FineTuner:
         except BaseException:
             self._unlock()
             raise
-        self._rng = random.Random(settings.seed)
         self._stats = FineTuneStats(serving_version=model.info.version)
         self._running = threading.Event()
         self._running.set()
@@ -554,7 +597,7 @@ class FineTuner:
         self._worker: _ThreadWorker | _ProcessWorker | None = None
         self._thread = threading.Thread(target=self._loop, name="rnnstream-finetune", daemon=True)
         if settings.schedule == "inline":
-            self._worker = _ThreadWorker(self._spec, to_numpy_weights(model), settings)
+            self._worker = _ThreadWorker(self._spec, to_numpy_weights(model), settings, self._store())
             self._stats.state = "running"
         else:
             self._thread.start()
@@ -694,7 +737,7 @@ class FineTuner:
         try:
             weights = to_numpy_weights(self.engine.model)
             worker_cls = _ProcessWorker if self.settings.isolation == "process" else _ThreadWorker
-            self._worker = worker_cls(self._spec, weights, self.settings)
+            self._worker = worker_cls(self._spec, weights, self.settings, self._store())
             self._stats.state = "running" if self._running.is_set() else "paused"
             while not self._stopped.is_set():
                 self._running.wait()
@@ -719,25 +762,31 @@ class FineTuner:
             if self._worker is not None:
                 self._worker.close()  # a default (temporary) versions_dir stays readable until GC
 
+    def _store(self) -> ChunkStore:
+        store = self.buffer.store
+        if store is None:
+            raise RuntimeError("the replay buffer's chunk store is not open")
+        return store
+
     def _round(self) -> bool:
+        """Ask the worker for a round if enough (fresh) chunks are buffered; execute its decision."""
         s = self.settings
         first_seq = self.buffer.next_seq
         if len(self.buffer) < s.min_train_chunks or first_seq - self._last_round_seq < s.min_new_chunks:
             return False
         self._last_round_seq = first_seq
-        train = [self.buffer.sample(s.batch_size, self._rng) for _ in range(s.updates_per_round)]
-        validation = self.buffer.validation_batch(s.validation_size)
-        live = None
-        if self._probation_from_seq is not None:
-            live = self.buffer.validation_batch(s.validation_size, since_seq=self._probation_from_seq)
         assert self._worker is not None
-        result = self._worker.round([b for b in train if b is not None], validation, live)
-        self._apply(result, first_seq, train)
+        result = self._worker.round(self._probation_from_seq)
+        self._apply(result, first_seq)
         return True
 
-    def _apply(self, result: RoundResult, first_seq: int, train: list[ChunkBatch | None]) -> None:
+    def _apply(
+        self, result: RoundResult, first_seq: int, train: list[ChunkBatch | None] | None = None
+    ) -> None:
         st = self._stats
         st.rounds += 1
+        if result.updates and st.first_update_s is None:
+            st.first_update_s = time.monotonic() - self._started
         st.updates += result.updates
         st.skipped_updates += result.skipped
         st.train_loss = result.train_loss
@@ -747,7 +796,7 @@ class FineTuner:
             version = self._next_version
             self._next_version += 1
             weights = {k: torch.from_numpy(v) for k, v in result.weights.items()}
-            seqs = [seq for b in train if b is not None for seq in b.seqs]
+            seqs = result.seq_range or [seq for b in train or [] if b is not None for seq in b.seqs]
             self.engine.swap_weights(weights, version)  # serve first, then write the bundle
             self._save_version(
                 weights,
@@ -766,6 +815,8 @@ class FineTuner:
             self._previous_version, self._serving_version = self._serving_version, version
             self._probation_from_seq = self.buffer.next_seq - 1  # judged on chunks cut from now on
             st.published += 1
+            if st.first_version_s is None:
+                st.first_version_s = time.monotonic() - self._started
             st.last_decision = f"published v{version}"
         elif result.decision == "rollback" and self._previous_version is not None:
             back = self._previous_version

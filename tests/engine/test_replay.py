@@ -32,7 +32,7 @@ def _feed(buf: ReplayBuffer, streams: dict[str, int], steps: int, rng: np.random
 
 
 def _all_chunks(buf: ReplayBuffer):
-    return list(buf._train.values()) + list(buf._validation)
+    return buf.train_chunks() + buf.validation_chunks()
 
 
 def test_next_step_chunks_tile_each_stream_with_the_right_state_and_targets():
@@ -52,9 +52,9 @@ def test_next_step_chunks_tile_each_stream_with_the_right_state_and_targets():
         # outputs of steps s+2..s+4 predict inputs s+3..s+5
         np.testing.assert_array_equal(c.targets[:, 0], code * 1000 + np.arange(s + 3, s + 6))
         assert c.mask.all()
-    validation = list(buf._validation)
+    validation = buf.validation_chunks()
     assert len(validation) == len(chunks) // 4
-    assert not {c.seq for c in validation} & set(buf._train), "held-back chunks are never trained on"
+    assert not {c.seq for c in validation} & {c.seq for c in buf.train_chunks()}, "held-back chunks are never trained on"
 
 
 def test_batches_stack_time_major():
@@ -81,7 +81,7 @@ def test_caps_evict_oldest_first():
     assert buf.stats()["tracked_streams"] == 3, "streams beyond max_streams are not tracked"
     assert len(buf) == 50
     per_stream: dict[str, list[int]] = {}
-    for c in buf._train.values():
+    for c in buf.train_chunks():
         per_stream.setdefault(c.stream_id, []).append(c.start_step)
     for sid, starts in per_stream.items():
         assert len(starts) <= 20
@@ -96,8 +96,8 @@ def test_non_finite_or_huge_values_are_quarantined():
     for t in range(20):
         buf.record(["ok"], np.array([[0.5]], np.float32), state)
         buf.record(["huge"], np.array([[1e9 if t == 7 else 0.5]], np.float32), state)
-    huge = [c for c in buf._train.values() if c.stream_id == "huge"]
-    ok = [c for c in buf._train.values() if c.stream_id == "ok"]
+    huge = [c for c in buf.train_chunks() if c.stream_id == "huge"]
+    ok = [c for c in buf.train_chunks() if c.stream_id == "ok"]
     assert len(ok) == 8  # starts 0, 2, ..., 14
     assert all(not (c.start_step <= 7 < c.start_step + 5) for c in huge), "chunks touching step 7 dropped"
     assert buf.stats()["quarantined"] == 8 - len(huge) > 0
@@ -111,7 +111,7 @@ def test_forget_breaks_history_so_no_chunk_spans_a_reset():
     buf.forget(["a"])
     for t in range(100, 106):
         buf.record(["a"], np.array([[float(t)]], np.float32), state)
-    chunks = list(buf._train.values())
+    chunks = list(buf.train_chunks())
     assert [c.xs[0, 0] for c in chunks] == [0.0, 100.0], "one chunk before the reset, one after"
     for c in chunks:
         values = np.concatenate([c.xs[:, 0], c.targets[:, 0]])
@@ -132,12 +132,12 @@ def test_feedback_labels_cut_masked_chunks_whenever_they_arrive():
     assert len(buf) == 0, "no labels, no chunks"
     # Late label for steps 4..5: loss windows are [s+2, s+4) for s = 0, 2, 4...; steps 4, 5 → s = 2.
     assert buf.feedback("a", 1, start=4, end=6) == 2
-    (chunk,) = buf._train.values()
+    (chunk,) = buf.train_chunks()
     assert chunk.start_step == 2 and chunk.start_state[0][0] == 2.0
     np.testing.assert_array_equal(chunk.targets, [1, 1])
     # A label for the latest step (9) whose window [8, 10) of s = 6 is complete: cut at once, masked.
     assert buf.feedback("a", 3) == 1
-    chunk = list(buf._train.values())[-1]
+    chunk = list(buf.train_chunks())[-1]
     assert chunk.start_step == 6
     np.testing.assert_array_equal(chunk.targets, [IGNORE_LABEL, 3])
     np.testing.assert_array_equal(chunk.mask, [False, True])
@@ -145,7 +145,7 @@ def test_feedback_labels_cut_masked_chunks_whenever_they_arrive():
     step(1)
     assert buf.feedback("a", 5) == 1 and len(buf) == 2
     step(1)
-    chunk = list(buf._train.values())[-1]
+    chunk = list(buf.train_chunks())[-1]
     assert len(buf) == 3 and chunk.start_step == 8
     np.testing.assert_array_equal(chunk.targets, [5, IGNORE_LABEL])
     # Vector labels (regression targets) work the same way.
@@ -153,7 +153,7 @@ def test_feedback_labels_cut_masked_chunks_whenever_they_arrive():
     for t in range(4):
         buf2.record(["b"], np.array([[float(t)]], np.float32), state)
     assert buf2.feedback("b", [0.5, -0.5], start=0, end=4) == 4
-    targets = np.stack([c.targets for c in buf2._train.values()])
+    targets = np.stack([c.targets for c in buf2.train_chunks()])
     np.testing.assert_array_equal(targets, np.tile([0.5, -0.5], (2, 2, 1)))
     assert buf2.feedback("unknown", 1) == 0
 
@@ -165,7 +165,7 @@ def test_ctc_feedback_cuts_a_span_chunk_from_the_newest_state_before_it():
     for t in range(30):
         buf.record(["a"], np.array([[float(t)]], np.float32), [torch.tensor([[float(t)]])])
     assert buf.feedback("a", [2, 1, 2], start=10, end=17) == 7
-    (chunk,) = buf._train.values()
+    (chunk,) = buf.train_chunks()
     assert chunk.sequence and chunk.start_step == 8 and chunk.start_state[0][0] == 8.0
     np.testing.assert_array_equal(chunk.xs[:, 0], np.arange(8, 17))
     np.testing.assert_array_equal(chunk.mask, np.arange(8, 17) >= 10)
