@@ -25,7 +25,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.batcher import Pending, PendingQueue, plan_waves
+from engine.batcher import (
+    EventFuture,
+    EventRun,
+    Item,
+    Pending,
+    PendingQueue,
+    refuse_events,
+    split_applied,
+)
 from engine.errors import (
     EngineClosedError,
     InvalidInputError,
@@ -37,7 +45,15 @@ from engine.inputs import check_category, check_category_batch, check_feature_ba
 from engine.runtime import freeze_startup_objects, tune_allocator
 from engine.snapshot import EngineSnapshot, state_layout
 from engine.spill import SpillStore
-from engine.state import PAGE_ROWS, Located, StateStore, StreamId, check_stream_id, check_stream_ids
+from engine.state import (
+    PAGE_ROWS,
+    Located,
+    StateStore,
+    StreamId,
+    check_stream_id,
+    check_stream_ids,
+    put_rows,
+)
 from engine.stats import EngineStats, LatencyWindow
 from models.stream_model import StreamModel
 
@@ -48,6 +64,26 @@ if TYPE_CHECKING:
 EvictionPolicy = Literal["drop", "spill"]
 
 
+def _as_stream_ids(stream_ids: Sequence[StreamId] | np.ndarray) -> list[StreamId] | np.ndarray:
+    """Checked stream ids: an integer array as ``(N,) int64`` (no Python objects), else a list."""
+    if (
+        isinstance(stream_ids, np.ndarray)
+        and stream_ids.ndim == 1
+        and stream_ids.dtype.kind in "iu"
+        and (stream_ids.dtype != np.uint64 or not len(stream_ids) or stream_ids.max() < 2**63)
+    ):
+        return stream_ids.astype(np.int64, copy=False)
+    ids = stream_ids.tolist() if isinstance(stream_ids, np.ndarray) else list(stream_ids)
+    return check_stream_ids(ids)
+
+
+def _ids_at(stream_ids: list[StreamId] | np.ndarray, events: np.ndarray | None) -> list[StreamId]:
+    """The ids of ``events`` (all when None) as a list of Python ids."""
+    if isinstance(stream_ids, np.ndarray):
+        return (stream_ids if events is None else stream_ids[events]).tolist()
+    return list(stream_ids) if events is None else [stream_ids[i] for i in events]
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` → CUDA when available, else CPU; anything else as given."""
     if str(device) == "auto":
@@ -56,6 +92,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 log = logging.getLogger("engine")
+_FLOAT32 = np.dtype(np.float32)
 
 
 class Engine:
@@ -141,7 +178,15 @@ class Engine:
             page_rows=page_rows,
         )
         self._store.on_drop = self._forget_dropped
-        self._queue = PendingQueue(max_pending)
+        # submit's queue: rows copied into per-run buffers (see engine.batcher); _zero_row checks a float32
+        # row for NaN/Inf in one dot product (a non-finite entry makes it NaN)
+        if self.model.categorical:
+            self._row_shape: tuple[int, ...] = ()
+            self._queue = PendingQueue(max_pending, (), np.int64, run_rows=min(max_batch, 256))
+        else:
+            self._row_shape = (self.model.feature_size,)
+            self._queue = PendingQueue(max_pending, self._row_shape, np.float32, run_rows=min(max_batch, 256))
+        self._zero_row = np.zeros(self._row_shape, dtype=np.float32)
         self._lock = threading.RLock()
         self._latency = LatencyWindow()
         self._counts = {"events": 0, "batches": 0, "steps": 0, "errors": 0, "loop_errors": 0}
@@ -198,16 +243,61 @@ class Engine:
         ``x``: ``(feature_size,)`` floats, or one integer id for a categorical model. Bad input raises
         ``InvalidInputError`` here, before anything is queued.
         """
-        self._check_open()
-        check_stream_id(stream_id)
-        value = self._check_one(x, f"event for stream {stream_id!r}")
-        future: Future = Future()
-        self._queue.put(Pending("step", stream_id, value, future, time.monotonic()))
+        if self._closed:
+            raise EngineClosedError("the engine is closed; it accepts no more events")
+        if type(stream_id) is not str and type(stream_id) is not int:
+            stream_id = check_stream_id(stream_id)
+        # Fast path: a float32 numpy row of the right shape, finite (x·0 is 0 unless x holds NaN or Inf);
+        # anything else goes through the full check, which converts it or says what is wrong.
+        if not (
+            type(x) is np.ndarray
+            and x.dtype is _FLOAT32
+            and x.shape == self._row_shape
+            and x.dot(self._zero_row) == 0
+        ):
+            x = self._check_one(x, f"event for stream {stream_id!r}")
+        future = EventFuture()
+        self._queue.put_event(stream_id, x, future, time.monotonic())  # copies x
         return future
 
     async def submit_async(self, stream_id: StreamId, x: Any) -> np.ndarray:
         """``await`` variant of ``submit``."""
         return await asyncio.wrap_future(self.submit(stream_id, x))
+
+    def submit_many(self, stream_ids: Sequence[StreamId] | np.ndarray, xs: Any) -> Future:
+        """Queue ``N`` events as one item; the future resolves to their outputs ``(N, output_size) float32``.
+
+        ``stream_ids``/``xs`` as for ``step_many`` (a stream may repeat; its events apply in order), checked
+        the same way before anything is queued: one bad event raises ``InvalidInputError`` naming it.
+        The inputs are copied when they could be the caller's memory. The batch goes through the same FIFO
+        queue as ``submit`` and the controls (per-stream order, class docstring), and waits while
+        ``max_pending`` events are queued, until it fits or the queue is empty (backpressure). The step
+        loop steps it with whatever else is queued; a batch larger than ``max_batch`` runs whole.
+
+        Failures, as ``step_many`` raises them, through the future: new streams refused for capacity fail
+        the whole batch with ``StreamCapacityError`` naming the refused events (no state changed for any
+        of its events: send those elsewhere, submit the rest again); a failure part-way fails it with
+        ``PartiallyAppliedError`` naming the applied events and their outputs (or the error itself when
+        none was applied).
+        """
+        self._check_open()
+        ids = _as_stream_ids(stream_ids)
+        if self.model.categorical:
+            values = check_category_batch(xs, len(ids), self.model.spec.num_embeddings)
+        else:
+            values = check_feature_batch(xs, len(ids), self.model.feature_size)
+        if isinstance(xs, torch.Tensor) or (isinstance(xs, np.ndarray) and np.may_share_memory(values, xs)):
+            values = values.copy()  # the caller may reuse its array before the loop runs the batch
+        future: Future = Future()
+        if not ids:
+            future.set_result(np.empty((0, self.model.output_size), dtype=np.float32))
+            return future
+        self._queue.put(EventRun.batch(ids, values, future, time.monotonic()))
+        return future
+
+    async def submit_many_async(self, stream_ids: Sequence[StreamId] | np.ndarray, xs: Any) -> np.ndarray:
+        """``await`` variant of ``submit_many``: outputs ``(N, output_size) float32``."""
+        return await asyncio.wrap_future(self.submit_many(stream_ids, xs))
 
     def step_many(self, stream_ids: Sequence[StreamId] | np.ndarray, xs: Any) -> np.ndarray:
         """Apply ``N`` events synchronously; returns outputs ``(N, output_size) float32``.
@@ -221,8 +311,7 @@ class Engine:
         Events queued by ``submit`` before this call are applied first.
         """
         self._check_open()
-        ids = stream_ids.tolist() if isinstance(stream_ids, np.ndarray) else list(stream_ids)
-        ids = check_stream_ids(ids)
+        ids = _as_stream_ids(stream_ids)
         if self.model.categorical:
             values = check_category_batch(xs, len(ids), self.model.spec.num_embeddings)
         else:
@@ -280,79 +369,91 @@ class Engine:
 
     def _drain(self) -> None:
         """Apply every item queued before this call (the caller holds the step lock)."""
-        left = len(self._queue)
+        left = len(self._queue)  # events (and controls)
         while left > 0:
             batch = self._queue.pop(min(left, self.max_batch))
             if not batch:
                 return
-            left -= len(batch)
+            left -= sum(item.n for item in batch)
             self._process_safely(batch)
 
-    def _process_safely(self, batch: list[Pending]) -> None:
+    def _process_safely(self, batch: list[Item]) -> None:
         """``_process``, failing the futures it left unresolved if something outside any one event fails."""
         try:
             self._process(batch)
         except Exception as exc:  # a bug or a resource failure outside any one event's control
             self._loop_failed(exc, batch)
 
-    def _loop_failed(self, exc: Exception, batch: list[Pending]) -> None:
+    def _loop_failed(self, exc: Exception, batch: list[Item]) -> None:
         self._counts["loop_errors"] += 1
         log.exception("step loop: %s: %s (the loop goes on)", type(exc).__name__, exc)
         for item in batch:
-            if not item.future.done():
+            if isinstance(item, EventRun):
+                item.fail(exc)
+            elif not item.future.done():
                 item.future.set_exception(exc)
 
-    def _process(self, batch: list[Pending]) -> None:
-        """Run a batch in arrival order: runs of data events are stepped together, controls in between."""
+    def _process(self, batch: list[Item]) -> None:
+        """Run a batch in arrival order: consecutive data events are stepped together, controls in between."""
         with self._lock, torch.no_grad():
-            start = 0
-            for i, item in enumerate(batch):
-                if item.op != "step":
-                    self._run_steps(batch[start:i])
-                    self._run_control(item)
-                    start = i + 1
-            self._run_steps(batch[start:])
+            runs: list[EventRun] = []
+            for item in batch:
+                if isinstance(item, EventRun):
+                    runs.append(item)
+                    continue
+                if runs:
+                    self._run_steps(runs)
+                    runs = []
+                self._run_control(item)
+            if runs:
+                self._run_steps(runs)
 
-    def _run_steps(self, items: list[Pending]) -> None:
-        if not items:
+    def _run_steps(self, runs: list[EventRun]) -> None:
+        """Step the queued events of ``runs`` (in order) together; settle every event's future."""
+        runs = [r for r in runs if r.n]
+        if not runs:
             return
+        first = runs[0]
+        if len(runs) == 1:
+            ids, values = first.ids, first.values[: first.n]
+        else:
+            ids = [sid for r in runs for sid in r.ids]
+            values = np.concatenate([r.values[: r.n] for r in runs])
         try:
-            ids = [it.stream_id for it in items]
-            values = (
-                np.stack([it.x for it in items])
-                if not self.model.categorical
-                else np.array([it.x for it in items], dtype=np.int64)
-            )
             out = self._run_events(ids, self._to_device(values), values).cpu().numpy()
         except StreamCapacityError as exc:  # nothing changed: refuse the new streams, run the others
-            refused = set(exc.indices)
-            for i in exc.indices:
-                items[i].future.set_exception(exc)
-            self._run_steps([it for i, it in enumerate(items) if i not in refused])
+            self._run_steps(refuse_events(runs, exc))
             return
         except PartiallyAppliedError as exc:  # the applied events succeed, the others fail
-            applied = set(exc.applied.tolist())
-            self._resolve([items[i] for i in exc.applied], exc.outputs)
-            self._fail([it for i, it in enumerate(items) if i not in applied], exc.__cause__ or exc)
+            applied, failed, partial = split_applied(runs, exc, self.model.output_size)
+            if applied:
+                self._resolve(*applied)
+            self._fail(failed, exc.__cause__ or exc)
+            for run, error in partial:  # submit_many batches with some events applied
+                self._counts["errors"] += run.n - len(error.applied)
+                run.fail(error)
             return
         except Exception as exc:  # unexpected (device failure, out of memory): nothing was applied
-            self._fail(items, exc)
+            self._fail(runs, exc)
             return
-        self._resolve(items, out)
+        self._resolve(runs, out)
 
-    def _resolve(self, items: list[Pending], out: np.ndarray) -> None:
-        """Give applied events their outputs ``(len(items), output_size)``; record their latency."""
+    def _resolve(self, runs: list[EventRun], out: np.ndarray) -> None:
+        """Give applied events their outputs ``out (events of runs, output_size)``; record their latency."""
         done = time.monotonic()
-        self._latency.add(done - np.fromiter((it.submitted for it in items), np.float64, len(items)))
+        times = runs[0].submit_times() if len(runs) == 1 else np.concatenate([r.submit_times() for r in runs])
+        self._latency.add(done - times)
         self._counts["batches"] += 1
-        for it, row in zip(items, out, strict=True):
-            it.future.set_result(row)
+        lo = 0
+        for r in runs:
+            r.resolve(out[lo : lo + r.n])
+            lo += r.n
 
-    def _fail(self, items: list[Pending], exc: BaseException) -> None:
+    def _fail(self, runs: list[EventRun], exc: BaseException) -> None:
         """Fail events that were not applied."""
-        self._counts["errors"] += len(items)
-        for it in items:
-            it.future.set_exception(exc)
+        self._counts["errors"] += sum(r.n for r in runs)
+        for r in runs:
+            r.fail(exc)
 
     def _run_control(self, item: Pending) -> None:
         try:
@@ -380,8 +481,9 @@ class Engine:
             return
         item.future.set_result(result)
 
-    def _run_events(self, stream_ids: list[StreamId], x: Tensor, host: np.ndarray) -> Tensor:
-        """The core: apply events ``x (N, ...)`` of ``stream_ids`` in order; returns ``(N, output_size)``.
+    def _run_events(self, stream_ids: list[StreamId] | np.ndarray, x: Tensor, host: np.ndarray) -> Tensor:
+        """The core: apply events ``x (N, ...)`` of ``stream_ids`` (a list, or ``(N,) int64``) in order;
+        returns ``(N, output_size)``.
         ``host``: the same inputs on the CPU (for the fine-tuning recorder).
 
         Each wave (at most one event per stream) is one fused step: gather → step → scatter; its events
@@ -391,7 +493,7 @@ class Engine:
         store = self._store
         slots = store.slots_for(stream_ids)
         store.touch(slots, time.monotonic())
-        waves = plan_waves(slots, by_slot=store.paged)
+        waves = store.waves(slots)
         if 1 < len(waves) == len(stream_ids) and self._recorder is None:  # one stream's events in a row
             slot = store.locate(slots[:1])
             ys, state = self.model.steps(x.unsqueeze(1), store.gather(slot))
@@ -409,9 +511,12 @@ class Engine:
                 y = self._step_wave(x if whole else x.index_select(0, idx), wave_slots, state)
                 applied += 1
                 self._counted(len(wave), 1)
-                out = y if whole else out.index_copy_(0, idx, y)
+                if whole:
+                    out = y
+                else:
+                    put_rows(out, idx, y)
                 if self._recorder is not None:
-                    wave_ids = stream_ids if whole else [stream_ids[i] for i in wave]
+                    wave_ids = _ids_at(stream_ids, None if whole else wave)
                     self._recorder.record(wave_ids, host if whole else host[wave], state)
                     self._inline_round()
         except Exception as exc:

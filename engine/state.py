@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from engine.batcher import NO_EVENT, plan_waves
 from engine.errors import InvalidStreamIdError, StreamCapacityError, UnknownStreamError
 from engine.idmap import IdMap, StreamId
 from engine.spill import SpillStore
@@ -110,6 +111,7 @@ class StateStore:
         self.pages: list[list[Tensor]] = [self._fresh_page(first)]
         self.capacity = first
         self.slot_of = IdMap()  # stream id <-> slot
+        self._wave_scratch = np.zeros(0, dtype=np.int64)
         self.last_seen = np.full(first, np.inf)  # inf: a free slot (never an eviction candidate)
         self.free: list[int] = list(range(first))  # a heap: the lowest free slot is taken first
         self.ttl_s = ttl_s
@@ -340,6 +342,13 @@ class StateStore:
             by_page = r if loc.order is None else r.index_select(0, loc.order)
             for page, a, b, page_rows in loc.parts:
                 put_rows(self.pages[page][k], page_rows, by_page[a:b])
+
+    def waves(self, slots: np.ndarray) -> list[np.ndarray]:
+        """``plan_waves`` of events at ``slots (N,) int64``, in O(N) a wave (a scratch array as long as the
+        store); by slot when paged."""
+        if len(self._wave_scratch) < self.capacity:
+            self._wave_scratch = np.full(self.capacity, NO_EVENT, dtype=np.int64)
+        return plan_waves(slots, by_slot=self.paged, scratch=self._wave_scratch)
 
     def touch(self, slots: np.ndarray, now: float) -> None:
         self.last_seen[slots] = now
