@@ -14,6 +14,7 @@ removed id) does not, and is reused by inserts and cleared by the next rebuild.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import repeat
 
 import numpy as np
 
@@ -151,12 +152,14 @@ class IdMap:
         """The slot of each id, ``(N,) int64``, -1 where unknown."""
         if isinstance(stream_ids, np.ndarray) and stream_ids.dtype.kind == "i":
             return self._table_slots(stream_ids.astype(np.int64, copy=False))
-        ids = list(stream_ids)
-        if not self._other:
+        ids = stream_ids if isinstance(stream_ids, list) else list(stream_ids)
+        if not self._other:  # only table ids held
             try:
                 return self._table_slots(np.array(ids, dtype=np.int64))
             except (OverflowError, TypeError, ValueError):  # strs or huge ints among them
                 pass
+        if not self._live:  # only dict ids held (str keys, say): one C-level pass
+            return np.array(list(map(self._other.get, ids, repeat(-1, len(ids)))), dtype=np.int64)
         out = np.full(len(ids), -1, dtype=np.int64)
         at_table = [i for i, s in enumerate(ids) if _is_table_key(s)]
         if at_table:
