@@ -192,8 +192,8 @@ class EventRun:
     - *events*: ``submit`` appends one event at a time (``values[:n]``: rows in a preallocated buffer,
       copied at submit; ``futures[i]``/``times[i]``: event ``i``'s future and ``time.monotonic()`` submit
       time). It stays open for appends until the step loop takes it or another item is queued behind it.
-    - *batch*: one ``submit_many`` call: ``values`` ``(n, ...)``, one ``future`` for the ``(n, output_size)``
-      outputs, ``submitted`` its time.
+    - *batch*: one ``submit_many`` call: ``ids`` a list or an ``(n,) int64`` array, ``values`` ``(n, ...)``,
+      one ``future`` for the ``(n, output_size)`` outputs, ``submitted`` its time.
     """
 
     __slots__ = ("future", "futures", "ids", "n", "submitted", "times", "values")
@@ -276,6 +276,14 @@ class EventRun:
 Item = Pending | EventRun
 
 
+def join_ids(parts: list[list[Any] | np.ndarray]) -> list[Any] | np.ndarray:
+    """The stream ids of consecutive runs as one sequence: an ``int64`` array when every part is one
+    (``submit_many`` with integer ids), else a list."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts)
+    return [sid for p in parts for sid in (p.tolist() if isinstance(p, np.ndarray) else p)]
+
+
 def refuse_events(runs: list[EventRun], exc: StreamCapacityError) -> list[EventRun]:
     """Fail the events of ``runs`` that ``exc`` refused for capacity (``exc.indices``: into the runs' events
     in order); a ``submit_many`` batch with any refused fails whole, with an error naming its own refused
@@ -290,7 +298,8 @@ def refuse_events(runs: list[EventRun], exc: StreamCapacityError) -> list[EventR
             left.append(r)
         elif r.is_batch:
             idx = np.flatnonzero(mine).tolist()
-            ids = list(dict.fromkeys(r.ids[i] for i in idx))
+            refused_ids = r.ids[idx].tolist() if isinstance(r.ids, np.ndarray) else [r.ids[i] for i in idx]
+            ids = list(dict.fromkeys(refused_ids))
             r.fail(StreamCapacityError(f"{len(idx)} events of this batch refused: {exc}", ids, idx))
         else:
             for i in np.flatnonzero(mine):

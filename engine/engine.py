@@ -31,6 +31,7 @@ from engine.batcher import (
     Item,
     Pending,
     PendingQueue,
+    join_ids,
     refuse_events,
     split_applied,
 )
@@ -289,7 +290,7 @@ class Engine:
         if isinstance(xs, torch.Tensor) or (isinstance(xs, np.ndarray) and np.may_share_memory(values, xs)):
             values = values.copy()  # the caller may reuse its array before the loop runs the batch
         future: Future = Future()
-        if not ids:
+        if len(ids) == 0:
             future.set_result(np.empty((0, self.model.output_size), dtype=np.float32))
             return future
         self._queue.put(EventRun.batch(ids, values, future, time.monotonic()))
@@ -417,7 +418,7 @@ class Engine:
         if len(runs) == 1:
             ids, values = first.ids, first.values[: first.n]
         else:
-            ids = [sid for r in runs for sid in r.ids]
+            ids = join_ids([r.ids for r in runs])
             values = np.concatenate([r.values[: r.n] for r in runs])
         try:
             out = self._run_events(ids, self._to_device(values), values).cpu().numpy()
