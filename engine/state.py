@@ -2,7 +2,8 @@
 
 Layout: the rows live in *pages*; ``pages[p][k]`` is ``(rows_p, widths[k])`` on the engine's device, one
 tensor per entry of the model's flat state list (``h`` per layer, plus ``c`` for LSTM). A stream id maps to
-a slot; slot ``s`` is row ``s % page_rows`` of page ``s // page_rows``. Every page but the last holds
+a slot (``engine.idmap.IdMap``, looked up a batch at a time); slot ``s`` is row ``s % page_rows`` of page
+``s // page_rows``. Every page but the last holds
 ``page_rows`` rows. New streams take the lowest free slot, initialised to the model's initial state.
 
 Growth never copies the whole state: the first page starts at ``capacity`` rows and doubles up to
