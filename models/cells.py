@@ -24,6 +24,11 @@ GATES: dict[CellKind, int] = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 
 State = tuple[Tensor, ...]
 
+# Batch sizes from which the CPU kernels below pay off (measured at hidden 64, one thread): the fused
+# oneDNN LSTM step has a ~65 µs fixed cost per call; the GRU serving path runs ~8 small ops.
+LSTM_FUSED_MIN_ROWS = 128
+GRU_SERVING_MIN_ROWS = 256
+
 
 class RecurrentLayer(nn.Module):
     """One recurrent layer: the parameters of one cell and its single-step math.
@@ -97,7 +102,7 @@ class RecurrentLayer(nn.Module):
         """
         if self.kind == "lstm":
             return self._lstm(x, state[0], state[1])
-        if _serving_on_cpu(x, self.weight_hh):
+        if _serving_on_cpu(x, self.weight_hh) and (self.kind != "gru" or x.shape[0] >= GRU_SERVING_MIN_ROWS):
             return (self._gru_serving(x, state[0]) if self.kind == "gru" else self._rnn_serving(x, state[0]),)
         if self.kind == "gru":
             return (self._gru(x, state[0]),)
@@ -139,10 +144,11 @@ class RecurrentLayer(nn.Module):
 
     # ---- serving on the CPU: the same equations, cheaper ----------------------------------------------
     # Without autograd on the CPU, RNN and GRU steps run as GEMMs (the recurrent one accumulated into the
-    # input one's output where the equations add them) plus the gate math in place. ``tanh`` goes through numpy on a contiguous array: torch's CPU ``tanh`` costs ~4 ns an
-    # element on the machines we measured, numpy's SIMD one ~1 ns (torch's sigmoid and arithmetic are
-    # fast, strided or not). ``torch.gru_cell`` is not fused on the CPU: it allocates each intermediate.
-    # Measured at 4,096 streams, hidden 64, one thread: GRU 3.4 → 2.4 ms a step, RNN 1.25 → 0.7 ms.
+    # input one's output where the equations add them) plus the gate math in place. ``tanh`` goes through
+    # numpy on a contiguous array: torch's CPU ``tanh`` costs ~4 ns an element on the machines we
+    # measured, numpy's SIMD one ~1 ns (torch's sigmoid and arithmetic are fast, strided or not).
+    # ``torch.gru_cell`` is not fused on the CPU: it allocates each intermediate. Measured at 4,096
+    # streams, hidden 64, one thread: GRU 3.4 → 2.4 ms a step, RNN 1.25 → 0.7 ms.
 
     def _rnn_serving(self, x: Tensor, h: Tensor) -> Tensor:
         """Elman RNN as ``_rnn``: ``act(W_ih x + W_hh h + (b_ih + b_hh))``: two GEMMs into one output,
@@ -177,8 +183,12 @@ class RecurrentLayer(nn.Module):
         ``c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g)``
         ``h' = σ(o) ⊙ tanh(c')``, then ``h' = W_hr h'`` when projected (``proj_size > 0``).
         """
-        # torch's LSTM sequence kernel run for one timestep: fused gate math on CPU (2-3x faster than
-        # torch.lstm_cell there), and it takes the projection weight too.
+        # torch's LSTM sequence kernel run for one timestep: fused gate math on CPU (1.5-3x faster than
+        # torch.lstm_cell there from a few hundred rows), and it takes the projection weight too. It costs
+        # ~65 µs a call whatever the batch, so small batches (a latency-bound step loop's) take
+        # torch.lstm_cell: 15 µs for one row against 70.
+        if self.weight_hr is None and x.shape[0] < LSTM_FUSED_MIN_ROWS and x.device.type == "cpu":
+            return torch.lstm_cell(x, (h, c), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         weights = [
             w
             for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.weight_hr)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import Engine
+from models.cells import GRU_SERVING_MIN_ROWS, LSTM_FUSED_MIN_ROWS
 
 ATOL = RTOL = 1e-5
 
@@ -102,3 +104,28 @@ def test_one_stream_s_events_in_one_call_take_the_sequence_kernel_path(ref_facto
         head = engine.step_many(["s"], seq[:1])
         rest = engine.step_many(["s"] * (len(seq) - 1), seq[1:])
     np.testing.assert_allclose(np.concatenate([head, rest]), ref.run(seq), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("kind", ["rnn_tanh", "rnn_relu", "gru", "lstm"])
+@pytest.mark.parametrize(("num_layers", "bias"), [(1, True), (2, False)])
+def test_wide_batches_equal_whole_sequence_runs(ref_factory, kind, num_layers, bias):
+    """Waves of hundreds of streams take the CPU kernels for wide batches (``models.cells``: the fused
+    LSTM from ``LSTM_FUSED_MIN_ROWS``, the GRU serving path from ``GRU_SERVING_MIN_ROWS``), narrow ones
+    the others: both give the torch module's outputs."""
+    streams, steps = 2 * max(GRU_SERVING_MIN_ROWS, LSTM_FUSED_MIN_ROWS), 4
+    ref = ref_factory(kind=kind, input_size=5, hidden_size=24, num_layers=num_layers, bias=bias, seed=3)
+    rng = np.random.default_rng(3)
+    seqs = [ref.random_inputs(rng, steps) for _ in range(streams)]
+    expected = np.stack([ref.run(s) for s in seqs])  # (streams, steps, out)
+    events = rng.permutation([s for s in range(streams) for _ in range(steps)])
+    cursor = np.zeros(streams, dtype=int)
+    got = np.full_like(expected, np.nan)
+    with Engine(ref.model, device="cpu") as engine:
+        for chunk in np.array_split(events, 5):  # waves from ~streams wide down to a few rows
+            ts = []
+            for s in chunk:
+                ts.append(cursor[s])
+                cursor[s] += 1
+            outs = engine.step_many(chunk, np.stack([seqs[s][t] for s, t in zip(chunk, ts, strict=True)]))
+            got[chunk, ts] = outs
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=RTOL)
