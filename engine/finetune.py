@@ -55,6 +55,7 @@ import tempfile
 import threading
 import time
 import traceback
+import types
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -134,6 +135,12 @@ class FineTuneSettings(BaseModel):
         "idle", description="idle: SCHED_IDLE, the worker only uses CPU time inference leaves; nice: `nice`"
     )
     nice: int = Field(10, ge=0, le=19, description="worker process niceness when priority is 'nice'")
+    start_boost_s: float = Field(
+        15.0,
+        ge=0,
+        description="with priority 'idle': until its first published version, at most this long, the "
+        "worker runs at `nice` instead, so a fresh start learns soon even when no CPU is idle; 0: off",
+    )
     min_round_interval_s: float = Field(0.0, ge=0)
     versions_dir: str | None = Field(
         None,
@@ -389,9 +396,14 @@ class WorkerCore:
         result.weights = to_numpy_weights(self.serving)
 
 
-def _lower_priority(settings: FineTuneSettings) -> None:
+def _lower_priority(settings: FineTuneSettings, boost: bool = False) -> None:
     """Make the worker yield the CPU to inference: ``SCHED_IDLE`` (Linux; runs only on otherwise idle
-    CPU time and is preempted at once when a serving thread wakes up), else ``nice``."""
+    CPU time and is preempted at once when a serving thread wakes up), else ``nice``; ``boost``: ``nice``
+    for now (a share of a busy CPU; ``SCHED_IDLE`` follows with a second call)."""
+    if boost:
+        if settings.nice and hasattr(os, "nice"):
+            os.nice(settings.nice)
+        return
     if settings.priority == "idle" and hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
@@ -402,16 +414,58 @@ def _lower_priority(settings: FineTuneSettings) -> None:
         os.nice(settings.nice)
 
 
+class _NoDynamo(types.ModuleType):
+    """A stand-in for ``torch._dynamo`` in the worker process. torch's optimisers only call its
+    ``graph_break`` and ``disable`` (both no-ops when nothing is compiled), yet importing it costs 1.5-3 s
+    of CPU, which would be most of the time to the first update."""
+
+    def __init__(self) -> None:
+        super().__init__("torch._dynamo")
+
+    @staticmethod
+    def graph_break() -> None:
+        pass
+
+    @staticmethod
+    def disable(fn: Any = None, recursive: bool = True, wrapping: bool = True) -> Any:
+        return fn if fn is not None else (lambda f: f)
+
+
+def _without_dynamo(settings: FineTuneSettings) -> None:
+    """Let torch's optimisers run without importing ``torch._dynamo`` (this process never compiles), if a
+    trial step of ``settings.optimizer`` works so; otherwise leave the real one to be imported."""
+    if "torch._dynamo" in sys.modules:
+        return
+    stub = _NoDynamo()
+    sys.modules["torch._dynamo"] = stub
+    torch._dynamo = stub  # type: ignore[attr-defined]
+    try:
+        param = torch.nn.Parameter(torch.zeros(2))
+        cls = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}.get(settings.optimizer, torch.optim.Adam)
+        optimiser = cls([param], lr=1e-3)
+        torch.optim.lr_scheduler.LambdaLR(optimiser, lambda _: 1.0)
+        param.grad = torch.ones(2)
+        optimiser.step()
+        optimiser.zero_grad(set_to_none=True)
+    except Exception:  # this torch needs more of it: the real module
+        del sys.modules["torch._dynamo"]
+        del torch._dynamo  # type: ignore[attr-defined]
+
+
 def _worker_process_main(fd: int) -> None:
     """The child process (``python -m engine.finetune FD``): receive the model and settings, then answer
-    rounds until told to stop."""
+    rounds until told to stop. It starts at the priority it was spawned with (start-up is short and on
+    the way to the first update) and lowers it once ready."""
     conn = Connection(fd)
     spec, weights, settings, layout, store_fd = conn.recv()
     parsed = FineTuneSettings(**settings)
     torch.set_num_threads(parsed.threads)
-    _lower_priority(parsed)
+    _without_dynamo(parsed)
     core = WorkerCore(spec, weights, parsed)
     store = ChunkStore.attach(layout, store_fd)
+    boost = parsed.priority == "idle" and parsed.start_boost_s > 0
+    boost_until = time.monotonic() + parsed.start_boost_s
+    _lower_priority(parsed, boost=boost)
     conn.send(("ready", None))
     while True:
         try:
@@ -424,9 +478,14 @@ def _worker_process_main(fd: int) -> None:
             # "leaked" warnings at a normal exit. Nothing is left to flush.
             os._exit(0)
         try:
-            conn.send(("result", core.sampled_round(store, *payload)))
+            result = core.sampled_round(store, *payload)
+            conn.send(("result", result))
         except Exception:  # report, keep serving
             conn.send(("error", traceback.format_exc()))
+            continue
+        if boost and (result.decision == "publish" or time.monotonic() > boost_until):
+            _lower_priority(parsed)  # the start is over: idle priority from now on
+            boost = False
 
 
 class _ThreadWorker:

@@ -48,6 +48,8 @@ MAX_IN_FLIGHT = 512
 """Events submitted but not yet scored before the producer waits: bounds queueing latency."""
 MAX_DELAY_MS = 0.5
 """The engine's batching delay."""
+DEMO_FINETUNE = FineTuneSettings()
+"""What ``--finetune`` runs: next-step targets, the defaults."""
 
 
 @dataclass
@@ -57,7 +59,9 @@ class DemoSummary:
     ``events`` scored events over ``seconds`` (wall clock); latencies are ``submit`` → output in ms;
     errors are mean absolute forecast errors in sensor units, of the model and of the naive
     "next value = last value" forecast on the same events; ``anomalies`` flagged events, of which
-    ``spikes_caught`` were injected spikes (``injected_spikes`` in all).
+    ``spikes_caught`` were injected spikes (``injected_spikes`` in all). With fine-tuning (``finetune``):
+    ``finetune_updates`` updates and ``finetune_versions`` published versions, the first of each
+    ``first_update_s`` / ``first_version_s`` seconds after fine-tuning started (NaN: none yet).
     """
 
     events: int
@@ -73,6 +77,11 @@ class DemoSummary:
     streams: int = 0
     mean_batch_size: float = 0.0
     device: str = ""
+    finetune: bool = False
+    finetune_updates: int = 0
+    finetune_versions: int = 0
+    first_update_s: float = math.nan
+    first_version_s: float = math.nan
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -275,8 +284,13 @@ def _finetune_line(f: dict) -> str:
     return (
         f"{f['state']}: serving v{f['serving_version']}, "
         f"{f['updates']:,} updates ({f['updates_per_s']:.1f}/s), "
-        f"{f['published']} published, {f['rolled_back']} rolled back, train loss {f['train_loss']:.4f}"
+        f"{f['published']} published, {f['rolled_back']} rolled back, train loss {f['train_loss']:.4f}; "
+        f"first update {_fmt_s(f['first_update_s'])}, first version {_fmt_s(f['first_version_s'])}"
     )
+
+
+def _fmt_s(v: float | None) -> str:
+    return "-" if v is None or math.isnan(v) else f"after {v:.1f} s"
 
 
 def _plain(p: _Progress) -> str:
@@ -316,6 +330,12 @@ def summary_table(summary: DemoSummary) -> Table:
     table.add_row("forecast error", f"{s.mean_abs_error:.4f} (naive last-value {s.naive_abs_error:.4f})")
     caught = f"({s.spikes_caught:,} of {s.injected_spikes:,} injected spikes)"
     table.add_row("anomalies", f"{s.anomalies:,} flagged   {caught}")
+    if s.finetune:
+        table.add_row(
+            "fine-tuning",
+            f"{s.finetune_updates:,} updates, {s.finetune_versions} versions published; first update "
+            f"{_fmt_s(s.first_update_s)}, first version {_fmt_s(s.first_version_s)}",
+        )
     return table
 
 
@@ -341,7 +361,7 @@ def run_demo(
     with Engine(model, device=device, capacity=num_streams, max_delay_ms=MAX_DELAY_MS) as engine:
         _warm_up(engine)
         if finetune:
-            engine.start_finetuning(FineTuneSettings())
+            engine.start_finetuning(DEMO_FINETUNE)
         admin = AdminServer(engine, admin_port) if admin_port is not None else None
         if admin is not None:
             console.print(
@@ -413,7 +433,14 @@ def _show_progress(run: _Run, console: Console, live: bool, title: str) -> None:
 
 
 def _summarise(tracker: ForecastTracker, stats: EngineStats, elapsed: float, streams: int) -> DemoSummary:
+    f = stats.finetune or {}
+    first_update, first_version = f.get("first_update_s"), f.get("first_version_s")
     return DemoSummary(
+        finetune=stats.finetune is not None,
+        finetune_updates=f.get("updates", 0),
+        finetune_versions=f.get("published", 0),
+        first_update_s=math.nan if first_update is None else first_update,
+        first_version_s=math.nan if first_version is None else first_version,
         events=tracker.events,
         seconds=round(elapsed, 3),
         events_per_s=tracker.events / elapsed if elapsed > 0 else 0.0,

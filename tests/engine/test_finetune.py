@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 import threading
 import time
 
@@ -478,3 +479,70 @@ def test_inline_schedule_adapts_between_waves_deterministically(sine_model, tmp_
     finally:
         engine_a.close()
         engine_b.close()
+
+
+def test_the_worker_samples_its_own_batches_from_the_chunk_store(sine_model):
+    """A round needs nothing from the serving side but the chunk store: the worker draws its training
+    batches (reproducibly, from its seed) and the held-back chunks itself."""
+    buf = ReplayBuffer(8, 24, (1,), validation_every=5)
+    state = sine_model.initial_state(32)
+    phases = np.random.default_rng(4).uniform(0, 6, 32)
+    for t in range(120):
+        x = sine_rows(t, phases, 7)
+        buf.record(list(range(32)), x, state)
+        with torch.no_grad():
+            _, state = sine_model.step(torch.from_numpy(x), state)
+    assert buf.store is not None
+    kept = {c.seq for c in buf.train_chunks()}
+    settings = FineTuneSettings(**{**FAST, "min_validation_chunks": 4})
+    weights = to_numpy_weights(sine_model)
+    a = WorkerCore(sine_model.spec.to_dict(), weights, settings).sampled_round(buf.store, None)
+    b = WorkerCore(sine_model.spec.to_dict(), weights, settings).sampled_round(buf.store, None)
+    assert a.updates == FAST["updates_per_round"] and a.skipped == 0
+    assert a.seq_range and set(range(a.seq_range[0], a.seq_range[1] + 1)) & kept
+    assert math.isfinite(a.val_serving) and math.isfinite(a.val_candidate), a
+    assert (a.train_loss, a.seq_range) == (b.train_loss, b.seq_range), "same seed, same batches"
+
+
+def _policy(pid: int) -> tuple[int, int]:
+    return os.sched_getscheduler(pid), os.getpriority(os.PRIO_PROCESS, pid)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_the_worker_starts_at_nice_priority_and_drops_to_idle_after_its_start(sine_model):
+    """With ``priority: idle`` the worker runs at ``nice`` until its first published version (at most
+    ``start_boost_s``), so a fresh start learns even on a busy machine; then at ``SCHED_IDLE``. With
+    ``start_boost_s: 0`` it is at ``SCHED_IDLE`` from the start."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the worker inherits this niceness
+    for boost, expected in ((60.0, (os.SCHED_OTHER, min(19, base + 10))), (0.0, (os.SCHED_IDLE, base))):
+        engine = Engine(_copy(sine_model), device="cpu")
+        tuner = engine.start_finetuning(FineTuneSettings(**FAST, start_boost_s=boost, nice=10))
+        try:
+            _wait_for(lambda t=tuner: t.stats().state == "running", 120, "the worker to start")
+            worker = tuner._worker
+            assert worker is not None
+            assert _policy(worker.process.pid) == expected, boost
+            if boost:  # after the first published version: idle
+                phases = np.linspace(0, 6, 32)
+                ids = [f"s{i}" for i in range(32)]
+                for step in itertools.count():
+                    engine.step_many(ids, sine_rows(step, phases, 7))
+                    time.sleep(0.002)
+                    if tuner.stats().published or step > 20_000:
+                        break
+                assert tuner.stats().published >= 1
+                pid = worker.process.pid
+                _wait_for(lambda p=pid: _policy(p)[0] == os.SCHED_IDLE, 30, "idle priority")
+        finally:
+            engine.close()
+
+
+def test_progress_records_when_the_first_update_and_version_came(sine_model, tmp_path):
+    _, _, engine = _inline_run(sine_model, 300, tmp_path)
+    try:
+        stats = engine.finetuner.stats()
+    finally:
+        engine.close()
+    assert stats.updates > 0 and stats.published >= 1
+    assert stats.first_update_s is not None and stats.first_version_s is not None
+    assert 0 < stats.first_update_s <= stats.first_version_s

@@ -7,7 +7,11 @@ state can be checked exactly.
 
 from __future__ import annotations
 
+import json
+import pickle
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -54,7 +58,9 @@ def test_next_step_chunks_tile_each_stream_with_the_right_state_and_targets():
         assert c.mask.all()
     validation = buf.validation_chunks()
     assert len(validation) == len(chunks) // 4
-    assert not {c.seq for c in validation} & {c.seq for c in buf.train_chunks()}, "held-back chunks are never trained on"
+    assert not {c.seq for c in validation} & {c.seq for c in buf.train_chunks()}, (
+        "held-back chunks are never trained on"
+    )
 
 
 def test_batches_stack_time_major():
@@ -179,3 +185,75 @@ def test_ctc_feedback_cuts_a_span_chunk_from_the_newest_state_before_it():
         buf.feedback("a", [1], start=25, end=40)  # the future
     with pytest.raises(ValueError, match="class ids"):
         buf.feedback("a", [0.5], start=20, end=22)
+
+
+def test_many_streams_grow_the_preallocated_rows_and_keep_every_chunk_exact():
+    """600 streams (the row arrays start smaller and grow): every chunk still has its own stream's
+    inputs, targets and start state."""
+    buf = ReplayBuffer(k1=4, k2=8, feature_shape=(1,), validation_every=3, history_steps=32, max_streams=1000)
+    streams = {f"s{i}": i + 1 for i in range(600)}
+    _feed(buf, streams, steps=20, rng=np.random.default_rng(5))
+    chunks = buf.train_chunks() + buf.validation_chunks()
+    assert buf.stats()["tracked_streams"] == 600
+    assert len(chunks) == 600 * 3  # starts 0, 4, 8 (a chunk at s needs x[s+8] <= x[19])
+    for c in chunks:
+        code, s = streams[c.stream_id], c.start_step
+        np.testing.assert_array_equal(c.start_state[0], [code, s])
+        np.testing.assert_array_equal(c.xs[:, 0], code * 1000 + np.arange(s, s + 8))
+        np.testing.assert_array_equal(c.targets[:, 0], code * 1000 + np.arange(s + 5, s + 9))
+
+
+def test_rows_of_forgotten_streams_are_reused_without_mixing_histories():
+    buf = ReplayBuffer(k1=2, k2=4, feature_shape=(1,), validation_every=10**6, max_streams=2)
+    state = [torch.zeros(1, 1)]
+    for t in range(3):
+        buf.record(["a"], np.array([[float(t)]], np.float32), state)
+    buf.forget(["a"])
+    for t in range(10):  # "b" takes the row "a" had; its chunks hold only its own inputs
+        buf.record(["b"], np.array([[100.0 + t]], np.float32), state)
+        buf.record(["c"], np.array([[200.0 + t]], np.float32), state)
+    assert buf.stats()["tracked_streams"] == 2 and buf.steps_of("a") == 0 and buf.steps_of("b") == 10
+    for c in buf.train_chunks():
+        base = {"b": 100.0, "c": 200.0}[c.stream_id]
+        np.testing.assert_array_equal(c.xs[:, 0], base + np.arange(c.start_step, c.start_step + 4))
+
+
+def test_a_non_finite_state_quarantines_the_chunks_that_start_from_it():
+    buf = ReplayBuffer(k1=2, k2=4, feature_shape=(1,), validation_every=10**6)
+    for t in range(20):
+        state = torch.full((1, 1), float("nan") if t == 6 else 0.0)
+        buf.record(["a"], np.array([[0.5]], np.float32), [state])
+    starts = [c.start_step for c in buf.train_chunks()]
+    assert 6 not in starts and starts == [0, 8, 10, 12, 14], starts
+    assert buf.stats()["quarantined"] == 3  # starts 2 and 4 span step 6, 6 starts from it
+
+
+def test_another_process_sees_the_chunks_through_the_shared_store():
+    """The fine-tuning worker samples in its own process: it maps the buffer's chunk store and reads the
+    same chunks, without anything being copied or sent."""
+    buf = ReplayBuffer(k1=3, k2=5, feature_shape=(1,), validation_every=4, history_steps=64)
+    _feed(buf, {"a": 1, "b": 2}, steps=30, rng=np.random.default_rng(0))
+    store = buf.store
+    assert store is not None
+    script = """
+import json, pickle, sys
+import numpy as np
+from engine.replay import sample_store, validation_from_store
+from engine.replay_store import ChunkStore
+
+store = ChunkStore.attach(pickle.loads(bytes.fromhex(sys.argv[1])), int(sys.argv[2]))
+train = sample_store(store, 1000, np.random.default_rng(0))
+val = validation_from_store(store, 1000)
+rows = {seq: train.xs[:, b, 0].tolist() for b, seq in enumerate(train.seqs)}
+print(json.dumps({"train": sorted(rows.items()), "validation": val.seqs}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script, pickle.dumps(store.layout).hex(), str(store.fd)],
+        pass_fds=(store.fd,),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    seen = json.loads(out)
+    assert seen["train"] == [[c.seq, c.xs[:, 0].tolist()] for c in buf.train_chunks()]
+    assert seen["validation"] == [c.seq for c in buf.validation_chunks()]

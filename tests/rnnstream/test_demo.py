@@ -133,3 +133,27 @@ def test_run_demo_reraises_producer_failures(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(RuntimeError, match="submit broke"):
         run_demo(num_streams=5, seconds=30, live=False, device="cpu", console=quiet())
     assert time.monotonic() - started < 10
+
+
+def test_run_demo_with_finetuning_reports_when_the_worker_first_updated_and_published() -> None:
+    """``--finetune``: the summary (and its table) say how many updates and versions the worker made and
+    when the first of each came, counted from the start of fine-tuning (NaN: none yet)."""
+    out = io.StringIO()
+    summary = run_demo(
+        num_streams=50,
+        seconds=6,
+        rate=5000,
+        live=False,
+        device="cpu",
+        finetune=True,
+        console=Console(file=out),
+    )
+    assert summary.events > 0
+    updated, published = summary.finetune_updates > 0, summary.finetune_versions > 0
+    assert updated == math.isfinite(summary.first_update_s), summary
+    assert published == math.isfinite(summary.first_version_s), summary
+    if updated:
+        assert 0 < summary.first_update_s < summary.seconds + 10
+    if published:
+        assert summary.first_update_s <= summary.first_version_s
+    assert summary.finetune and "first update" in out.getvalue().split("rnnstream demo summary")[1]
