@@ -2,18 +2,20 @@
 
 Run ``python -m benchmarks.engine_bench [--quick] [--json PATH] [--device cpu|cuda|auto] [--threads N]``.
 
-Workload: RNN (tanh), GRU and LSTM with hidden sizes 64 and 256, input size 32, one layer, float32,
-10,000 streams, every event's stream id drawn uniformly at random (random interleaving).
+Workload: RNN (tanh), GRU and LSTM, hidden 64 at input sizes 16 and 32, hidden 256 at input 32, one
+layer, float32, 10,000 streams, every event's stream id drawn uniformly at random (random interleaving).
 
-- Throughput (events/s): ``Engine.step_many`` over chunks of 4096 events; the ``submit()`` path
-  (LSTM-64 only, closed loop); a naive baseline (a dict of per-stream states and one ``nn.*Cell`` call
-  per event); a stateless baseline that re-runs the whole ``nn.LSTM/GRU/RNN`` over each stream's last 64
-  events for every event.
+- Throughput (events/s): ``Engine.step_many`` over chunks of 4096 events; a naive baseline (a dict of
+  per-stream states and one ``nn.*Cell`` call per event); a stateless baseline that re-runs the whole
+  ``nn.LSTM/GRU/RNN`` over each stream's last 64 events for every event.
+- The queued entry points, LSTM-64, closed loop from one thread: ``submit()`` one event at a time, and
+  ``submit_many()`` in batches of 4096 (feeding the step loop), next to ``step_many`` on the same engine.
 - GFLOP/s of the engine, against a large float32 ``torch.matmul`` on the same device, in the same run.
 - Latency (ms) of ``submit()`` in an open loop at half the closed-loop sustainable rate, measured from each
   event's *scheduled* time (no coordinated omission): default settings, ``max_delay_ms=0``, and (on CPU
   with several torch threads) default settings with one torch thread, which leaves a core to the
-  submitting thread.
+  submitting thread. Counters beside each row explain it: the CPU time of the step loop's thread and of
+  the submitting thread over the open loop (share of wall time), and the loop's CPU time per batch.
 - State memory (bytes) of 1,000,000 LSTM-64 streams, in a fresh subprocess.
 
 Every comparison is a ratio of figures measured in the same run. Rates are the best of a few rounds,
@@ -57,6 +59,7 @@ from models.convert import from_torch
 Progress = Callable[[str], None]
 
 INPUT_SIZE = 32
+INPUT_SIZES_H64 = (16, 32)  # hidden 64 runs at both; hidden 256 at INPUT_SIZE
 NUM_STREAMS = 10_000
 CHUNK = 4096
 WINDOW = 64
@@ -74,12 +77,15 @@ CELLS: dict[str, tuple[type[nn.RNNBase], type[nn.RNNCellBase], int]] = {
 }
 
 TARGETS: dict[str, float] = {
-    "engine_over_naive_min_h64": 20.0,
-    "engine_over_window_min_h64": 200.0,
+    "engine_over_naive_min_h64": 50.0,  # RNN, GRU and LSTM at hidden 64, input 16 and 32
+    "engine_over_window_min_lstm64": 200.0,
     "pct_of_matmul_min_h256": 60.0,
+    "submit_min_eps": 150_000.0,  # submit() from one thread, LSTM-64
+    "submit_many_min_eps": 1_000_000.0,  # submit_many() from one thread, LSTM-64
     "latency_p99_max_ms": 2.0,
     "memory_ratio_max": 1.2,
 }
+SUBMIT_MANY_CHUNK = 4096  # events per submit_many call
 
 
 @dataclass(frozen=True)
@@ -131,10 +137,13 @@ def _best_rates(blocks: dict[str, Callable[[int], int]], seconds: dict[str, floa
     return best
 
 
-def make_events(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` events: ids ``(n,) int64`` uniform in ``[0, NUM_STREAMS)``, features ``(n, 32) float32``."""
+def make_events(
+    rng: np.random.Generator, n: int, input_size: int = INPUT_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` events: ids ``(n,) int64`` uniform in ``[0, NUM_STREAMS)``, features ``(n, input_size)``
+    float32."""
     ids = rng.integers(0, NUM_STREAMS, size=n, dtype=np.int64)
-    xs = rng.standard_normal((n, INPUT_SIZE), dtype=np.float32)
+    xs = rng.standard_normal((n, input_size), dtype=np.float32)
     return ids, xs
 
 
@@ -144,11 +153,13 @@ def flops_per_event(cell: str, hidden: int, input_size: int = INPUT_SIZE) -> int
     return 2 * (input_size * gates * hidden + hidden * gates * hidden)
 
 
-def build_modules(cell: str, hidden: int, device: torch.device) -> tuple[nn.RNNBase, nn.RNNCellBase]:
+def build_modules(
+    cell: str, hidden: int, device: torch.device, input_size: int = INPUT_SIZE
+) -> tuple[nn.RNNBase, nn.RNNCellBase]:
     """A random ``nn.RNN/GRU/LSTM`` (batch_first) and the ``nn.*Cell`` with the same weights, in eval mode."""
     seq_cls, cell_cls, _ = CELLS[cell]
-    seq = seq_cls(INPUT_SIZE, hidden, num_layers=1, batch_first=True).eval()
-    single = cell_cls(INPUT_SIZE, hidden).eval()
+    seq = seq_cls(input_size, hidden, num_layers=1, batch_first=True).eval()
+    single = cell_cls(input_size, hidden).eval()
     with torch.no_grad():
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             getattr(single, name).copy_(getattr(seq, f"{name}_l0"))
@@ -230,7 +241,7 @@ def naive_block(
     Every stream starts with a state (the cell's output for a zero input), as after a warm-up.
     """
     with torch.no_grad():
-        start = single(torch.zeros(1, INPUT_SIZE, device=device))
+        start = single(torch.zeros(1, single.input_size, device=device))
     states: dict[int, Any] = dict.fromkeys(range(NUM_STREAMS), start)
 
     def block(i: int) -> int:
@@ -297,15 +308,16 @@ def matmul_gflops(matmuls_per_s: float, device: torch.device) -> float:
 
 def _warm_engine(engine: Engine, chunks: list[tuple[np.ndarray, np.ndarray]]) -> None:
     """Create every stream (steady state: no admissions while timed) and run a few chunks."""
-    engine.step_many(np.arange(NUM_STREAMS), np.zeros((NUM_STREAMS, INPUT_SIZE), dtype=np.float32))
+    width = chunks[0][1].shape[1]
+    engine.step_many(np.arange(NUM_STREAMS), np.zeros((NUM_STREAMS, width), dtype=np.float32))
     for ids, xs in chunks[:3]:
         engine.step_many(ids, xs)
 
 
 def throughput_config(
-    cell: str, hidden: int, device: torch.device, cfg: BenchConfig, seed: int
+    cell: str, hidden: int, device: torch.device, cfg: BenchConfig, seed: int, input_size: int = INPUT_SIZE
 ) -> dict[str, Any]:
-    """Engine, naive and window events/s for one cell kind and hidden size, with ratios and GFLOP/s.
+    """Engine, naive and window events/s for one cell kind, hidden and input size, with ratios and GFLOP/s.
 
     The reference matmul runs in the same interleaved rounds (``matmul_gflops_alongside``); the run's
     best matmul becomes the denominator of ``pct_of_matmul`` (``finish_throughput``).
@@ -313,9 +325,9 @@ def throughput_config(
     gc.collect()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    seq, single = build_modules(cell, hidden, device)
-    chunks = [make_events(rng, CHUNK) for _ in range(cfg.pool_chunks)]
-    base_ids, base_xs = make_events(rng, 16_384)
+    seq, single = build_modules(cell, hidden, device, input_size)
+    chunks = [make_events(rng, CHUNK, input_size) for _ in range(cfg.pool_chunks)]
+    base_ids, base_xs = make_events(rng, 16_384, input_size)
     id_list = base_ids.tolist()
     with Engine(from_torch(seq), device=device, capacity=NUM_STREAMS) as engine:
         _warm_engine(engine, chunks)
@@ -332,10 +344,11 @@ def throughput_config(
         background = BackgroundCpu()
         rates = _best_rates(blocks, seconds, cfg.rounds)
         other_cpu = background.cores()
-    flops = flops_per_event(cell, hidden)
+    flops = flops_per_event(cell, hidden, input_size)
     return {
         "cell": cell,
         "hidden": hidden,
+        "input": input_size,
         "engine_eps": rates["engine"],
         "naive_eps": rates["naive"],
         "window_eps": rates["window"],
@@ -357,10 +370,12 @@ def finish_throughput(rows: list[dict[str, Any]], matmul: float) -> None:
 
 def _throughput_checks(row: dict[str, Any]) -> dict[str, bool]:
     if row["hidden"] == 64:
-        return {
-            "engine_over_naive": row["engine_over_naive"] >= TARGETS["engine_over_naive_min_h64"],
-            "engine_over_window": row["engine_over_window"] >= TARGETS["engine_over_window_min_h64"],
-        }
+        checks = {"engine_over_naive": row["engine_over_naive"] >= TARGETS["engine_over_naive_min_h64"]}
+        if row["cell"] == "lstm":
+            checks["engine_over_window"] = (
+                row["engine_over_window"] >= TARGETS["engine_over_window_min_lstm64"]
+            )
+        return checks
     if row["hidden"] == 256:
         return {"pct_of_matmul": row["pct_of_matmul"] >= TARGETS["pct_of_matmul_min_h256"]}
     return {}
@@ -370,6 +385,14 @@ def _throughput_checks(row: dict[str, Any]) -> dict[str, bool]:
 def _submit_events(seed: int) -> tuple[list[int], list[np.ndarray]]:
     ids, xs = make_events(np.random.default_rng(seed), 1 << 16)
     return ids.tolist(), list(xs)
+
+
+def _thread_cpu_s(thread: threading.Thread) -> float:
+    """CPU seconds ``thread`` has used (Linux: its per-thread clock; NaN where there is none)."""
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident or 0))
+    except (AttributeError, OSError):
+        return math.nan
 
 
 def _new_latency_engine(max_delay_ms: float | None, device: torch.device, seed: int) -> Engine:
@@ -490,7 +513,10 @@ def _latency_measure(
         offered = rate if rate is not None else closed / 2
         engine.reset_stats()
         background = BackgroundCpu()
+        loop_cpu, own_cpu, wall = _thread_cpu_s(engine._thread), time.thread_time(), time.perf_counter()
         lat = submit_open_loop(engine, ids, rows, offered, cfg.open_loop_s)
+        wall = time.perf_counter() - wall
+        loop_cpu, own_cpu = _thread_cpu_s(engine._thread) - loop_cpu, time.thread_time() - own_cpu
         other_cpu = background.cores()
         stats = engine.stats()
     finally:
@@ -509,6 +535,9 @@ def _latency_measure(
         "p999_ms": float(p999),
         "max_ms": float(lat.max()),
         "mean_batch_events": stats.events / max(1, stats.batches),
+        "loop_cpu_share": loop_cpu / wall,  # the step loop's thread: CPU seconds per wall second
+        "submitter_cpu_share": own_cpu / wall,  # the submitting thread (the open-loop generator)
+        "loop_cpu_ms_per_batch": 1e3 * loop_cpu / max(1, stats.batches),
         "background_cpu_cores": other_cpu,
         "checks": {"p99": float(p99) <= TARGETS["latency_p99_max_ms"]},
     }
@@ -516,6 +545,61 @@ def _latency_measure(
 
 def _default_max_delay_ms() -> float:
     return float(inspect.signature(Engine).parameters["max_delay_ms"].default)
+
+
+def submit_many_closed_loop(
+    engine: Engine, chunks: list[tuple[np.ndarray, np.ndarray]], seconds: float
+) -> float:
+    """``submit_many`` of one chunk after another from this thread for ``seconds`` (the queue's
+    ``max_pending`` holds it back when the step loop falls behind), then wait for the last; events/s.
+    The engine resolves items in queue order: the last future done means every one is."""
+    count = 0
+    last: Future | None = None
+    start = time.perf_counter()
+    i = 0
+    while time.perf_counter() - start < seconds:
+        ids, xs = chunks[i % len(chunks)]
+        last = engine.submit_many(ids, xs)
+        count += len(ids)
+        i += 1
+    assert last is not None
+    last.result()
+    return count / (time.perf_counter() - start)
+
+
+def submit_rates(device: torch.device, cfg: BenchConfig, seed: int, submit_eps: float) -> dict[str, Any]:
+    """The queued entry points against their targets, LSTM-64 (input 32), closed loop from one thread:
+    ``submit_many`` in chunks of ``SUBMIT_MANY_CHUNK`` and, for reference, ``step_many`` of the same chunks
+    on the same engine, interleaved (best of ``cfg.latency_rounds``); ``submit_eps`` measured before."""
+    gc.collect()
+    rng = np.random.default_rng(seed)
+    chunks = [make_events(rng, SUBMIT_MANY_CHUNK) for _ in range(max(4, cfg.pool_chunks // 4))]
+    engine = _new_latency_engine(None, device, seed)
+    try:
+        submit_many_closed_loop(engine, chunks, min(0.2, cfg.closed_loop_s))  # warm-up
+        errors = engine.stats().errors
+        blocks = {"step_many": engine_block(engine, chunks)}
+        many = step = 0.0
+        for _ in range(cfg.latency_rounds):
+            many = max(many, submit_many_closed_loop(engine, chunks, cfg.closed_loop_s))
+            step = max(step, _timed_rate(blocks["step_many"], cfg.closed_loop_s))
+        if engine.stats().errors != errors:
+            raise RuntimeError("the engine failed events during the submit_many benchmark")
+    finally:
+        engine.close()
+    return {
+        "cell": "lstm",
+        "hidden": 64,
+        "input": INPUT_SIZE,
+        "submit_eps": submit_eps,
+        "submit_many_eps": many,
+        "submit_many_chunk": SUBMIT_MANY_CHUNK,
+        "step_many_eps": step,
+        "checks": {
+            "submit": submit_eps >= TARGETS["submit_min_eps"],
+            "submit_many": many >= TARGETS["submit_many_min_eps"],
+        },
+    }
 
 
 # ---- 6: memory (in a fresh subprocess) -------------------------------------------------------------------
@@ -607,9 +691,9 @@ def run_engine_benchmarks(
     background = BackgroundCpu()
     results: dict[str, Any] = {"machine": machine_info(dev), "settings": _settings(cfg), "targets": TARGETS}
     rows = []
-    for seed, (cell, hidden) in enumerate((c, h) for c in CELLS for h in HIDDEN_SIZES):
-        say(f"throughput {cell} hidden {hidden} (with naive, window and matmul reference)")
-        rows.append(throughput_config(cell, hidden, dev, cfg, seed))
+    for seed, (cell, hidden, width) in enumerate(throughput_configs()):
+        say(f"throughput {cell} hidden {hidden} input {width} (with naive, window and matmul reference)")
+        rows.append(throughput_config(cell, hidden, dev, cfg, seed, width))
     best = max(r["matmul_gflops_alongside"] for r in rows)
     results["matmul"] = {"n": matmul_size(dev), "dtype": "float32", "gflops": best}
     finish_throughput(rows, best)
@@ -622,7 +706,8 @@ def run_engine_benchmarks(
         say("open-loop latency, default max_delay_ms, 1 torch thread")
         one = latency_row(None, dev, cfg, default["offered_eps"], seed=100, torch_threads=1)
         results["latency"].append(one)
-    results["submit"] = _submit_row(default, rows)
+    say(f"submit_many() closed loop, chunks of {SUBMIT_MANY_CHUNK}, and step_many on the same engine")
+    results["submit"] = submit_rates(dev, cfg, 200, default["closed_loop_eps"])
     say(f"memory: {cfg.memory_streams:,} LSTM-64 streams in a subprocess")
     results["memory"] = memory_in_subprocess(cfg.memory_streams, dev, threads)
     results["elapsed_s"] = time.perf_counter() - started
@@ -637,6 +722,7 @@ def _settings(cfg: BenchConfig) -> dict[str, Any]:
         "rounds": cfg.rounds,
         "latency_rounds": cfg.latency_rounds,
         "input_size": INPUT_SIZE,
+        "input_sizes_h64": list(INPUT_SIZES_H64),
         "streams": NUM_STREAMS,
         "chunk_events": CHUNK,
         "window": WINDOW,
@@ -650,11 +736,15 @@ def _settings(cfg: BenchConfig) -> dict[str, Any]:
     }
 
 
-def _submit_row(default_latency: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The ``submit()`` path's throughput (closed loop, default settings) next to LSTM-64's naive rate."""
-    naive = next(r["naive_eps"] for r in rows if r["cell"] == "lstm" and r["hidden"] == 64)
-    eps = default_latency["closed_loop_eps"]
-    return {"cell": "lstm", "hidden": 64, "submit_eps": eps, "submit_over_naive": eps / naive}
+def throughput_configs() -> list[tuple[str, int, int]]:
+    """``(cell, hidden, input size)`` of every throughput row: hidden 64 at each of ``INPUT_SIZES_H64``,
+    the other hidden sizes at ``INPUT_SIZE``."""
+    return [
+        (cell, hidden, width)
+        for cell in CELLS
+        for hidden in HIDDEN_SIZES
+        for width in (INPUT_SIZES_H64 if hidden == 64 else (INPUT_SIZE,))
+    ]
 
 
 # ---- tables ----------------------------------------------------------------------------------------------
@@ -679,6 +769,7 @@ def _throughput_table(results: dict[str, Any]) -> Table:
     cols = (
         "cell",
         "hidden",
+        "input",
         "engine",
         "naive",
         "window",
@@ -694,6 +785,7 @@ def _throughput_table(results: dict[str, Any]) -> Table:
         t.add_row(
             r["cell"],
             str(r["hidden"]),
+            str(r.get("input", INPUT_SIZE)),
             _eps(r["engine_eps"]),
             _eps(r["naive_eps"]),
             _eps(r["window_eps"]),
@@ -703,33 +795,49 @@ def _throughput_table(results: dict[str, Any]) -> Table:
             f"{r['pct_of_matmul']:.0f}%{_mark(checks.get('pct_of_matmul'))}",
             f"{r['background_cpu_cores']:.2f}",
         )
-    s = results["submit"]
-    t.add_row(
-        "lstm submit()",
-        str(s["hidden"]),
-        _eps(s["submit_eps"]),
-        "",
-        "",
-        f"{s['submit_over_naive']:.1f}×",
-        "",
-        "",
-        "",
-        "",
-    )
     mm, tg = results["matmul"], results["targets"]
     t.caption = (
-        f"FLOPs/event = 2·(I·G·H + H·G·H), I = {INPUT_SIZE}, G = 1 (RNN), 3 (GRU), 4 (LSTM); "
+        f"{_machine_caption(results)}\n"
+        "FLOPs/event = 2·(I·G·H + H·G·H), I = input, G = 1 (RNN), 3 (GRU), 4 (LSTM); "
         f"matmul = {mm['n']}×{mm['n']} float32 torch.matmul, {mm['gflops']:.1f} GFLOP/s: best of the run, "
         "timed in every row's rounds on the same device.\n"
         f"{NUM_STREAMS:,} streams, random interleaving. engine: step_many, chunks of {CHUNK}. "
         "naive: dict of states + one nn.*Cell call per event. "
         f"window: whole nn.RNN/GRU/LSTM over the stream's last {WINDOW} events, per event.\n"
-        "lstm submit(): closed loop from one thread, bounded by Python per-event overhead. "
         f"Rates: best of {results['settings']['rounds']} interleaved rounds. "
         "bg CPU: cores other processes used meanwhile.\n"
-        f"Targets: engine/naive ≥ {tg['engine_over_naive_min_h64']:g}× and engine/window ≥ "
-        f"{tg['engine_over_window_min_h64']:g}× at hidden 64; ≥ {tg['pct_of_matmul_min_h256']:g}% of matmul "
-        "at hidden 256."
+        f"Targets: engine/naive ≥ {tg['engine_over_naive_min_h64']:g}× at hidden 64; engine/window ≥ "
+        f"{tg['engine_over_window_min_lstm64']:g}× for LSTM-64; ≥ {tg['pct_of_matmul_min_h256']:g}% of "
+        "matmul at hidden 256."
+    )
+    return t
+
+
+def _submit_table(results: dict[str, Any]) -> Table:
+    s, tg = results["submit"], results["targets"]
+    t = _table(
+        f"Queued entry points: LSTM hidden {s['hidden']}, input {s['input']}, one thread, closed loop",
+        ("entry point", "events/s", "target"),
+    )
+    checks = s["checks"]
+    t.add_row(
+        "submit(), one event a call",
+        _eps(s["submit_eps"]) + _mark(checks["submit"]),
+        f"≥ {_eps(tg['submit_min_eps'])}",
+    )
+    t.add_row(
+        f"submit_many(), {s['submit_many_chunk']:,} events a call",
+        _eps(s["submit_many_eps"]) + _mark(checks["submit_many"]),
+        f"≥ {_eps(tg['submit_many_min_eps'])}",
+    )
+    t.add_row(
+        f"step_many(), {s['submit_many_chunk']:,} events a call (reference)", _eps(s["step_many_eps"]), ""
+    )
+    t.caption = (
+        f"{_machine_caption(results)}\n"
+        f"{NUM_STREAMS:,} streams, random interleaving. submit/submit_many: submit for the round's time, "
+        "then wait for the last result; the step loop runs on its own thread. step_many: on the calling "
+        "thread, same engine and chunks. Best of the rounds."
     )
     return t
 
@@ -746,6 +854,9 @@ def _latency_table(results: dict[str, Any]) -> Table:
         "p99 ms",
         "p99.9 ms",
         "max ms",
+        "loop CPU",
+        "ms/batch",
+        "submitter CPU",
         "bg CPU",
     )
     t = _table("Latency: submit() → result, LSTM hidden 64, open loop", cols)
@@ -763,13 +874,19 @@ def _latency_table(results: dict[str, Any]) -> Table:
             p99,
             f"{r['p999_ms']:.3f}",
             f"{r['max_ms']:.3f}",
+            f"{r['loop_cpu_share']:.0%}",
+            f"{r['loop_cpu_ms_per_batch']:.3f}",
+            f"{r['submitter_cpu_share']:.0%}",
             f"{r['background_cpu_cores']:.2f}",
         )
     t.caption = (
+        f"{_machine_caption(results)}\n"
         f"{NUM_STREAMS:,} streams. max rate: closed loop from one thread (submit all, then wait). "
         "offered: half the default setting's max rate. threads: torch intra-op threads; "
         "mean batch: events per step-loop batch.\nEvent i is scheduled at t0 + i/rate; latency runs "
-        "from its scheduled time to its future's completion (no coordinated omission). "
+        "from its scheduled time to its future's completion (no coordinated omission).\n"
+        "loop CPU / submitter CPU: CPU time of the step loop's thread / of the submitting thread over the "
+        "open loop, per wall second; ms/batch: the loop's CPU time per batch. "
         f"Target p99 ≤ {results['targets']['latency_p99_max_ms']:g} ms."
     )
     return t
@@ -790,6 +907,7 @@ def _memory_table(results: dict[str, Any]) -> Table:
         f"{m['rss_ratio']:.3f}×{_mark(m['checks'].get('rss_ratio'))}",
     )
     t.caption = (
+        f"{_machine_caption(results)}\n"
         f"raw = streams · (64 + 64) · 4 bytes. Streams created by step_many in chunks of {MEMORY_CHUNK:,} "
         "new int ids, in a fresh process;\nRSS growth from before the engine exists to after every stream"
         f" does (gc + malloc_trim first). Target ≤ {results['targets']['memory_ratio_max']:g}×."
@@ -803,8 +921,23 @@ def _memory_table(results: dict[str, Any]) -> Table:
 
 
 def render_table(results: dict[str, Any]) -> list[Table]:
-    """The results as rich tables: throughput, latency, memory."""
-    return [_throughput_table(results), _latency_table(results), _memory_table(results)]
+    """The results as rich tables: throughput, queued entry points, latency, memory."""
+    return [
+        _throughput_table(results),
+        _submit_table(results),
+        _latency_table(results),
+        _memory_table(results),
+    ]
+
+
+def _machine_caption(results: dict[str, Any]) -> str:
+    """CPU model, cores and torch version (and GPU), for every table."""
+    m = results["machine"]
+    gpu = f", GPU {m['gpu_name']}" if "gpu_name" in m else ""
+    return (
+        f"Machine: {m['cpu_model']}, {m['logical_cores']} cores, torch {m['torch']} "
+        f"({m['torch_threads']} threads), device {m['device']}{gpu}."
+    )
 
 
 def machine_line(results: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 from rich.console import Console
 
 from benchmarks.engine_bench import render_table, run_engine_benchmarks
@@ -33,6 +34,7 @@ LATENCY_FIGURES = (
     "p999_ms",
     "max_ms",
 )
+COUNTERS = ("loop_cpu_share", "submitter_cpu_share", "loop_cpu_ms_per_batch")  # may be NaN off Linux
 MEMORY_FIGURES = (
     "streams",
     "capacity",
@@ -63,13 +65,16 @@ def test_quick_engine_benchmark_structure() -> None:
     _finite_positive(results["matmul"], ("n", "gflops"))
 
     rows = results["throughput"]
-    assert {(r["cell"], r["hidden"]) for r in rows} == {
-        (c, h) for c in ("rnn_tanh", "gru", "lstm") for h in (64, 256)
-    }
+    assert [(r["cell"], r["hidden"], r["input"]) for r in rows] == [
+        (c, h, i) for c in ("rnn_tanh", "gru", "lstm") for h, i in ((64, 16), (64, 32), (256, 32))
+    ]
     for row in rows:
         _finite_positive(row, THROUGHPUT_FIGURES)
         assert all(isinstance(ok, bool) for ok in row["checks"].values())
-    _finite_positive(results["submit"], ("submit_eps", "submit_over_naive"))
+    submit = results["submit"]
+    _finite_positive(submit, ("submit_eps", "submit_many_eps", "step_many_eps"))
+    assert submit["submit_eps"] == latency_default_eps(results)
+    assert set(submit["checks"]) == {"submit", "submit_many"}
 
     latency = results["latency"]
     assert latency[0]["default_setting"] and latency[1]["max_delay_ms"] == 0
@@ -78,6 +83,7 @@ def test_quick_engine_benchmark_structure() -> None:
     for row in latency:
         _finite_positive(row, LATENCY_FIGURES)
         assert row["p50_ms"] <= row["p99_ms"] <= row["p999_ms"] <= row["max_ms"]
+        assert all(math.isnan(row[k]) or row[k] >= 0 for k in COUNTERS)
 
     memory = results["memory"]
     _finite_positive(memory, MEMORY_FIGURES)
@@ -90,7 +96,134 @@ def test_quick_engine_benchmark_structure() -> None:
     for table in tables:
         console.print(table)
     text = out.getvalue()
-    assert "Throughput" in text and "Latency" in text and "memory" in text
+    assert "Throughput" in text and "Queued entry points" in text and "Latency" in text and "memory" in text
+    assert text.count(f"torch {torch.__version__}") == len(tables) == 4  # every table names the machine
+
+
+def latency_default_eps(results: dict) -> float:
+    return results["latency"][0]["closed_loop_eps"]
+
+
+def _results_at(naive_ratio: float, window_ratio: float, pct: float, submit: float, many: float) -> dict:
+    """A results dict with every figure set so that each ratio is the given one (stand-in measurements)."""
+    from benchmarks import engine_bench as eb
+
+    rows = []
+    for cell, hidden, width in eb.throughput_configs():
+        engine = 1e6
+        rows.append(
+            {
+                "cell": cell,
+                "hidden": hidden,
+                "input": width,
+                "engine_eps": engine,
+                "naive_eps": engine / naive_ratio,
+                "window_eps": engine / window_ratio,
+                "engine_over_naive": naive_ratio,
+                "engine_over_window": window_ratio,
+                "gflops": pct,  # against a 100 GFLOP/s matmul
+                "background_cpu_cores": 0.0,
+            }
+        )
+    eb.finish_throughput(rows, 100.0)
+    machine = {
+        "cpu_model": "Test CPU",
+        "logical_cores": 2,
+        "torch": "9.9",
+        "torch_threads": 1,
+        "device": "cpu",
+    }
+    latency = {
+        "max_delay_ms": 0.0,
+        "default_setting": True,
+        "torch_threads": 1,
+        "closed_loop_eps": submit,
+        "offered_eps": submit / 2,
+        "events": 10,
+        "mean_batch_events": 3.0,
+        "p50_ms": 0.5,
+        "p99_ms": 2.0,
+        "p999_ms": 3.0,
+        "max_ms": 4.0,
+        "loop_cpu_share": 0.5,
+        "submitter_cpu_share": 0.25,
+        "loop_cpu_ms_per_batch": 0.1,
+        "background_cpu_cores": 0.0,
+        "checks": {"p99": True},
+    }
+    submit_row = {
+        "cell": "lstm",
+        "hidden": 64,
+        "input": 32,
+        "submit_eps": submit,
+        "submit_many_eps": many,
+        "submit_many_chunk": 4096,
+        "step_many_eps": many,
+        "checks": {
+            "submit": submit >= eb.TARGETS["submit_min_eps"],
+            "submit_many": many >= eb.TARGETS["submit_many_min_eps"],
+        },
+    }
+    memory = {
+        "streams": 10,
+        "capacity": 16,
+        "raw_bytes": 1,
+        "state_bytes": 1,
+        "state_ratio": 1.0,
+        "rss_growth_bytes": 1,
+        "rss_ratio": 1.0,
+        "checks": {"rss_ratio": True},
+    }
+    return {
+        "machine": machine,
+        "settings": {"rounds": 1},
+        "targets": eb.TARGETS,
+        "matmul": {"n": 2048, "gflops": 100.0},
+        "throughput": rows,
+        "submit": submit_row,
+        "latency": [latency],
+        "memory": memory,
+    }
+
+
+@pytest.mark.parametrize("side", ["at", "below"])
+def test_engine_bench_marks_follow_this_rounds_targets(side):
+    """Figures exactly at each target are marked ✓, just below it ✗: engine/naive ≥ 50× at hidden 64 (both
+    input sizes), engine/window ≥ 200× (LSTM-64 only), ≥ 60% of matmul at hidden 256, submit() ≥ 150k
+    and submit_many() ≥ 1M events/s."""
+    from benchmarks import engine_bench as eb
+
+    below = side == "below"
+    step = 0.99 if below else 1.0
+    tg = eb.TARGETS
+    results = _results_at(
+        tg["engine_over_naive_min_h64"] * step,
+        tg["engine_over_window_min_lstm64"] * step,
+        tg["pct_of_matmul_min_h256"] * step,
+        tg["submit_min_eps"] * step,
+        tg["submit_many_min_eps"] * step,
+    )
+    throughput, queued, latency, memory = eb.render_table(results)
+    mark = "✗" if below else "✓"
+    rows = _rows(throughput)
+    assert [(r["cell"], r["hidden"], r["input"]) for r in rows] == [
+        (c, str(h), str(i)) for c, h, i in eb.throughput_configs()
+    ]
+    for r in rows:
+        if r["hidden"] == "64":
+            assert r["engine/naive"].endswith(mark)
+            assert r["engine/window"].endswith(mark) == (r["cell"] == "lstm")
+            assert not r["% of matmul"].endswith(("✓", "✗"))
+        else:
+            assert r["% of matmul"].endswith(mark) and not r["engine/naive"].endswith(("✓", "✗"))
+    submit, many, step_many = _rows(queued)
+    assert submit["events/s"].endswith(mark) and many["events/s"].endswith(mark)
+    assert submit["target"] == "≥ 150,000" and many["target"] == "≥ 1,000,000"
+    assert not step_many["events/s"].endswith(("✓", "✗"))
+    (lat,) = _rows(latency)
+    assert (lat["loop CPU"], lat["submitter CPU"], lat["ms/batch"]) == ("50%", "25%", "0.100")
+    for table in (throughput, queued, latency, memory):
+        assert "Test CPU, 2 cores, torch 9.9" in str(table.caption)
 
 
 @pytest.mark.parametrize("recovered_steps", [412, None], ids=["drift-recovered", "never-recovered"])
