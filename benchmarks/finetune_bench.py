@@ -177,6 +177,12 @@ def latency_run(
             row["chunks_per_update"] = SETTINGS["batch_size"]
             row["published"] = after.published - before.published
             row["rounds"] = after.rounds - before.rounds
+            # Where fine-tuning's time goes: the step loop's recording, the coordinator thread's CPU (both
+            # in the serving process), and the worker's training (its own process).
+            row["record_us_per_event"] = 1e6 * (after.record_s - before.record_s) / len(lat)
+            coordinator_s = after.coordinator_cpu_s - before.coordinator_cpu_s
+            row["coordinator_cpu_ms_per_s"] = 1e3 * coordinator_s / elapsed
+            row["worker_busy_share"] = (after.worker_train_s - before.worker_train_s) / elapsed
     finally:
         engine.close()
     return row
@@ -275,6 +281,12 @@ def run_finetune_benchmarks(
         progress(f"latency at {rate:,.0f} events/s: worker off, on, and a plain background loop instead")
         off = latency_run(model, False, rate, seconds, streams=250, seed=1)
         on = latency_run(model, True, rate, seconds, streams=250, seed=1)
+        if "record_us_per_event" in on:
+            progress(
+                f"worker on: recording {on['record_us_per_event']:.2f} µs/event in the step loop, "
+                f"coordinator {on['coordinator_cpu_ms_per_s']:.1f} ms CPU/s, "
+                f"worker training {on['worker_busy_share']:.0%} of the time"
+            )
         burner = latency_run(model, False, rate, seconds, streams=250, seed=1, burner=True)
         results["latency"].append(
             {

@@ -588,6 +588,10 @@ class FineTuneStats:
     updates_per_s: float = 0.0
     first_update_s: float | None = None  # seconds from the start to the first update / published version
     first_version_s: float | None = None
+    record_s: float = 0.0  # serving-side costs: seconds the step loop spent recording events,
+    coordinator_cpu_s: float = 0.0  # and CPU seconds of the coordinator thread (rounds, swaps, versions)
+    worker_train_s: float = 0.0  # seconds the worker spent training and deciding, and sampling
+    worker_sample_s: float = 0.0
     buffer: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -725,6 +729,7 @@ class FineTuner:
 
     def stats(self) -> FineTuneStats:
         self._stats.buffer = self.buffer.stats()
+        self._stats.record_s = self.buffer.record_s
         elapsed = time.monotonic() - self._started
         self._stats.updates_per_s = self._stats.updates / elapsed if elapsed > 0 else 0.0
         return copy.copy(self._stats)
@@ -805,10 +810,12 @@ class FineTuner:
                 if not self._begin_round():
                     continue
                 started = time.monotonic()
+                cpu = time.thread_time()
                 try:
                     trained = self._round()
                 finally:
                     self._between_rounds.set()
+                    self._stats.coordinator_cpu_s += time.thread_time() - cpu
                 if not trained:
                     self._stopped.wait(0.05)  # not enough data yet
                 rest = self.settings.min_round_interval_s - (time.monotonic() - started)
@@ -844,6 +851,8 @@ class FineTuner:
     ) -> None:
         st = self._stats
         st.rounds += 1
+        st.worker_train_s += result.train_s
+        st.worker_sample_s += result.sample_s
         if result.updates and st.first_update_s is None:
             st.first_update_s = time.monotonic() - self._started
         st.updates += result.updates

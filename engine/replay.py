@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -237,6 +238,7 @@ class ReplayBuffer:
         self._seq = 0
         self._lock = threading.Lock()
         self.counts = {"events": 0, "chunks": 0, "validation_chunks": 0, "quarantined": 0, "labels": 0}
+        self.record_s = 0.0
         self._grow(min(max_streams, 256))
 
     # ---- preallocated arrays ---------------------------------------------------------------------------
@@ -346,7 +348,15 @@ class ReplayBuffer:
 
     def record(self, stream_ids: Sequence[StreamId], xs: np.ndarray, state_before: list[Tensor]) -> None:
         """Events just applied: ``xs (N, ...)`` of ``stream_ids`` (each at most once), and the streams'
-        state before them, ``[(N, width)]`` (rows are read only at chunk starts)."""
+        state before them, ``[(N, width)]`` (rows are read only at chunk starts). Its time, which the step
+        loop spends, adds up in ``record_s`` (seconds)."""
+        started = time.perf_counter()
+        try:
+            self._record(stream_ids, xs, state_before)
+        finally:
+            self.record_s += time.perf_counter() - started
+
+    def _record(self, stream_ids: Sequence[StreamId], xs: np.ndarray, state_before: list[Tensor]) -> None:
         with self._lock:
             if not self._states:
                 self._state_widths = tuple(int(s.shape[1]) for s in state_before)
