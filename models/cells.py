@@ -184,11 +184,27 @@ class RecurrentLayer(nn.Module):
         ``h' = σ(o) ⊙ tanh(c')``, then ``h' = W_hr h'`` when projected (``proj_size > 0``).
         """
         # torch's LSTM sequence kernel run for one timestep: fused gate math on CPU (1.5-3x faster than
-        # torch.lstm_cell there from a few hundred rows), and it takes the projection weight too. It costs
-        # ~65 µs a call whatever the batch, so small batches (a latency-bound step loop's) take
-        # torch.lstm_cell: 15 µs for one row against 70.
-        if self.weight_hr is None and x.shape[0] < LSTM_FUSED_MIN_ROWS and x.device.type == "cpu":
-            return torch.lstm_cell(x, (h, c), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        # torch.lstm_cell there from a few hundred rows), and it takes the projection weight too. On the
+        # CPU it is oneDNN's, which compiles one kernel per batch size (cached, 1,024 by default): a new
+        # size costs ~1.5 ms more at 3,000 rows, and the cache grew ~150 MB in the soak. So a batch runs
+        # as pieces whose sizes come from a fixed ladder (``fused_pieces``: a few dozen sizes at most),
+        # and rows left below the ladder's first rung take torch.lstm_cell (no per-call setup: 15 µs for
+        # one row against 70).
+        if x.device.type != "cpu":
+            return self._lstm_fused(x, h, c)
+        parts = []
+        for a, b in fused_pieces(x.shape[0]):
+            if b - a >= LSTM_FUSED_MIN_ROWS or self.weight_hr is not None:
+                parts.append(self._lstm_fused(x[a:b], h[a:b], c[a:b]))
+            else:
+                w = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+                parts.append(torch.lstm_cell(x[a:b], (h[a:b], c[a:b]), *w))
+        if len(parts) == 1:
+            return parts[0]
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+    def _lstm_fused(self, x: Tensor, h: Tensor, c: Tensor) -> State:
+        """``_lstm`` through ``torch.lstm`` (one timestep of the sequence kernel)."""
         weights = [
             w
             for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.weight_hr)
@@ -206,6 +222,24 @@ class RecurrentLayer(nn.Module):
             False,
         )
         return (h_new[0], c_new[0])
+
+
+def fused_pieces(rows: int) -> list[tuple[int, int]]:
+    """Split ``rows`` into ``[start, end)`` pieces for the fused LSTM kernel: greedily the largest size
+    ``m·2^k`` (``m`` in 4..7, ``k >= 5``: 128, 160, 192, 224, 256, 320, ...) that fits, so at most 4 sizes
+    an octave are ever compiled. What is left below ``LSTM_FUSED_MIN_ROWS`` is one last piece (for the
+    unfused cell; a projected LSTM, which has none, runs it fused too)."""
+    pieces: list[tuple[int, int]] = []
+    start = 0
+    while rows - start >= LSTM_FUSED_MIN_ROWS:
+        left = rows - start
+        k = left.bit_length() - 3  # left = m·2^k + rest with m in 4..7
+        size = (left >> k) << k
+        pieces.append((start, start + size))
+        start += size
+    if start < rows or not pieces:
+        pieces.append((start, rows))
+    return pieces
 
 
 def _serving_on_cpu(x: Tensor, weight: Tensor) -> bool:
