@@ -122,3 +122,18 @@ def test_closed_engine_refuses_everything(ref):
     ):
         with pytest.raises(EngineClosedError, match="closed"):
             call()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_batch_finiteness_check_is_exact(bad):
+    """The batch check is one sum when all is well: huge finite values whose sum overflows pass, and a
+    non-finite value anywhere is named by its row, whatever else the batch holds."""
+    from engine.inputs import check_feature_batch
+
+    huge = np.full((64, 3), np.finfo(np.float32).max, dtype=np.float32)
+    assert check_feature_batch(huge, 64, 3) is huge
+    for row in (0, 17, 63):
+        xs = huge.copy() if row != 17 else np.zeros((64, 3), np.float32)
+        xs[row, 1] = bad
+        with pytest.raises(InvalidInputError, match=f"event {row}: features contain NaN or Inf"):
+            check_feature_batch(xs, 64, 3)
