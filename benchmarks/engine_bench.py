@@ -15,7 +15,9 @@ layer, float32, 10,000 streams, every event's stream id drawn uniformly at rando
   event's *scheduled* time (no coordinated omission): default settings, ``max_delay_ms=0``, and (on CPU
   with several torch threads) default settings with one torch thread, which leaves a core to the
   submitting thread. Counters beside each row explain it: the CPU time of the step loop's thread and of
-  the submitting thread over the open loop (share of wall time), and the loop's CPU time per batch.
+  the submitting thread over the open loop (share of wall time), the loop's CPU time per batch, and the
+  loop thread's context switches per batch (voluntary: it blocked on the GIL or the queue; involuntary:
+  another thread or process took its core).
 - State memory (bytes) of 1,000,000 LSTM-64 streams, in a fresh subprocess.
 
 Every comparison is a ratio of figures measured in the same run. Rates are the best of a few rounds,
@@ -395,6 +397,22 @@ def _thread_cpu_s(thread: threading.Thread) -> float:
         return math.nan
 
 
+def _context_switches(thread: threading.Thread) -> tuple[float, float]:
+    """``(voluntary, involuntary)`` context switches of ``thread`` so far (Linux; NaN elsewhere).
+    Voluntary: it blocked (waiting for the GIL, a lock, a condition, a sleep); involuntary: the OS took its
+    core away (another runnable thread or process)."""
+    counts = {"voluntary_ctxt_switches": math.nan, "nonvoluntary_ctxt_switches": math.nan}
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in counts:
+                    counts[key] = float(value)
+    except (OSError, ValueError):
+        pass
+    return counts["voluntary_ctxt_switches"], counts["nonvoluntary_ctxt_switches"]
+
+
 def _new_latency_engine(max_delay_ms: float | None, device: torch.device, seed: int) -> Engine:
     """An LSTM-64 engine holding all ``NUM_STREAMS`` streams; ``max_delay_ms=None`` keeps the default."""
     torch.manual_seed(seed)
@@ -514,9 +532,11 @@ def _latency_measure(
         engine.reset_stats()
         background = BackgroundCpu()
         loop_cpu, own_cpu, wall = _thread_cpu_s(engine._thread), time.thread_time(), time.perf_counter()
+        switches = _context_switches(engine._thread)
         lat = submit_open_loop(engine, ids, rows, offered, cfg.open_loop_s)
         wall = time.perf_counter() - wall
         loop_cpu, own_cpu = _thread_cpu_s(engine._thread) - loop_cpu, time.thread_time() - own_cpu
+        switches = tuple(b - a for a, b in zip(switches, _context_switches(engine._thread), strict=True))
         other_cpu = background.cores()
         stats = engine.stats()
     finally:
@@ -538,6 +558,8 @@ def _latency_measure(
         "loop_cpu_share": loop_cpu / wall,  # the step loop's thread: CPU seconds per wall second
         "submitter_cpu_share": own_cpu / wall,  # the submitting thread (the open-loop generator)
         "loop_cpu_ms_per_batch": 1e3 * loop_cpu / max(1, stats.batches),
+        "loop_waits_per_batch": switches[0] / max(1, stats.batches),  # blocked: GIL, queue condition
+        "loop_preempted_per_batch": switches[1] / max(1, stats.batches),  # core taken by another thread
         "background_cpu_cores": other_cpu,
         "checks": {"p99": float(p99) <= TARGETS["latency_p99_max_ms"]},
     }
@@ -856,6 +878,8 @@ def _latency_table(results: dict[str, Any]) -> Table:
         "max ms",
         "loop CPU",
         "ms/batch",
+        "waits/batch",
+        "preempted/batch",
         "submitter CPU",
         "bg CPU",
     )
@@ -876,6 +900,8 @@ def _latency_table(results: dict[str, Any]) -> Table:
             f"{r['max_ms']:.3f}",
             f"{r['loop_cpu_share']:.0%}",
             f"{r['loop_cpu_ms_per_batch']:.3f}",
+            f"{r['loop_waits_per_batch']:.2f}",
+            f"{r['loop_preempted_per_batch']:.2f}",
             f"{r['submitter_cpu_share']:.0%}",
             f"{r['background_cpu_cores']:.2f}",
         )
@@ -886,7 +912,9 @@ def _latency_table(results: dict[str, Any]) -> Table:
         "mean batch: events per step-loop batch.\nEvent i is scheduled at t0 + i/rate; latency runs "
         "from its scheduled time to its future's completion (no coordinated omission).\n"
         "loop CPU / submitter CPU: CPU time of the step loop's thread / of the submitting thread over the "
-        "open loop, per wall second; ms/batch: the loop's CPU time per batch. "
+        "open loop, per wall second; ms/batch: the loop's CPU time per batch; waits / preempted per batch: "
+        "the loop thread's voluntary context switches (it blocked: the GIL, the queue) / involuntary ones "
+        "(the OS gave its core to another thread or process). "
         f"Target p99 ≤ {results['targets']['latency_p99_max_ms']:g} ms."
     )
     return t

@@ -107,6 +107,11 @@ class EventFuture(Future):
             return self._result  # written before the state
         return super().result(timeout)
 
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == FINISHED:
+            return self._exception
+        return super().exception(timeout)
+
     def add_done_callback(self, fn: Callable[[Future], object]) -> None:
         with _CALLBACK_LOCK:
             if self._state == PENDING:

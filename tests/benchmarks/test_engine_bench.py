@@ -34,7 +34,13 @@ LATENCY_FIGURES = (
     "p999_ms",
     "max_ms",
 )
-COUNTERS = ("loop_cpu_share", "submitter_cpu_share", "loop_cpu_ms_per_batch")  # may be NaN off Linux
+COUNTERS = (
+    "loop_cpu_share",
+    "submitter_cpu_share",
+    "loop_cpu_ms_per_batch",
+    "loop_waits_per_batch",
+    "loop_preempted_per_batch",
+)  # may be NaN off Linux
 MEMORY_FIGURES = (
     "streams",
     "capacity",
@@ -148,6 +154,8 @@ def _results_at(naive_ratio: float, window_ratio: float, pct: float, submit: flo
         "loop_cpu_share": 0.5,
         "submitter_cpu_share": 0.25,
         "loop_cpu_ms_per_batch": 0.1,
+        "loop_waits_per_batch": 0.5,
+        "loop_preempted_per_batch": 2.0,
         "background_cpu_cores": 0.0,
         "checks": {"p99": True},
     }
@@ -222,6 +230,7 @@ def test_engine_bench_marks_follow_this_rounds_targets(side):
     assert not step_many["events/s"].endswith(("✓", "✗"))
     (lat,) = _rows(latency)
     assert (lat["loop CPU"], lat["submitter CPU"], lat["ms/batch"]) == ("50%", "25%", "0.100")
+    assert (lat["waits/batch"], lat["preempted/batch"]) == ("0.50", "2.00")
     for table in (throughput, queued, latency, memory):
         assert "Test CPU, 2 cores, torch 9.9" in str(table.caption)
 
