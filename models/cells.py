@@ -187,7 +187,7 @@ class RecurrentLayer(nn.Module):
         # torch.lstm_cell there from a few hundred rows), and it takes the projection weight too. On the
         # CPU it is oneDNN's, which compiles one kernel per batch size (cached, 1,024 by default): a new
         # size costs ~1.5 ms more at 3,000 rows, and the cache grew ~150 MB in the soak. So a batch runs
-        # as pieces whose sizes come from a fixed ladder (``fused_pieces``: a few dozen sizes at most),
+        # as pieces whose sizes come from a fixed ladder (``fused_pieces``: 16 sizes an octave),
         # and rows left below the ladder's first rung take torch.lstm_cell (no per-call setup: 15 µs for
         # one row against 70).
         if x.device.type != "cpu":
@@ -226,14 +226,15 @@ class RecurrentLayer(nn.Module):
 
 def fused_pieces(rows: int) -> list[tuple[int, int]]:
     """Split ``rows`` into ``[start, end)`` pieces for the fused LSTM kernel: greedily the largest size
-    ``m·2^k`` (``m`` in 4..7, ``k >= 5``: 128, 160, 192, 224, 256, 320, ...) that fits, so at most 4 sizes
-    an octave are ever compiled. What is left below ``LSTM_FUSED_MIN_ROWS`` is one last piece (for the
-    unfused cell; a projected LSTM, which has none, runs it fused too)."""
+    ``m·2^k`` (``m`` in 16..31: 128, 136, 144, ..., 248, 256, 272, ...) that fits, so at most 16 sizes an
+    octave are ever compiled (~160 up to 100k rows) and a piece is never more than 1/16 short of the
+    batch. What is left below ``LSTM_FUSED_MIN_ROWS`` is one last piece (for the unfused cell; a
+    projected LSTM, which has none, runs it fused too)."""
     pieces: list[tuple[int, int]] = []
     start = 0
     while rows - start >= LSTM_FUSED_MIN_ROWS:
         left = rows - start
-        k = left.bit_length() - 3  # left = m·2^k + rest with m in 4..7
+        k = left.bit_length() - 5  # left = m·2^k + rest with m in 16..31
         size = (left >> k) << k
         pieces.append((start, start + size))
         start += size
