@@ -37,6 +37,8 @@ from engine.replay_store import ChunkStore, Part, StoreLayout
 from engine.state import StreamId
 
 TargetKind = Literal["next", "feedback"]
+SMALL_WAVE = 32
+"""Waves of at most this many events are recorded event by event (``ReplayBuffer._record_small``)."""
 IGNORE_LABEL = -100  # class-label targets equal to this are masked out (torch's cross-entropy default)
 
 
@@ -211,7 +213,10 @@ class ReplayBuffer:
         self.target = target
         self.feature_shape = tuple(feature_shape)
         self.input_dtype = np.dtype(input_dtype)
-        self.history = max(history_steps, k2 + 1)
+        # Next-step chunks are cut in batches of up to ``_cut_batch`` (a vectorised cut costs about as
+        # much for one chunk as for several): history and the state ring keep room for the wait.
+        self._cut_batch = 8 if target == "next" else 1
+        self.history = max(history_steps, k2 + 1 + self._cut_batch * k1)
         self.max_streams = max_streams
         self.max_chunks = max_chunks
         self.max_chunks_per_stream = max_chunks_per_stream
@@ -220,7 +225,7 @@ class ReplayBuffer:
         self.sequence_labels = sequence_labels
         # States kept per stream: the chunks not cut yet (next-step targets), or all of history (labels).
         history_states = self.history // k1 + 2
-        self._state_slots = k2 // k1 + 2 if target == "next" else history_states
+        self._state_slots = k2 // k1 + 2 + self._cut_batch if target == "next" else history_states
         self._state_widths = None if state_widths is None else tuple(int(w) for w in state_widths)
         self._state_dtype = np.dtype(state_dtype)
         if target == "next":
@@ -235,6 +240,8 @@ class ReplayBuffer:
         self._used_rows = 0
         self._capacity = 0
         self._labels: dict[int, dict[int, np.ndarray | int]] = {}
+        self._due_rows: list[int] = []  # next-step chunks complete and not cut yet: rows, start steps
+        self._due_starts: list[int] = []
         self._seq = 0
         self._lock = threading.Lock()
         self.counts = {"events": 0, "chunks": 0, "validation_chunks": 0, "quarantined": 0, "labels": 0}
@@ -255,7 +262,7 @@ class ReplayBuffer:
 
         grown("_inputs", (self.history, *self.feature_shape), self.input_dtype)
         grown("_steps", (), np.int64)
-        grown("_last_bad", (), np.int64, -(10**18))  # the latest step with a non-finite/huge value
+        grown("_last_bad", (), np.int64, -(10**18))  # the latest step with a non-finite/huge state
         grown("_state_step", (s,), np.int64, -1)  # which step each state slot holds (-1: none)
         grown("_row_chunks", (m,), np.int64)  # the stream's train chunks (store rows), oldest first
         grown("_row_chunk_seq", (m,), np.int64)
@@ -318,14 +325,15 @@ class ReplayBuffer:
                 self.store = None
 
     # ---- intake (the engine's step loop) -------------------------------------------------------------
-    def _rows_for(self, stream_ids: Sequence[StreamId]) -> np.ndarray:
+    def _rows_for(self, stream_ids: Sequence[StreamId]) -> list[int]:
+        """The streams' rows; new streams get one while there is room, the others ``-1``."""
         get = self._rows.get
         rows = [get(sid, -1) for sid in stream_ids]
         if -1 in rows:
             for i, sid in enumerate(stream_ids):
                 if rows[i] < 0 and len(self._rows) < self.max_streams:
                     rows[i] = self._new_row(sid)
-        return np.array(rows, np.int64)
+        return rows
 
     def _new_row(self, sid: StreamId) -> int:
         if self._free_rows:
@@ -362,31 +370,76 @@ class ReplayBuffer:
                 self._state_widths = tuple(int(s.shape[1]) for s in state_before)
                 self._state_dtype = np.dtype(str(state_before[0].dtype).removeprefix("torch."))
                 self._grow(self._capacity)
-            rows = self._rows_for(stream_ids)
+            listed = self._rows_for(stream_ids)
             where = None
-            if (rows < 0).any():  # beyond max_streams: not tracked
-                where = np.flatnonzero(rows >= 0)
-                rows, xs = rows[where], xs[where]
-                if not len(rows):
+            if -1 in listed:  # beyond max_streams: not tracked
+                where = np.flatnonzero(np.array(listed) >= 0)
+                if not len(where):
                     return
+                listed, xs = [listed[i] for i in where.tolist()], xs[where]
+            # Inputs are checked for non-finite or huge values when a chunk is cut (once per k1 steps).
+            if len(listed) <= SMALL_WAVE and self.target == "next":
+                self._record_small(listed, xs, where, state_before)
+                return
+            # A fixed number of numpy operations per wave, whatever its size.
+            rows = np.array(listed, np.int64)
             steps = self._steps[rows]
             self._inputs[rows, steps % self.history] = xs
-            bad = self._bad_rows(xs)
-            if bad is not None:
-                self._last_bad[rows[bad]] = steps[bad]
-            at = np.flatnonzero(steps % self.k1 == 0)
+            self._steps[rows] = steps + 1
+            phase = steps % self.k1
+            at = np.flatnonzero(phase == 0)
             if len(at):
                 self._keep_states(rows[at], steps[at], at if where is None else where[at], state_before)
-            n = steps + 1
-            self._steps[rows] = n
             self.counts["events"] += len(rows)
             if self.target == "next":
-                start = n - (self.k2 + 1)  # the chunk whose next-step target x[s+k2] just arrived
-                due = np.flatnonzero((start >= 0) & (start % self.k1 == 0))
+                # The chunk starting at steps - k2 is complete: its last next-step target x[s+k2] just came.
+                due = np.flatnonzero((phase == self.k2 % self.k1) & (steps >= self.k2))
                 if len(due):
-                    self._cut_next(rows[due], start[due])
+                    self._due_rows += rows[due].tolist()
+                    self._due_starts += (steps[due] - self.k2).tolist()
+                    if len(self._due_rows) >= self._cut_batch:
+                        self._cut_due()
             elif self._labels:
-                self._on_labelled_steps(rows, n)
+                self._on_labelled_steps(rows, steps + 1)
+
+    def _record_small(
+        self, rows: list[int], xs: np.ndarray, where: np.ndarray | None, state_before: list[Tensor]
+    ) -> None:
+        """``record`` for a few events (next-step targets): plain Python per event beats a dozen numpy
+        calls per wave here."""
+        k1, k2 = self.k1, self.k2
+        due_phase = k2 % k1
+        at: list[int] = []
+        if len(rows) <= 2:
+            steps_of, inputs, history = self._steps, self._inputs, self.history
+            steps = []
+            for i, row in enumerate(rows):
+                step = int(steps_of[row])
+                steps_of[row] = step + 1
+                inputs[row, step % history] = xs[i]
+                steps.append(step)
+        else:
+            picked_rows = np.array(rows)
+            stepped = self._steps[picked_rows]
+            self._steps[picked_rows] = stepped + 1
+            self._inputs[picked_rows, stepped % self.history] = xs
+            steps = stepped.tolist()
+        for i, step in enumerate(steps):
+            phase = step % k1
+            if phase == 0:
+                at.append(i)
+            if phase == due_phase and step >= k2:
+                self._due_rows.append(rows[i])
+                self._due_starts.append(step - k2)
+        self.counts["events"] += len(rows)
+        if at:
+            picked = np.array(at)
+            rows_at = np.array(rows)[picked]
+            self._keep_states(
+                rows_at, self._steps[rows_at] - 1, picked if where is None else where[picked], state_before
+            )
+        if len(self._due_rows) >= self._cut_batch:
+            self._cut_due()
 
     def _keep_states(
         self, rows: np.ndarray, steps: np.ndarray, positions: np.ndarray, state_before: list[Tensor]
@@ -419,6 +472,13 @@ class ReplayBuffer:
                 for step in [t for t in labels if t < steps - self.history]:
                     del labels[step]
 
+    def _cut_due(self) -> None:
+        """Cut the next-step chunks that are complete (under the lock)."""
+        if self._due_rows:
+            rows, starts = np.array(self._due_rows, np.int64), np.array(self._due_starts, np.int64)
+            self._due_rows, self._due_starts = [], []
+            self._cut_next(rows, starts)
+
     def _cut_next(self, rows: np.ndarray, starts: np.ndarray) -> None:
         """Next-step chunks starting at ``starts`` of ``rows`` (whose targets have all arrived)."""
         slot = (starts // self.k1) % self._state_slots
@@ -429,15 +489,18 @@ class ReplayBuffer:
                 return
         seqs = self._seq + np.arange(len(rows), dtype=np.int64)
         self._seq += len(rows)
+        window = self._inputs[rows[:, None], (starts[:, None] + np.arange(self.k2 + 1)) % self.history]
         last_bad = self._last_bad[rows]
         quarantined = (starts <= last_bad) & (last_bad < starts + self.k2 + 1)
+        bad_input = self._bad_rows(window)
+        if bad_input is not None:
+            quarantined |= bad_input
         if quarantined.any():
             self.counts["quarantined"] += int(quarantined.sum())
             keep = ~quarantined
-            rows, starts, slot, seqs = rows[keep], starts[keep], slot[keep], seqs[keep]
+            rows, starts, slot, seqs, window = rows[keep], starts[keep], slot[keep], seqs[keep], window[keep]
             if not len(rows):
                 return
-        window = self._inputs[rows[:, None], (starts[:, None] + np.arange(self.k2 + 1)) % self.history]
         self._file(
             rows,
             seqs,
@@ -454,7 +517,8 @@ class ReplayBuffer:
         if self._state_step[row, slot] != start or start < self._steps[row] - self.history:
             return  # out of history
         last = start + self.k2
-        if start <= self._last_bad[row] < last:
+        window = self._window(row, start, last)
+        if start <= self._last_bad[row] < last or self._bad_rows(window[None]) is not None:
             self._seq += 1
             self.counts["quarantined"] += 1
             return
@@ -470,7 +534,7 @@ class ReplayBuffer:
             np.array([row]),
             np.array([seq]),
             np.array([start]),
-            self._window(row, start, last)[None],
+            window[None],
             targets[None],
             mask[None],
             [s[row, slot][None] for s in self._states],
@@ -484,7 +548,8 @@ class ReplayBuffer:
         if not len(kept) or end > steps:
             return False
         first = int(kept.max())
-        if first <= self._last_bad[row] < end:
+        window = self._window(row, first, end)
+        if first <= self._last_bad[row] < end or self._bad_rows(window[None]) is not None:
             self.counts["quarantined"] += 1
             return False
         slot = (first // self.k1) % self._state_slots
@@ -494,7 +559,7 @@ class ReplayBuffer:
             np.array([row]),
             np.array([seq]),
             np.array([first]),
-            self._window(row, first, end)[None],
+            window[None],
             labels.astype(np.int64)[None],
             (np.arange(first, end) >= start)[None],
             [s[row, slot][None] for s in self._states],
@@ -753,6 +818,7 @@ class ReplayBuffer:
         """Drop the history of streams whose state was reset or replaced (all when ``None``): a chunk may
         not span a state discontinuity. Chunks already cut stay."""
         with self._lock:
+            self._cut_due()  # complete chunks are cut before their history goes
             if stream_ids is None:
                 self._rows.clear()
                 self._labels.clear()
@@ -770,6 +836,7 @@ class ReplayBuffer:
     def sample(self, batch_size: int, rng: random.Random | np.random.Generator) -> ChunkBatch | None:
         """Up to ``batch_size`` random training chunks, or ``None`` when there are none."""
         with self._lock:
+            self._cut_due()
             if self.store is None:
                 return None
             return sample_store(self.store, batch_size, _rng(rng))
@@ -777,6 +844,7 @@ class ReplayBuffer:
     def validation_batch(self, max_size: int, since_seq: int = -1) -> ChunkBatch | None:
         """The newest held-back chunks (at most ``max_size``) that arrived after ``since_seq``."""
         with self._lock:
+            self._cut_due()
             if self.store is None:
                 return None
             return validation_from_store(self.store, max_size, since_seq)
@@ -806,23 +874,30 @@ class ReplayBuffer:
     def train_chunks(self) -> list[Chunk]:
         """The training chunks held, oldest first, as objects (for inspection; slow)."""
         with self._lock:
+            self._cut_due()
             return [] if self.store is None else self._chunks(self.store.train, self._train_sid)
 
     def validation_chunks(self) -> list[Chunk]:
         """The held-back chunks kept, oldest first, as objects (for inspection; slow)."""
         with self._lock:
+            self._cut_due()
             return [] if self.store is None else self._chunks(self.store.validation, self._validation_sid)
 
     @property
     def next_seq(self) -> int:
-        """The arrival number the next chunk will get."""
-        return self._seq
+        """The arrival number the next chunk will get (chunks complete and not cut yet count as cut)."""
+        return self._seq + len(self._due_rows)
 
     def __len__(self) -> int:
+        """Training chunks held (cutting those complete first)."""
+        if self._due_rows:
+            with self._lock:
+                self._cut_due()
         return 0 if self.store is None else self.store.counter("train_count")
 
     def stats(self) -> dict[str, int]:
         with self._lock:
+            self._cut_due()
             store = self.store
             return {
                 **self.counts,

@@ -233,6 +233,7 @@ def test_another_process_sees_the_chunks_through_the_shared_store():
     same chunks, without anything being copied or sent."""
     buf = ReplayBuffer(k1=3, k2=5, feature_shape=(1,), validation_every=4, history_steps=64)
     _feed(buf, {"a": 1, "b": 2}, steps=30, rng=np.random.default_rng(0))
+    train, validation = buf.train_chunks(), buf.validation_chunks()  # (cuts the chunks complete by now)
     store = buf.store
     assert store is not None
     script = """
@@ -255,5 +256,5 @@ print(json.dumps({"train": sorted(rows.items()), "validation": val.seqs}))
         check=True,
     ).stdout
     seen = json.loads(out)
-    assert seen["train"] == [[c.seq, c.xs[:, 0].tolist()] for c in buf.train_chunks()]
-    assert seen["validation"] == [c.seq for c in buf.validation_chunks()]
+    assert seen["train"] == [[c.seq, c.xs[:, 0].tolist()] for c in train]
+    assert seen["validation"] == [c.seq for c in validation]
