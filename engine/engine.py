@@ -179,15 +179,17 @@ class Engine:
             page_rows=page_rows,
         )
         self._store.on_drop = self._forget_dropped
-        # submit's queue: rows copied into per-run buffers (see engine.batcher); _zero_row checks a float32
-        # row for NaN/Inf in one dot product (a non-finite entry makes it NaN)
+        # submit's queue: rows copied into per-run buffers (see engine.batcher). _fast_shape: the shape of a
+        # float32 row submit takes without the full check (None for category ids: always checked);
+        # _zero_row checks such a row for NaN/Inf in one dot product (a non-finite entry makes it NaN).
+        run_rows = min(max_batch, 256)
         if self.model.categorical:
-            self._row_shape: tuple[int, ...] = ()
-            self._queue = PendingQueue(max_pending, (), np.int64, run_rows=min(max_batch, 256))
+            self._fast_shape: tuple[int, ...] | None = None
+            self._queue = PendingQueue(max_pending, (), np.int64, run_rows=run_rows)
         else:
-            self._row_shape = (self.model.feature_size,)
-            self._queue = PendingQueue(max_pending, self._row_shape, np.float32, run_rows=min(max_batch, 256))
-        self._zero_row = np.zeros(self._row_shape, dtype=np.float32)
+            self._fast_shape = (self.model.feature_size,)
+            self._queue = PendingQueue(max_pending, self._fast_shape, np.float32, run_rows=run_rows)
+        self._zero_row = np.zeros(self._fast_shape or (), dtype=np.float32)
         self._lock = threading.RLock()
         self._latency = LatencyWindow()
         self._counts = {"events": 0, "batches": 0, "steps": 0, "errors": 0, "loop_errors": 0}
@@ -253,7 +255,7 @@ class Engine:
         if not (
             type(x) is np.ndarray
             and x.dtype is _FLOAT32
-            and x.shape == self._row_shape
+            and x.shape == self._fast_shape
             and x.dot(self._zero_row) == 0
         ):
             x = self._check_one(x, f"event for stream {stream_id!r}")

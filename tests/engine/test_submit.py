@@ -194,6 +194,22 @@ def test_float32_inf_and_nan_take_the_full_check(ref_factory):
         assert "a" not in engine
 
 
+def test_a_categorical_model_takes_only_integer_ids_through_submit(ref_factory):
+    ref = ref_factory("gru", hidden_size=4, num_embeddings=5)
+    with Engine(ref.model, device="cpu") as engine:
+        for bad in (np.float32(1.0), np.array(1.0, np.float32), np.array([1.0], np.float32), 7):
+            with pytest.raises(InvalidInputError):
+                engine.submit("s", bad)
+        np.testing.assert_allclose(
+            engine.submit("s", 3).result(timeout=10), ref.run(np.array([3]))[0], atol=ATOL
+        )
+        np.testing.assert_allclose(
+            engine.submit_many(["s", "s"], np.array([1, 2])).result(timeout=10),
+            ref.run(np.array([3, 1, 2]))[1:],
+            atol=ATOL,
+        )
+
+
 # ---- EventFuture ------------------------------------------------------------------------------------------
 def test_event_future_behaves_as_a_future():
     f = EventFuture()
