@@ -180,6 +180,7 @@ class RoundResult:
     weights: Weights | None = None
     seq_range: list[int] = field(default_factory=list)  # arrival numbers of the chunks trained on
     sample_s: float = 0.0  # seconds the worker spent sampling its batches
+    first_update_at: float | None = None  # time.monotonic() of the round's first applied update
     train_s: float = 0.0  # seconds it spent training and deciding
 
 
@@ -312,6 +313,8 @@ class WorkerCore:
             loss_value = self.batch_loss(self.candidate, batch)
             loss, norm = apply_update(self.candidate, self.optimiser, loss_value, self.settings.max_grad_norm)
             if math.isfinite(loss) and math.isfinite(norm):
+                if result.first_update_at is None:
+                    result.first_update_at = time.monotonic()  # system-wide: comparable across processes
                 result.updates += 1
                 self.scheduler.step()
                 losses.append(loss)
@@ -854,7 +857,7 @@ class FineTuner:
         st.worker_train_s += result.train_s
         st.worker_sample_s += result.sample_s
         if result.updates and st.first_update_s is None:
-            st.first_update_s = time.monotonic() - self._started
+            st.first_update_s = (result.first_update_at or time.monotonic()) - self._started
         st.updates += result.updates
         st.skipped_updates += result.skipped
         st.train_loss = result.train_loss
