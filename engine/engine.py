@@ -423,7 +423,8 @@ class Engine:
             ids = join_ids([r.ids for r in runs])
             values = np.concatenate([r.values[: r.n] for r in runs])
         try:
-            out = self._run_events(ids, self._to_device(values), values).cpu().numpy()
+            y = self._run_events(ids, self._to_device(values), values)
+            out = (y if y.device.type == "cpu" else y.cpu()).numpy()  # .cpu() would release the GIL
         except StreamCapacityError as exc:  # nothing changed: refuse the new streams, run the others
             self._run_steps(refuse_events(runs, exc))
             return
