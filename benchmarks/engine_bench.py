@@ -878,9 +878,9 @@ def _latency_table(results: dict[str, Any]) -> Table:
         "max ms",
         "loop CPU",
         "ms/batch",
-        "waits/batch",
-        "preempted/batch",
-        "submitter CPU",
+        "waits/b",
+        "preempt/b",
+        "subm CPU",
         "bg CPU",
     )
     t = _table("Latency: submit() → result, LSTM hidden 64, open loop", cols)
@@ -911,8 +911,8 @@ def _latency_table(results: dict[str, Any]) -> Table:
         "offered: half the default setting's max rate. threads: torch intra-op threads; "
         "mean batch: events per step-loop batch.\nEvent i is scheduled at t0 + i/rate; latency runs "
         "from its scheduled time to its future's completion (no coordinated omission).\n"
-        "loop CPU / submitter CPU: CPU time of the step loop's thread / of the submitting thread over the "
-        "open loop, per wall second; ms/batch: the loop's CPU time per batch; waits / preempted per batch: "
+        "loop CPU / subm CPU: CPU time of the step loop's thread / of the submitting thread over the open "
+        "loop, per wall second; ms/batch: the loop's CPU time per batch; waits/b, preempt/b (per batch): "
         "the loop thread's voluntary context switches (it blocked: the GIL, the queue) / involuntary ones "
         "(the OS gave its core to another thread or process). "
         f"Target p99 ≤ {results['targets']['latency_p99_max_ms']:g} ms."

@@ -229,8 +229,8 @@ def test_engine_bench_marks_follow_this_rounds_targets(side):
     assert submit["target"] == "≥ 150,000" and many["target"] == "≥ 1,000,000"
     assert not step_many["events/s"].endswith(("✓", "✗"))
     (lat,) = _rows(latency)
-    assert (lat["loop CPU"], lat["submitter CPU"], lat["ms/batch"]) == ("50%", "25%", "0.100")
-    assert (lat["waits/batch"], lat["preempted/batch"]) == ("0.50", "2.00")
+    assert (lat["loop CPU"], lat["subm CPU"], lat["ms/batch"]) == ("50%", "25%", "0.100")
+    assert (lat["waits/b"], lat["preempt/b"]) == ("0.50", "2.00")
     for table in (throughput, queued, latency, memory):
         assert "Test CPU, 2 cores, torch 9.9" in str(table.caption)
 
