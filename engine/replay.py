@@ -18,6 +18,13 @@ One chunk in ``validation_every`` is held back for validation and never trained 
 at most ``max_streams`` streams are tracked (later ones are not), and chunks are kept oldest-first-out
 under a per-stream cap and a global cap. A chunk with a non-finite or out-of-range value (beyond
 ``max_abs_value``) is quarantined: counted, never used.
+
+Storage: preallocated arrays, no object per event or chunk. Each tracked stream has a row: a ring of its
+last ``history`` inputs, its step count, and a ring of its states at multiples of ``k1``. Chunks are rows
+of a ``ChunkStore`` (``engine.replay_store``): fixed-size arrays in a memory file that the fine-tuning
+worker maps and samples from in its own process. ``record`` handles a wave of up to ``SMALL_WAVE`` events
+event by event and a larger one with a fixed number of numpy operations; next-step chunks are cut in
+batches (whenever 8 are complete, or before anything reads the buffer).
 """
 
 from __future__ import annotations
