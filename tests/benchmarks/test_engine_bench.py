@@ -84,8 +84,12 @@ def test_quick_engine_benchmark_structure() -> None:
 
     latency = results["latency"]
     assert latency[0]["default_setting"] and latency[1]["max_delay_ms"] == 0
+    *latency, reference = latency
+    assert reference["default_setting"] and reference["reference_rate"] and reference["checks"] == {}
+    assert reference["offered_eps"] == 30_000
     if len(latency) == 3:  # default settings with one torch thread (CPU with several threads only)
         assert latency[2]["default_setting"] and latency[2]["torch_threads"] == 1
+    latency.append(reference)
     for row in latency:
         _finite_positive(row, LATENCY_FIGURES)
         assert row["p50_ms"] <= row["p99_ms"] <= row["p999_ms"] <= row["max_ms"]
