@@ -118,12 +118,12 @@ class Engine:
       model and libraries (they stalled every thread for ~100 ms; see ``engine.runtime``).
 
     **Per-stream order.** Everything asked of a stream happens in the order the calls were made, whatever
-    the entry point: ``submit``/``submit_async`` and the controls ``start``/``end``/``reset`` go through
-    one FIFO queue; ``step_many``, ``release``, ``restore``, ``snapshot`` and ``state_of`` take the step
-    lock and first apply, on the caller's thread, every item queued before them (the step loop pops the
-    queue only under that lock, so nothing queued earlier can still be in flight). A call that returned
-    before another began is ordered before it; calls racing from different threads are ordered as they
-    take the lock.
+    the entry point: ``submit``/``submit_async``, ``submit_many``/``submit_many_async`` (a batch is one
+    queue item) and the controls ``start``/``end``/``reset`` go through one FIFO queue; ``step_many``,
+    ``release``, ``restore``, ``snapshot`` and ``state_of`` take the step lock and first apply, on the
+    caller's thread, every item queued before them (the step loop pops the queue only under that lock,
+    so nothing queued earlier can still be in flight). A call that returned before another began is
+    ordered before it; calls racing from different threads are ordered as they take the lock.
 
     **Failures part-way through a batch.** A batch runs as waves (at most one event per stream each).
     If a wave fails, the waves before it stay applied, nothing is rolled back: each event's result says
