@@ -70,6 +70,7 @@ MEMORY_HIDDEN = 64
 MEMORY_CHUNK = 65_536
 DEFAULT_JSON = Path("results/engine_bench.json")
 REPO_ROOT = Path(__file__).resolve().parents[1]
+ENGINE_THREADS: int | None = None  # torch threads of every engine made here (None: the engine's default)
 
 # cell kind -> (sequence module, cell module, gate count G)
 CELLS: dict[str, tuple[type[nn.RNNBase], type[nn.RNNCellBase], int]] = {
@@ -334,7 +335,7 @@ def throughput_config(
     chunks = [make_events(rng, CHUNK, input_size) for _ in range(cfg.pool_chunks)]
     base_ids, base_xs = make_events(rng, 16_384, input_size)
     id_list = base_ids.tolist()
-    with Engine(from_torch(seq), device=device, capacity=NUM_STREAMS) as engine:
+    with Engine(from_torch(seq), device=device, capacity=NUM_STREAMS, num_threads=ENGINE_THREADS) as engine:
         _warm_engine(engine, chunks)
         blocks = {
             "engine": engine_block(engine, chunks),
@@ -421,7 +422,8 @@ def _new_latency_engine(max_delay_ms: float | None, device: torch.device, seed: 
     torch.manual_seed(seed)
     model = from_torch(nn.LSTM(INPUT_SIZE, 64, batch_first=True))
     kwargs = {} if max_delay_ms is None else {"max_delay_ms": max_delay_ms}
-    engine = Engine(model, device=device, capacity=NUM_STREAMS, **kwargs)
+    # the thread count in force (the bench's, or a latency row's own): an Engine sets it process-wide
+    engine = Engine(model, device=device, capacity=NUM_STREAMS, num_threads=torch.get_num_threads(), **kwargs)
     engine.step_many(np.arange(NUM_STREAMS), np.zeros((NUM_STREAMS, INPUT_SIZE), dtype=np.float32))
     return engine
 
@@ -703,10 +705,13 @@ def run_engine_benchmarks(
     """Run every benchmark; returns a JSON-able dict (rates in events/s, latencies in ms, sizes in bytes).
 
     ``quick`` shortens every measurement (well under a minute) and uses 100,000 streams for memory.
-    ``threads`` sets ``torch.set_num_threads`` (default: torch's own choice).
+    ``threads``: torch intra-op threads of every engine (and so of the baselines, process-wide); default:
+    the engine's (all cores but one).
     """
+    global ENGINE_THREADS
     say = progress or (lambda _msg: None)
     cfg = QUICK if quick else FULL
+    ENGINE_THREADS = threads
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -723,6 +728,7 @@ def run_engine_benchmarks(
     results["matmul"] = {"n": matmul_size(dev), "dtype": "float32", "gflops": best}
     finish_throughput(rows, best)
     results["throughput"] = rows
+    results["machine"]["torch_threads"] = torch.get_num_threads()  # what the engines set, not torch's default
     say("submit() closed loop and open-loop latency, default max_delay_ms")
     default = latency_row(None, dev, cfg, None, seed=100)
     say("open-loop latency, max_delay_ms=0")
@@ -997,7 +1003,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="short run (< 1 min), 100k streams for memory")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the engines (default: theirs)")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
