@@ -157,6 +157,19 @@ class Sink(Protocol):
 
 
 @runtime_checkable
+class JsonSink(Protocol):
+    """Optional, for a sink that writes documents as JSON (the Kafka sink with ``format: json``):
+    ``write_json(pairs)`` takes ``(stream id as UTF-8 bytes, the document as JSON bytes)`` per output, in
+    order, as ``write`` would have written them. ``writes_json`` says whether it takes them now. The
+    pipeline uses it for its default scoring, which encodes its documents itself without building them
+    (a document and an ``Output`` per message cost more than the rest of the message's path)."""
+
+    writes_json: bool
+
+    def write_json(self, pairs: list[tuple[bytes, bytes]]) -> None: ...
+
+
+@runtime_checkable
 class DeadLetters(Protocol):
     """Where rejected input goes, with the reason: a Kafka topic, an MQTT topic or a JSON-lines file."""
 

@@ -29,6 +29,7 @@ Encoding = Literal["json", "msgpack", "float32"]
 ENCODINGS: tuple[Encoding, ...] = ("json", "msgpack", "float32")
 CONTROLS = ("start", "end", "reset")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+_loads, _JSONDecodeError = orjson.loads, orjson.JSONDecodeError
 
 
 def _is_number(v: Any) -> bool:
@@ -106,11 +107,33 @@ class Decoder:
     @refusing
     def decode(self, payload: bytes | None, stream_id: str = "") -> Decoded:
         """``payload`` of stream ``stream_id`` as an event; raises ``DecodeError``."""
+        return self.decode_unchecked(payload, stream_id)
+
+    def decode_unchecked(self, payload: bytes | None, stream_id: str = "") -> Decoded:
+        """``decode`` without ``refusing``'s wrapper (for a caller that has one): other exceptions than
+        ``DecodeError`` may escape."""
         if payload is None:
             raise DecodeError("empty payload (tombstone)")
-        if self.encoding == "float32":
+        if self.encoding == "json":
+            try:
+                doc = _loads(payload)
+            except _JSONDecodeError:
+                doc = _parse_json(payload)
+            # the common case first: {"x": [f1, ..., fF]}, one timestep of finite float32 numbers
+            if type(doc) is dict and len(doc) == 1 and not self.num_embeddings:
+                x = doc.get("x")
+                if type(x) is list and len(x) == self.feature_size:
+                    for v in x:
+                        if (
+                            type(v) is not float and type(v) is not int
+                        ) or not -FLOAT32_MAX <= v <= FLOAT32_MAX:
+                            break
+                    else:
+                        return Decoded([x], None, None, None, stream_id)
+        elif self.encoding == "float32":
             return Decoded(self._frames(payload), stream_id=stream_id)
-        doc = _parse_json(payload) if self.encoding == "json" else _parse_msgpack(payload)
+        else:
+            doc = _parse_msgpack(payload)
         if type(doc) is not dict:
             raise DecodeError(f"payload must be an object with key 'x', got {type(doc).__name__}")
         return self._document(doc, stream_id)
@@ -205,7 +228,7 @@ class KeyedDecoder:
         payload = message.payload
         if payload is not None and len(payload) > self.max_bytes:
             raise DecodeError(f"oversized: {len(payload)} bytes > max {self.max_bytes}")
-        return self.decoder.decode(payload, sid)
+        return self.decoder.decode_unchecked(payload, sid)  # inside this method's own ``refusing``
 
 
 def check_label(label: Any) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import (
@@ -179,7 +179,21 @@ class ConfluentKafkaClient:
                 self.send(topic, key, value)
         self.producer.poll(0)  # serve delivery reports
 
-    def commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
+    def settle(self) -> None:
+        """Nothing to wait for: ``commit`` is synchronous."""
+
+    def send_to_partitions(self, topic: str, rows: Mapping[int, list[tuple[bytes, bytes | None]]]) -> None:
+        produce = self.producer.produce
+        for partition, pairs in rows.items():
+            for key, value in pairs:
+                try:
+                    produce(topic, value, key, partition)
+                except BufferError:
+                    self.send(topic, key, value, partition=partition)
+        self.producer.poll(0)
+
+    def commit(self, next_offsets: dict[tuple[str, int], int], wait: bool = True) -> None:
+        """Synchronous whatever ``wait`` says (librdkafka's commit blocks)."""
         try:
             if next_offsets:
                 offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]

@@ -37,12 +37,14 @@ from itertools import chain
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import orjson
 import torch
 
 from connectors.base import (
     CheckpointFailed,
     DeadLetter,
     DeadLetters,
+    JsonSink,
     MarkedOutput,
     MarkedSource,
     Message,
@@ -136,15 +138,15 @@ class PipelineCounters:
 class Batch:
     """Data messages waiting to be stepped together. ``chunks`` holds each message's timesteps (a list of
     rows, or an array); ``ids`` the stream id once per timestep; ``items`` ``(message, stream, timesteps,
-    decoded)`` per message."""
+    decoded)`` per message. ``has_stream(sid)``: whether ``sid`` has timesteps in the batch."""
 
     ids: list[str] = field(default_factory=list)
     chunks: list[list | np.ndarray] = field(default_factory=list)
     items: list[tuple[Message, str, int, Decoded]] = field(default_factory=list)
-    streams: set[str] = field(default_factory=set)
+    _streams: set[str] = field(default_factory=set)  # the streams of ids[:_seen]
+    _seen: int = 0
 
     def add(self, message: Message, sid: str, decoded: Decoded) -> None:
-        self.streams.add(sid)
         xs = decoded.xs
         n = len(xs)
         if n == 1:
@@ -153,6 +155,19 @@ class Batch:
             self.ids.extend([sid] * n)
         self.chunks.append(xs)
         self.items.append((message, sid, n, decoded))
+
+    def has_stream(self, sid: str) -> bool:
+        """Built as asked (only control messages ask), so adding a message costs no set insertion."""
+        ids = self.ids
+        if self._seen < len(ids):
+            self._streams.update(ids[self._seen :])
+            self._seen = len(ids)
+        return sid in self._streams
+
+    @property
+    def streams(self) -> set[str]:
+        self.has_stream("")
+        return self._streams
 
     def inputs(self, dtype: type) -> np.ndarray:
         """All timesteps stacked: ``(N, F)`` (or ``(N,) int64`` ids)."""
@@ -189,6 +204,35 @@ class RawOutputs:
             )
             row += n
         return docs
+
+    def json(self, batch: Batch, ys: np.ndarray, version: int) -> list[bytes] | None:
+        """``documents`` as JSON, byte for byte what ``encode_document(doc, "json")`` writes, without
+        building them: the outputs' rows serialized at once and cut, each message's fields formatted in.
+        ``None`` (use ``documents``) when a message's position or partition is not an int, or the outputs
+        are not a 2-D float array."""
+        if ys.ndim != 2 or ys.dtype.kind != "f" or not len(ys) or not ys.shape[1]:
+            return None
+        rows = orjson.dumps(np.ascontiguousarray(ys), option=orjson.OPT_SERIALIZE_NUMPY)[2:-2].split(b"],[")
+        if len(rows) != len(ys):
+            return None
+        tail = b',"model_version":%d}' % version if type(version) is int else None
+        if tail is None:
+            return None
+        heads: dict[str, bytes] = {}
+        out = []
+        append = out.append
+        row = 0
+        for msg, _sid, n, _dec in batch.items:
+            topic, partition, position = msg.topic, msg.partition, msg.position
+            if type(position) is not int or type(partition) is not int:
+                return None
+            head = heads.get(topic)
+            if head is None:
+                head = heads[topic] = b']],"topic":' + orjson.dumps(topic) + b',"partition":'
+            y = rows[row] if n == 1 else b"],[".join(rows[row : row + n])
+            append(b'{"y":[[%b%b%d,"offset":%d%b' % (y, head, partition, position, tail))
+            row += n
+        return out
 
 
 class StateCodec:
@@ -349,6 +393,11 @@ class Pipeline:
             and isinstance(sink, MarkedOutput)
             and isinstance(dead_letters, MarkedOutput)
         )
+        # outputs as JSON straight from the default scoring into a sink that takes JSON (``JsonSink``):
+        # no per-message document or ``Output``
+        self._json_outputs = (
+            type(self.scoring) is RawOutputs and isinstance(sink, JsonSink) and bool(sink.writes_json)
+        )
         self._in_flight: deque[tuple[list, dict, tuple]] = deque()  # deferred checkpoints, oldest first
         self._to_restore: set[int] = set()
         self._opened = False  # the source is open and its first partitions restored
@@ -453,65 +502,98 @@ class Pipeline:
         """Decode, step and answer ``messages`` (each stream's messages in order)."""
         batch = Batch()
         feedback: list[Message] = []
+        decode = self.decoder.decode
+        # a message of plain timesteps (no control, no label to apply) without per-stream checks or rate
+        # limits goes straight into the batch: the loop below, without a call per message
+        plain = self.rate_limit is None and self.checks is None
+        labels = self.labels_wanted
+        ids, chunks, items = batch.ids, batch.chunks, batch.items
         for msg in messages:
             if msg.feedback:
                 feedback.append(msg)  # applied after this poll's events
                 continue
-            decoded = self._decode(msg)
-            if decoded is None:
+            try:
+                decoded = decode(msg)
+            except Exception as exc:
+                self._decode_failed(msg, exc)
                 continue
-            sid = decoded.stream_id
-            if self.rate_limit is not None and not self._within_rate(msg, sid, len(decoded.xs)):
-                continue
-            if self.checks is not None and len(decoded.xs):
-                accepted, notices, reset = self.checks.check(sid, decoded)
-                if not accepted:
-                    self._dead_letter(msg, notices[0])
+            if plain and decoded.control is None and (decoded.label is None or not labels):
+                xs = decoded.xs
+                n = len(xs)
+                if n == 1:
+                    ids.append(decoded.stream_id)
+                elif n:
+                    ids.extend([decoded.stream_id] * n)
+                else:
                     continue
-                for note in notices:
-                    self._notice(msg, note)
-                if reset:
-                    batch = self._flush(batch)
-                    if not self._start(msg, sid):
-                        continue
-            if decoded.label is not None and self.labels_wanted:  # labels this message's timesteps
-                try:
-                    check_label(decoded.label)
-                except DecodeError as exc:
-                    self._dead_letter(msg, f"label: {exc}")
-                    continue
-                batch.add(msg, sid, decoded)
-                batch = self._flush(batch)
-                self._apply_label(msg, sid, decoded.label, start=-len(decoded.xs), end=None)
+                chunks.append(xs)
+                items.append((msg, decoded.stream_id, n, decoded))
                 continue
-            if decoded.control is not None and sid in batch.streams:  # its earlier steps go first
-                batch = self._flush(batch)
-            if decoded.control in ("start", "reset") and not self._start(msg, sid):
-                continue
-            if len(decoded.xs):
-                batch.add(msg, sid, decoded)
-            if decoded.control == "end":
-                if sid in batch.streams:
-                    batch = self._flush(batch)
-                self._end(msg, sid)
+            before = batch
+            batch = self._process_one(msg, decoded, batch)
+            if batch is not before:
+                ids, chunks, items = batch.ids, batch.chunks, batch.items
         self._flush(batch)
         for msg in feedback:
             self._feedback(msg)
         self.counters.messages += len(messages)
         self._pending += len(messages)
 
+    def _process_one(self, msg: Message, decoded: Decoded, batch: Batch) -> Batch:
+        """One decoded message with checks, a rate limit, a control or a label; returns the batch to go
+        on with (a new one after a flush)."""
+        sid = decoded.stream_id
+        if self.rate_limit is not None and not self._within_rate(msg, sid, len(decoded.xs)):
+            return batch
+        if self.checks is not None and len(decoded.xs):
+            accepted, notices, reset = self.checks.check(sid, decoded)
+            if not accepted:
+                self._dead_letter(msg, notices[0])
+                return batch
+            for note in notices:
+                self._notice(msg, note)
+            if reset:
+                batch = self._flush(batch)
+                if not self._start(msg, sid):
+                    return batch
+        if decoded.label is not None and self.labels_wanted:  # labels this message's timesteps
+            try:
+                check_label(decoded.label)
+            except DecodeError as exc:
+                self._dead_letter(msg, f"label: {exc}")
+                return batch
+            batch.add(msg, sid, decoded)
+            batch = self._flush(batch)
+            self._apply_label(msg, sid, decoded.label, start=-len(decoded.xs), end=None)
+            return batch
+        if decoded.control is not None and batch.has_stream(sid):  # its earlier steps go first
+            batch = self._flush(batch)
+        if decoded.control in ("start", "reset") and not self._start(msg, sid):
+            return batch
+        if len(decoded.xs):
+            batch.add(msg, sid, decoded)
+        if decoded.control == "end":
+            if batch.has_stream(sid):
+                batch = self._flush(batch)
+            self._end(msg, sid)
+        return batch
+
     def _decode(self, msg: Message) -> Decoded | None:
         """The message's event, or ``None`` after sending it to the dead letters. No exception of any
         type escapes: the reason names it."""
         try:
             return self.decoder.decode(msg)
-        except DecodeError as exc:
+        except Exception as exc:
+            self._decode_failed(msg, exc)
+        return None
+
+    def _decode_failed(self, msg: Message, exc: Exception) -> None:
+        if isinstance(exc, DecodeError):
             self._rejected[exc.kind] += 1
             self._dead_letter(msg, str(exc))
-        except Exception as exc:
+        else:
             self._rejected["undecodable"] += 1
             self._dead_letter(msg, f"undecodable ({type(exc).__name__}: {exc})"[:1000])
-        return None
 
     def _within_rate(self, msg: Message, sid: str, events: int) -> bool:
         """Whether the stream's rate limit lets ``events`` more through; if not, the message is a dead
@@ -560,10 +642,29 @@ class Pipeline:
             self._note_steps(batch)
         ys = engine.step_many(batch.ids, xs)
         self.counters.events += len(xs)
-        docs = self.scoring.documents(batch, decoded, ys, engine.model.info.version)
+        version = engine.model.info.version
+        dirty = self._dirty
+        if self._json_outputs:
+            payloads = self.scoring.json(batch, ys, version)  # type: ignore[attr-defined]
+            if payloads is not None:
+                pairs = []
+                for (msg, sid, _n, _dec), payload in zip(batch.items, payloads, strict=True):
+                    changed = dirty.get(msg.partition)
+                    if changed is None:
+                        changed = dirty[msg.partition] = set()
+                    changed.add(sid)
+                    key = msg.key
+                    pairs.append((key if type(key) is bytes else sid.encode(), payload))
+                self.sink.write_json(pairs)  # type: ignore[attr-defined]
+                self.counters.outputs += len(pairs)
+                return Batch()
+        docs = self.scoring.documents(batch, decoded, ys, version)
         outputs = []
         for (msg, sid, _n, _dec), doc in zip(batch.items, docs, strict=True):
-            self._mark_dirty(msg.partition, sid)
+            changed = dirty.get(msg.partition)
+            if changed is None:
+                changed = dirty[msg.partition] = set()
+            changed.add(sid)
             if doc is not None:
                 outputs.append(Output(sid, doc, msg.partition, msg.position))
         self.sink.write(outputs)
@@ -734,7 +835,10 @@ class Pipeline:
         once (for Kafka: one transaction)."""
         self._last_checkpoint = time.monotonic()
         self._forget_dropped()
-        if self._pending or self._dirty or self._ended:
+        if not (self._pending or self._dirty or self._ended):
+            if wait and getattr(self.source, "overlaps_commits", False):
+                self._settle()  # nothing new, but the last checkpoint may still be committing
+        else:
             rows, positions = self._changed_rows(), self.source.positions()
             if self._deferred:
                 marks = (self.sink.mark(), self.dead_letters.mark(), self.source.mark())
@@ -742,7 +846,7 @@ class Pipeline:
             else:
                 self.sink.flush()
                 self.dead_letters.flush()
-                self._commit(rows, positions, None)
+                self._commit(rows, positions, None, wait)
         if self._in_flight:
             self._complete(wait)
 
@@ -798,23 +902,40 @@ class Pipeline:
                 return
 
     def _commit(
-        self, rows: list[tuple[int, str, bytes | None]], positions: dict, source_mark: object
+        self,
+        rows: list[tuple[int, str, bytes | None]],
+        positions: dict,
+        source_mark: object,
+        wait: bool = True,
     ) -> bool:
-        """Rows and positions to the backend, then the source committed (up to ``source_mark``)."""
+        """Rows and positions to the backend, then the source committed (up to ``source_mark``). A source
+        that overlaps its commits with what follows (Kafka: ``overlaps_commits``) may finish this one
+        later unless ``wait``: its failure then fails the next checkpoint, which rolls back to the last
+        committed one as any failed checkpoint does."""
         for partition, sid, row in rows:
             self.backend.write(partition, sid, row)
         try:
             self.backend.save(positions)
-            if source_mark is None:
-                self.source.commit()
-            else:
+            if source_mark is not None:
                 self.source.commit(source_mark)
+            elif getattr(self.source, "overlaps_commits", False):
+                self.source.commit(wait=wait)
+            else:
+                self.source.commit()
         except CheckpointFailed as exc:
             log.warning("checkpoint failed (%s): rolling back to the last one", exc)
             self._rollback()
             return False
         self.counters.checkpoints += 1
         return True
+
+    def _settle(self) -> None:
+        """Wait for an overlapped commit to finish (rolling back if it failed)."""
+        try:
+            self.source.settle()  # type: ignore[attr-defined]
+        except CheckpointFailed as exc:
+            log.warning("checkpoint failed (%s): rolling back to the last one", exc)
+            self._rollback()
 
     def _rollback(self) -> None:
         """After a failed checkpoint: drop every stream and go back to the committed positions; the loop

@@ -1,6 +1,6 @@
-"""Kafka benchmark: the tables mark each figure against the targets (figures on both sides of each) and
-compute the profile's shares, and missing answers count as infinitely late (the full run needs a broker:
-not a unit test)."""
+"""Kafka benchmark: the table marks each figure against exactly the targets (figures on both sides of each),
+names the machine and the default library, computes the profile's shares, and missing answers count as
+infinitely late (the full run needs a broker: not a unit test)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,22 @@ import math
 
 import numpy as np
 
-from benchmarks.kafka_bench import INTERVALS_MS, TARGETS, _percentiles, render_tables
+from benchmarks.kafka_bench import DEFAULT_LIBRARY, INTERVALS_MS, TARGETS, _percentiles, render_tables
+from rnnstream.config import KafkaConnection
 from tests.benchmarks.tables import table_rows as _rows
 
-P99 = TARGETS["p99_ms"]
+SERVICE, PRODUCED = TARGETS["service_p99_ms"], TARGETS["produced_p99_ms"]
+SINGLE, BATCHED = TARGETS["single_msgs_per_s"], TARGETS["batched_events_per_s"]
 
 
-def _latency(interval: int, produce_p99: float, committed_p99: float, answered: int) -> dict[str, float]:
+def _latency(interval: int, service_p99: float, produce_p99: float, answered: int) -> dict[str, float]:
     lat: dict[str, float] = {"offered_rate": 20_000.0, "interval_ms": interval, "messages": 240_000}
     lat["answered"] = answered
     for name, p99 in (
         ("input_appended", 4.0),
-        ("service", 6.0),
+        ("service", service_p99),
         ("produce", produce_p99),
-        ("committed", committed_p99),
+        ("committed", 1000.0),  # no target: never marked
     ):
         lat |= {f"{name}_p50_ms": p99 / 4, f"{name}_p99_ms": p99, f"{name}_max_ms": 2 * p99}
     return lat
@@ -30,60 +32,90 @@ def _latency(interval: int, produce_p99: float, committed_p99: float, answered: 
 def _results() -> dict:
     """Figures on both sides of each target: exactly at it (met) and just past it (missed)."""
     return {
+        "default_library": "kafka-python",
+        "machine": {"cpu_model": "Test CPU 9000", "cores": 2, "torch": "2.99.0", "load_average_1m": 0.5},
         "libraries": {
-            # confluent-kafka: throughput exactly at the targets, produced at the p99 target, committed past
-            "confluent-kafka": {
-                "single": {"msgs_per_s": float(TARGETS["single_msgs_per_s"])},
-                "batched": {"events_per_s": float(TARGETS["batched_events_per_s"])},
-                "latency": {str(i): _latency(i, P99, P99 + 0.4, 240_000) for i in INTERVALS_MS},
-            },
-            # kafka-python: just under the throughput targets, produced far past the p99 one, committed within
+            # kafka-python: throughput and latency exactly at the targets
             "kafka-python": {
-                "single": {"msgs_per_s": TARGETS["single_msgs_per_s"] - 1.0},
-                "batched": {"events_per_s": TARGETS["batched_events_per_s"] - 1.0},
-                "latency": {str(i): _latency(i, 100 * P99, P99 - 10, 239_990) for i in INTERVALS_MS},
+                "single": {"msgs_per_s": float(SINGLE), "service_cpu_us_per_msg": 9.5},
+                "batched": {"events_per_s": float(BATCHED)},
+                "latency": {str(i): _latency(i, SERVICE, PRODUCED, 240_000) for i in INTERVALS_MS},
+            },
+            # confluent-kafka: just past each target
+            "confluent-kafka": {
+                "single": {"msgs_per_s": SINGLE - 1.0},
+                "batched": {"events_per_s": BATCHED - 1.0},
+                "latency": {
+                    str(i): _latency(i, SERVICE + 0.4, PRODUCED + 0.4, 239_990) for i in INTERVALS_MS
+                },
             },
         },
-        "profile": {"wall_s": 2.0, "messages": 1000, "stages_s": {"engine: step_many": 0.3, "poll": 1.0}},
+        "profile": {
+            "library": "kafka-python",
+            "wall_s": 2.0,
+            "cpu_s": 3.0,
+            "messages": 1000,
+            "stages_s": {"engine: step_many": 0.3, "poll": 1.0},
+        },
     }
 
 
-def test_throughput_marks_follow_the_targets() -> None:
-    throughput = {r["client"]: r for r in _rows(render_tables(_results())[0])}
-    single, batched = TARGETS["single_msgs_per_s"], TARGETS["batched_events_per_s"]
-    assert throughput["confluent-kafka"]["single msg/s"] == f"{single:,} ✓"  # at the target: met
-    assert throughput["confluent-kafka"]["batched events/s"] == f"{batched:,} ✓"
-    assert throughput["kafka-python"]["single msg/s"] == f"{single - 1:,} ✗"  # one under: missed
-    assert throughput["kafka-python"]["batched events/s"] == f"{batched - 1:,} ✗"
+def test_the_benchmark_names_the_configured_default_library() -> None:
+    assert KafkaConnection.model_fields["client_library"].default == DEFAULT_LIBRARY
 
 
-def test_latency_marks_follow_the_p99_target_per_column_and_interval() -> None:
-    table = render_tables(_results())[1]
+def test_marks_follow_exactly_the_targets() -> None:
+    assert (SINGLE, BATCHED, SERVICE, PRODUCED, TARGETS["offered_rate"]) == (
+        50_000,
+        500_000,
+        20.0,
+        50.0,
+        20_000,
+    )
+    table = render_tables(_results())[0]
     assert "20,000 single-event msg/s" in str(table.title)
     rows = _rows(table)
-    assert [(r["client"], r["checkpoint"]) for r in rows] == [
-        (lib, f"{i} ms") for lib in ("confluent-kafka", "kafka-python") for i in INTERVALS_MS
+    assert [(r["client"], r["checkpoint every"]) for r in rows] == [
+        ("kafka-python (default)", "200 ms"),
+        ("", "20 ms"),
+        ("confluent-kafka", "200 ms"),
+        ("", "20 ms"),
     ]
+    met, _, missed, _ = rows
+    assert met["single-event msg/s"] == f"{SINGLE:,} ✓"  # at the target: met
+    assert met["batched events/s (100 per msg)"] == f"{BATCHED:,} ✓"
+    assert missed["single-event msg/s"] == f"{SINGLE - 1:,} ✗"  # one under: missed
+    assert missed["batched events/s (100 per msg)"] == f"{BATCHED - 1:,} ✗"
     for r in rows:
-        assert r["input appended"] == "1 / 4" and r["service"] == "2 / 6"  # p50 / p99, no mark
-        if r["client"] == "confluent-kafka":
-            assert r["produced"] == f"{P99 / 4:,.0f} / {P99:,.0f} ✓"  # at the target
-            # just past it: printed rounded to the target, but marked as missed
-            assert r["committed"] == f"{(P99 + 0.4) / 4:,.0f} / {P99 + 0.4:,.0f} ✗"
-            assert r["answered"] == "240,000/240,000"
-        else:
-            assert r["produced"] == f"{25 * P99:,.0f} / {100 * P99:,.0f} ✗"
-            assert r["committed"] == f"{(P99 - 10) / 4:,.0f} / {P99 - 10:,.0f} ✓"
-            assert r["answered"] == "239,990/240,000"
+        assert r["input appended p50 / p99"] == "1 / 4"  # p50 / p99, no mark
+        assert r["committed p50 / p99"] == "250 / 1,000"  # no target: no mark
+        if r in rows[:2]:
+            assert r["service p50 / p99"] == f"{SERVICE / 4:,.0f} / {SERVICE:,.0f} ✓"
+            assert r["produced p50 / p99"] == f"{PRODUCED / 4:,.0f} / {PRODUCED:,.0f} ✓"
+        else:  # just past: printed rounded to the target, but marked as missed
+            assert r["service p50 / p99"] == f"{(SERVICE + 0.4) / 4:,.0f} / {SERVICE + 0.4:,.0f} ✗"
+            assert r["produced p50 / p99"] == f"{(PRODUCED + 0.4) / 4:,.0f} / {PRODUCED + 0.4:,.0f} ✗"
+
+
+def test_the_table_names_the_machine_and_unanswered_inputs() -> None:
+    caption = str(render_tables(_results())[0].caption)
+    assert "Test CPU 9000, 2 cores, torch 2.99.0" in caption
+    assert "kafka-python 9.5 µs" in caption
+    assert "confluent-kafka 200 ms: 239,990/240,000 answered" in caption
+    assert "confluent-kafka 20 ms: 239,990/240,000 answered" in caption
+    assert "kafka-python 200 ms" not in caption.split("answered")[0].split("late:")[-1]
 
 
 def test_profile_shares_are_computed_and_sorted() -> None:
-    rows = _rows(render_tables(_results())[2])
+    table = render_tables(_results())[1]
+    assert "kafka-python" in str(table.title)
+    rows = _rows(table)
     assert [(r["stage"], r["seconds"], r["share of wall"]) for r in rows] == [
         ("poll", "1.00", "50%"),
         ("engine: step_many", "0.30", "15%"),
         ("wall", "2.00", "100%"),
     ]
+    assert "2000.0 µs per message of wall time, 3000.0 µs of CPU" in str(table.caption)
 
 
 def test_unanswered_messages_are_infinitely_late() -> None:

@@ -226,3 +226,47 @@ def test_no_feedback_record_makes_its_decoder_raise_anything_but_a_decode_error(
         decode_feedback(payload)
     except DecodeError as exc:
         assert str(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=_documents, features=st.sampled_from([1, 3]))
+def test_the_common_case_shortcut_decodes_as_the_general_path(doc, features):
+    """``{"x": [f1, ..., fF]}`` skips the general document checks: same event or same refusal."""
+    decoder = Decoder("json", features)
+    payload = json.dumps(doc, default=str).encode()
+
+    def general() -> object:
+        try:
+            parsed = json.loads(payload)
+            if type(parsed) is not dict:
+                raise DecodeError("not an object")
+            got = decoder._document(parsed, "s")
+            return np.asarray(got.xs, np.float64).tolist(), got.control, got.label, got.ts
+        except (DecodeError, ValueError) as exc:
+            return type(exc)
+
+    def shortcut() -> object:
+        try:
+            got = decoder.decode(payload, "s")
+            return np.asarray(got.xs, np.float64).tolist(), got.control, got.label, got.ts
+        except (DecodeError, ValueError) as exc:
+            return type(exc)
+
+    assert shortcut() == general()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b'{"x":[0.5]}', b'{"x":[1]}', b'{"x":[-3.4e38]}', b'{"x":[3.5e38]}', b'{"x":[true]}', b'{"x":["1"]}',
+     b'{"x":[NaN]}', b'{"x":[1, 2]}', b'{"x":[[1]]}', b'{"x":[]}', b'{"y":[1]}'],
+)  # fmt: skip
+def test_single_feature_payloads_decode_or_are_refused_as_before(payload):
+    decoder = Decoder("json", 1)
+    try:
+        got = decoder.decode(payload, "s")
+    except DecodeError as exc:
+        assert payload in (b'{"x":[3.5e38]}', b'{"x":[true]}', b'{"x":["1"]}', b'{"x":[NaN]}',
+                           b'{"x":[1, 2]}', b'{"x":[]}', b'{"y":[1]}'), str(exc)  # fmt: skip
+        return
+    assert got.xs == [json.loads(payload)["x"]] or got.xs == json.loads(payload)["x"]
+    assert got.stream_id == "s" and got.control is None

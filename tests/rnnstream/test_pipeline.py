@@ -475,3 +475,72 @@ def test_inputs_a_buggy_decoder_lets_through_are_dead_letters_not_a_failed_batch
     got, want = _by_stream(sink.outputs), _offline(ref, events)
     for sid in want:
         np.testing.assert_allclose(got[sid], want[sid], atol=1e-5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(st.integers(1, 4), min_size=1, max_size=20),
+    width=st.integers(1, 4),
+    version=st.integers(0, 10**6),
+    topic=st.sampled_from(["in", 'we"ird\\topic', "ünï"]),
+    data=st.data(),
+)
+def test_default_outputs_as_json_are_the_documents_encoded(steps, width, version, topic, data):
+    """``RawOutputs.json`` writes, byte for byte, what encoding ``RawOutputs.documents`` writes."""
+    from connectors.codec import encode_document
+    from rnnstream.pipeline import Batch, RawOutputs
+
+    batch = Batch()
+    for k, n in enumerate(steps):
+        msg = Message(
+            b"", f"s{k % 3}".encode(), data.draw(st.integers(0, 99)), data.draw(st.integers(0, 2**40)), topic
+        )
+        batch.add(msg, f"s{k % 3}", _Decoded([[0.0] * width] * n))
+    values = st.floats(allow_nan=True, allow_infinity=True, width=32)
+    ys = np.array(
+        data.draw(st.lists(values, min_size=sum(steps) * width, max_size=sum(steps) * width)), np.float32
+    )
+    ys = ys.reshape(sum(steps), width)
+    scoring = RawOutputs()
+    want = [encode_document(d) for d in scoring.documents(batch, ys, ys, version)]
+    assert scoring.json(batch, ys, version) == want
+
+
+class _Decoded:
+    def __init__(self, xs) -> None:
+        self.xs = xs
+
+
+def test_a_json_sink_gets_the_default_outputs_encoded_and_keyed(ref_factory, tmp_path):
+    """A sink that takes JSON (the Kafka sink) gets each message's document as bytes, keyed by the
+    message's key, instead of ``Output`` objects: the same outputs as a plain sink."""
+    ref = ref_factory("gru", input_size=F, hidden_size=8, head_out=2)
+    msgs, _ = _messages(np.random.default_rng(5), streams=5, n=200)
+
+    class JsonListSink(ListSink):
+        writes_json = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.pairs: list[tuple[bytes, bytes]] = []
+
+        def write_json(self, pairs: list[tuple[bytes, bytes]]) -> None:
+            self.pairs.extend(pairs)
+
+    plain, _, _ = _pipeline(ref, ListSource(msgs), LocalCheckpoint(tmp_path / "a"))
+    plain.run()
+    engine = Engine(ref.model, device="cpu", freeze_gc=False)
+    sink = JsonListSink()
+    pipe = Pipeline(engine, ListSource(msgs), KeyedDecoder(Decoder("json", F)), sink, ListDeadLetters(),
+                    LocalCheckpoint(tmp_path / "b"), checkpoint_interval_s=0.0)  # fmt: skip
+    pipe.run()
+    assert not sink.outputs and len(sink.pairs) == len(msgs)
+    from connectors.codec import encode_document
+
+    want = [(o.stream_id.encode(), encode_document(o.doc)) for o in plain.sink.outputs]
+    got = [(k, json.loads(v)) for k, v in sink.pairs]
+    assert [k for k, _ in got] == [k for k, _ in want]
+    for (_, g), (_, w) in zip(got, want, strict=True):
+        w = json.loads(w)
+        assert {k: v for k, v in g.items() if k != "y"} == {k: v for k, v in w.items() if k != "y"}
+        np.testing.assert_allclose(g["y"], w["y"], atol=1e-6)
