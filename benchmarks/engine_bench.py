@@ -173,7 +173,8 @@ def build_modules(
 
 
 # ---- machine ---------------------------------------------------------------------------------------------
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -210,7 +211,7 @@ class BackgroundCpu:
 def machine_info(device: torch.device) -> dict[str, Any]:
     """The machine the figures come from: CPU, cores, memory, library versions, device."""
     info: dict[str, Any] = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "memory_bytes": psutil.virtual_memory().total,

@@ -45,6 +45,7 @@ from rich.console import Console
 from rich.table import Table
 
 import models
+from benchmarks.engine_bench import cpu_model
 from benchmarks.report import publish
 from rnnstream import kafka_broker as kb
 
@@ -508,7 +509,7 @@ def _machine() -> dict[str, Any]:
     from connectors.kafka_records import crc32c_backend
 
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -519,18 +520,6 @@ def _machine() -> dict[str, Any]:
         "librdkafka": confluent_kafka.libversion()[0],
         "load_average_1m": os.getloadavg()[0],
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def machine_line(results: dict[str, Any]) -> str:
