@@ -284,11 +284,7 @@ class Engine:
         none was applied).
         """
         self._check_open()
-        ids = _as_stream_ids(stream_ids)
-        if self.model.categorical:
-            values = check_category_batch(xs, len(ids), self.model.spec.num_embeddings)
-        else:
-            values = check_feature_batch(xs, len(ids), self.model.feature_size)
+        ids, values = self._check_batch(stream_ids, xs)
         if isinstance(xs, torch.Tensor) or (isinstance(xs, np.ndarray) and np.may_share_memory(values, xs)):
             values = values.copy()  # the caller may reuse its array before the loop runs the batch
         future: Future = Future()
@@ -314,14 +310,19 @@ class Engine:
         Events queued by ``submit`` before this call are applied first.
         """
         self._check_open()
-        ids = _as_stream_ids(stream_ids)
-        if self.model.categorical:
-            values = check_category_batch(xs, len(ids), self.model.spec.num_embeddings)
-        else:
-            values = check_feature_batch(xs, len(ids), self.model.feature_size)
+        ids, values = self._check_batch(stream_ids, xs)
         with self._lock, torch.no_grad():
             self._drain()
             return self._run_events(ids, self._to_device(values), values).cpu().numpy()
+
+    def _check_batch(
+        self, stream_ids: Sequence[StreamId] | np.ndarray, xs: Any
+    ) -> tuple[list[StreamId] | np.ndarray, np.ndarray]:
+        """Checked ids and inputs of a batch (``InvalidInputError`` naming the first bad event)."""
+        ids = _as_stream_ids(stream_ids)
+        if self.model.categorical:
+            return ids, check_category_batch(xs, len(ids), self.model.spec.num_embeddings)
+        return ids, check_feature_batch(xs, len(ids), self.model.feature_size)
 
     def _check_one(self, x: Any, where: str) -> Any:
         if self.model.categorical:
