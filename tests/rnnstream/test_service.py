@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.connectors.conftest import consume_all
+
 REPO = Path(__file__).resolve().parents[2]
 ASSET = REPO / "models" / "assets" / "sensor_lstm.safetensors"
 
@@ -453,21 +455,6 @@ def test_serial_line_to_mqtt(tmp_path, mqtt_broker):
 
 
 # ---- mixed pairs with Kafka -------------------------------------------------------------------------------
-def _kafka_read(bootstrap: str, topic: str, expected: int, timeout_s: float = 90) -> list:
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
-    records: list = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(records) < expected and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-    finally:
-        consumer.close()
-    return records
-
-
 @pytest.mark.mqtt
 @pytest.mark.kafka
 def test_mqtt_to_kafka(tmp_path, mqtt_broker, kafka_cluster):
@@ -484,8 +471,8 @@ def test_mqtt_to_kafka(tmp_path, mqtt_broker, kafka_cluster):
         _wait_subscribed(mqtt_broker, svc)
         _publish(mqtt_broker, "sensors/pump", [{"ts": 1_700_000_000 + t, "value": t % 3} for t in range(50)])
         _publish(mqtt_broker, "sensors/pump", [{"ts": "soon", "value": 1}])  # a dead letter
-        records = _kafka_read(kafka_cluster.bootstrap, topic, 50)
-        letters = _kafka_read(kafka_cluster.bootstrap, f"{topic}-dlq", 1)
+        records = consume_all(kafka_cluster.bootstrap, topic, 50, timeout_s=90)
+        letters = consume_all(kafka_cluster.bootstrap, f"{topic}-dlq", 1, timeout_s=90)
     finally:
         assert svc.stop() == 0, svc.log()
     assert len(records) == 50 and {r.key for r in records} == {b"pump"}
