@@ -339,9 +339,31 @@ class Engine:
         self._control("reset", stream_id).result()
 
     def end(self, stream_id: StreamId) -> np.ndarray:
-        """Finish a stream after its queued events: returns its final output (the head on its last
-        hidden state, ``(output_size,)``) and frees its slot."""
+        """Finish a stream after its queued events: returns its final output (``model.end_output``: the
+        head on its last hidden state for a plain stack, ``(output_size,)``) and frees its slot. Ends
+        queued together run as one batch."""
         return self._control("end", stream_id).result()
+
+    def end_many(self, stream_ids: Sequence[StreamId]) -> np.ndarray:
+        """``end`` for several distinct streams as one batch (one ``model.end_output`` call), on the
+        caller's thread after the items queued before it (as ``step_many``); returns
+        ``(N, output_size)``. The first refusal (an unknown stream) is raised after every end has run."""
+        self._check_open()
+        ids = check_stream_ids(list(stream_ids))
+        if len(set(ids)) != len(ids):
+            raise InvalidInputError("end_many takes distinct stream ids")
+        now = time.monotonic()
+        futures: list[Future] = [Future() for _ in ids]
+        with self._lock:
+            self._drain()
+            self._process_safely(
+                [Pending("end", sid, None, f, now) for sid, f in zip(ids, futures, strict=True)]
+            )
+        rows = [f.result() if f.exception() is None else f.exception() for f in futures]
+        for row in rows:
+            if isinstance(row, BaseException):
+                raise row
+        return np.stack(rows) if rows else np.zeros((0, self.model.output_size), dtype=np.float32)
 
     def _control(self, op: str, stream_id: StreamId) -> Future:
         self._check_open()
@@ -401,16 +423,26 @@ class Engine:
         """Run a batch in arrival order: consecutive data events are stepped together, controls in between."""
         with self._lock, torch.no_grad():
             runs: list[EventRun] = []
+            ends: list[Pending] = []
             for item in batch:
                 if isinstance(item, EventRun):
+                    if ends:
+                        ends = self._run_ends(ends)
                     runs.append(item)
                     continue
                 if runs:
                     self._run_steps(runs)
                     runs = []
-                self._run_control(item)
+                if ends and (item.op != "end" or any(e.stream_id == item.stream_id for e in ends)):
+                    ends = self._run_ends(ends)
+                if item.op == "end":
+                    ends.append(item)  # consecutive ends of distinct streams run as one batch
+                else:
+                    self._run_control(item)
             if runs:
                 self._run_steps(runs)
+            if ends:
+                self._run_ends(ends)
 
     def _run_steps(self, runs: list[EventRun]) -> None:
         """Step the queued events of ``runs`` (in order) together; settle every event's future."""
@@ -470,11 +502,7 @@ class Engine:
             elif item.op == "reset":
                 self._store.slot(item.stream_id)
                 self._store.reset(item.stream_id)
-            elif item.op == "end":
-                state = self._store.rows_at(self._store.slot(item.stream_id))
-                result = self.model.apply_head(self.model.top_hidden(state))[0].cpu().numpy()
-                self._store.release(item.stream_id)
-            else:
+            else:  # "end" runs in batches: _run_ends
                 raise ValueError(f"unknown control {item.op!r}")
         except (UnknownStreamError, StreamCapacityError) as exc:  # refusals, not failures
             item.future.set_exception(exc)
@@ -485,6 +513,37 @@ class Engine:
             item.future.set_exception(exc)
             return
         item.future.set_result(result)
+
+    def _run_ends(self, items: list[Pending]) -> list[Pending]:
+        """End distinct streams together: one ``model.end_output`` over the states of those that exist
+        (an utterance model runs its whole-sequence model once for all of them), then free their slots.
+        Settles every item's future; returns ``[]`` (the caller's emptied list of pending ends)."""
+        known: list[Pending] = []
+        rows: list[list[Tensor]] = []
+        for item in items:
+            if self._recorder is not None:
+                self._recorder.forget([item.stream_id])  # its history ends here
+            try:  # copied at once: restoring a spilled stream may evict one looked up before it
+                rows.append(self._store.gather(np.array([self._store.slot(item.stream_id)])))
+                known.append(item)
+            except (UnknownStreamError, StreamCapacityError) as exc:  # refusals, not failures
+                item.future.set_exception(exc)
+        if not known:
+            return []
+        try:
+            state = [torch.cat(parts) for parts in zip(*rows, strict=True)]
+            out = self.model.end_output(state).cpu().numpy()
+            for item in known:
+                self._store.release(item.stream_id)
+        except Exception as exc:  # a device error, or the model refusing the states: these ends fail
+            self._counts["errors"] += len(known)
+            log.error("end of %d streams failed: %s: %s", len(known), type(exc).__name__, exc)
+            for item in known:
+                item.future.set_exception(exc)
+            return []
+        for item, row in zip(known, out, strict=True):
+            item.future.set_result(row)
+        return []
 
     def _run_events(self, stream_ids: list[StreamId] | np.ndarray, x: Tensor, host: np.ndarray) -> Tensor:
         """The core: apply events ``x (N, ...)`` of ``stream_ids`` (a list, or ``(N,) int64``) in order;

@@ -68,6 +68,7 @@ from torch import Tensor
 
 from engine.replay import IGNORE_LABEL, ChunkBatch, ReplayBuffer, sample_store, validation_from_store
 from engine.replay_store import ChunkStore
+from models.build import build_model
 from models.bundle import load_bundle, save_weights
 from models.stream_model import ModelInfo, ModelSpec, StreamModel
 from models.tbptt import TBPTT, apply_update
@@ -206,7 +207,7 @@ class WorkerCore:
 
     def __init__(self, spec: dict[str, Any], weights: Weights, settings: FineTuneSettings) -> None:
         self.settings = settings
-        self.serving = StreamModel(ModelSpec.from_dict(spec)).eval()
+        self.serving = build_model(ModelSpec.from_dict(spec)).eval()
         _load(self.serving, weights)
         self.previous: StreamModel | None = None
         self.candidate = copy.deepcopy(self.serving).train()

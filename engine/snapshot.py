@@ -32,16 +32,26 @@ if TYPE_CHECKING:
 
 SNAPSHOT_FORMAT = "rnnstream.snapshot/2"
 SNAPSHOT_FORMATS = ("rnnstream.snapshot/1", SNAPSHOT_FORMAT)  # /1: no layout header (before versioning)
-STATE_RECORD_VERSION = 1  # of the layout header, in rows and snapshot files
+STATE_RECORD_VERSION = 2  # of the layout header, in rows and snapshot files (2: extra state tensors)
 StreamId = str | int
 
 # Row header: magic, record version, cell code, dtype code, layers, state tensors per layer (9 bytes), then
 # one little-endian uint32 width per state tensor. As float32 the magic is a NaN, which no engine state
-# holds: a row written before versioning never starts with it.
+# holds: a row written before versioning never starts with it. Version 2 (written only by a layout with
+# extra state, so plain layouts keep writing version 1 byte for byte) follows with one byte, the number of
+# extras, and per extra its code (one byte) and width (uint32).
 ROW_MAGIC = b"RS\xc1\x7f"
 _FIXED = struct.Struct("<4sBBBBB")
 _CELL_CODES = {"rnn_tanh": 1, "rnn_relu": 2, "gru": 3, "lstm": 4}  # fixed forever: stored in records
 _DTYPE_CODES = {"float32": 1}
+# Extra per-stream state beside the recurrent layers' (fixed forever: stored in records):
+EXTRA_CODES = {
+    "attention_states": 1,  # the ring of the last K top-layer states, (K * H_top,)
+    "attention_fill": 2,  # [next ring row, rows filled]
+    "utterance_frames": 3,  # an utterance's buffered inputs, (max_frames * F,)
+    "utterance_length": 4,  # [frames buffered, frames refused past the bound]
+}
+_EXTRA = struct.Struct("<BI")
 
 
 class StateLayoutError(SnapshotError):
@@ -51,11 +61,19 @@ class StateLayoutError(SnapshotError):
 @dataclass(frozen=True)
 class StateLayout:
     """The meaning of a stream's state: ``cell`` kind, per layer the widths of its state tensors (``(h,)``,
-    or ``(h, c)`` for LSTM: floats each), and their ``dtype``. Equal layouts = interchangeable states."""
+    or ``(h, c)`` for LSTM: floats each), their ``dtype``, and ``extras``: named state tensors after the
+    layers' (``(name, width)``, names from ``EXTRA_CODES``: an attention ring, a buffered utterance).
+    Equal layouts = interchangeable states."""
 
     cell: str
     layers: tuple[tuple[int, ...], ...]
     dtype: str = "float32"
+    extras: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [name for name, _ in self.extras if name not in EXTRA_CODES]
+        if unknown:
+            raise ValueError(f"unknown extra state {unknown}; known: {sorted(EXTRA_CODES)}")
 
     @classmethod
     def grouped(cls, cell: str, num_layers: int, widths: list[int], dtype: str = "float32") -> StateLayout:
@@ -65,14 +83,19 @@ class StateLayout:
 
     @property
     def widths(self) -> list[int]:
-        """The flat state widths, layer by layer (``StreamModel.state_widths()``)."""
-        return [w for layer in self.layers for w in layer]
+        """The flat state widths, layer by layer, then the extras (``StreamModel.state_widths()``)."""
+        return [w for layer in self.layers for w in layer] + [w for _, w in self.extras]
 
     def describe(self) -> str:
-        """``gru 2x16``, ``lstm 2x(h 3, c 8)``, or each layer when they differ."""
+        """``gru 2x16``, ``lstm 2x(h 3, c 8)``, or each layer when they differ; then any extras
+        (``+ attention_states 512``)."""
         sizes = [self._size(layer) for layer in self.layers]
-        shape = f"{len(sizes)}x{sizes[0]}" if len(set(sizes)) == 1 else f"[{', '.join(sizes)}]"
-        return f"{self.cell} {shape}" + ("" if self.dtype == "float32" else f" {self.dtype}")
+        if not sizes:
+            shape = "0 layers"
+        else:
+            shape = f"{len(sizes)}x{sizes[0]}" if len(set(sizes)) == 1 else f"[{', '.join(sizes)}]"
+        extras = "".join(f" + {name} {w}" for name, w in self.extras)
+        return f"{self.cell} {shape}{extras}" + ("" if self.dtype == "float32" else f" {self.dtype}")
 
     @staticmethod
     def _size(layer: tuple[int, ...]) -> str:
@@ -87,6 +110,7 @@ class StateLayout:
             ("layers", len(self.layers), len(other.layers)),
             ("state widths", self.widths, other.widths),
             ("dtype", self.dtype, other.dtype),
+            ("extra state", list(self.extras), list(other.extras)),
         ]
         return [f"{what}: {a} vs {b}" for what, a, b in pairs if a != b]
 
@@ -101,12 +125,20 @@ class StateLayout:
     # ---- serialised: JSON (snapshot files), bytes (checkpoint rows) --------------------------------------
     def to_dict(self) -> dict[str, Any]:
         layers = [list(layer) for layer in self.layers]
-        return {
-            "record_version": STATE_RECORD_VERSION,
+        out: dict[str, Any] = {
+            "record_version": self.record_version,
             "cell": self.cell,
             "layers": layers,
             "dtype": self.dtype,
         }
+        if self.extras:
+            out["extras"] = [list(extra) for extra in self.extras]
+        return out
+
+    @property
+    def record_version(self) -> int:
+        """1 for a layout without extras (as written before they existed), else 2."""
+        return 2 if self.extras else 1
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StateLayout:
@@ -114,21 +146,30 @@ class StateLayout:
         refused (``StateLayoutError``)."""
         _check_version(int(data["record_version"]))
         return cls(
-            str(data["cell"]), tuple(tuple(int(w) for w in layer) for layer in data["layers"]), data["dtype"]
+            str(data["cell"]),
+            tuple(tuple(int(w) for w in layer) for layer in data["layers"]),
+            data["dtype"],
+            tuple((str(name), int(w)) for name, w in data.get("extras", ())),
         )
 
     def row_header(self) -> bytes:
-        """The header every checkpoint row of this layout starts with: ``9 + 4 * len(widths)`` bytes."""
+        """The header every checkpoint row of this layout starts with: ``9 + 4 * len(layer widths)``
+        bytes, and with extras ``1 + 5 * len(extras)`` more."""
         per = len(self.layers[0]) if self.layers else 0
         fixed = _FIXED.pack(
             ROW_MAGIC,
-            STATE_RECORD_VERSION,
+            self.record_version,
             _CELL_CODES[self.cell],
             _DTYPE_CODES[self.dtype],
             len(self.layers),
             per,
         )
-        return fixed + struct.pack(f"<{len(self.widths)}I", *self.widths)
+        layer_widths = [w for layer in self.layers for w in layer]
+        header = fixed + struct.pack(f"<{len(layer_widths)}I", *layer_widths)
+        if not self.extras:
+            return header
+        extras = b"".join(_EXTRA.pack(EXTRA_CODES[name], w) for name, w in self.extras)
+        return header + bytes([len(self.extras)]) + extras
 
     @classmethod
     def from_row(cls, row: bytes) -> tuple[StateLayout, int] | None:
@@ -143,13 +184,37 @@ class StateLayout:
         _check_version(version)
         end = _FIXED.size + 4 * layers * per
         names = {c: n for n, c in _CELL_CODES.items()}, {c: n for n, c in _DTYPE_CODES.items()}
-        if cell not in names[0] or dtype not in names[1] or not layers * per or len(row) < end:
+        empty = version == 1 and not layers * per  # version 2 may hold extras alone
+        if cell not in names[0] or dtype not in names[1] or empty or len(row) < end:
             raise ValueError(
                 f"state row of {len(row)} bytes: unreadable header (cell {cell}, dtype {dtype}, "
                 f"{layers} layers of {per} tensors)"
             )
         widths = list(struct.unpack_from(f"<{layers * per}I", row, _FIXED.size))
-        return cls.grouped(names[0][cell], layers, widths, names[1][dtype]), end
+        layout = cls.grouped(names[0][cell], layers, widths, names[1][dtype])
+        if version == 1:
+            return layout, end
+        extras, end = _read_extras(row, end)
+        if not extras and not layers * per:
+            raise ValueError(f"state row of {len(row)} bytes: a version 2 header with no state")
+        return cls(layout.cell, layout.layers, layout.dtype, extras), end
+
+
+def _read_extras(row: bytes, at: int) -> tuple[tuple[tuple[str, int], ...], int]:
+    """The extras of a version 2 header starting at ``at``, and where the header ends."""
+    if len(row) < at + 1:
+        raise ValueError(f"state row of {len(row)} bytes: a cut header")
+    count, at = row[at], at + 1
+    end = at + _EXTRA.size * count
+    if len(row) < end:
+        raise ValueError(f"state row of {len(row)} bytes: a cut header ({count} extra states)")
+    names = {c: n for n, c in EXTRA_CODES.items()}
+    extras = []
+    for code, width in (_EXTRA.unpack_from(row, at + _EXTRA.size * i) for i in range(count)):
+        if code not in names:
+            raise ValueError(f"state row: unknown extra state code {code}")
+        extras.append((names[code], width))
+    return tuple(extras), end
 
 
 def _check_version(version: int) -> None:
@@ -163,8 +228,11 @@ def _check_version(version: int) -> None:
 
 
 def state_layout(model: StreamModel) -> StateLayout:
-    """The state layout of ``model``: the one identity every state record is stamped and checked with."""
-    return StateLayout(model.spec.cell, tuple(tuple(layer.state_widths()) for layer in model.layers))
+    """The state layout of ``model``: the one identity every state record is stamped and checked with
+    (``layer_state_widths()``: per layer the widths of its state tensors; ``extra_states()``: named state
+    tensors after them)."""
+    layers = tuple(tuple(widths) for widths in model.layer_state_widths())
+    return StateLayout(model.spec.cell, layers, extras=tuple(model.extra_states()))
 
 
 @dataclass

@@ -10,6 +10,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from models.build import build_model
 from models.stream_model import ModelInfo, ModelSpec, StreamModel
 
 BUNDLE_FORMAT = "rnnstream.model/1"
@@ -78,7 +79,7 @@ def load_bundle(path: str | Path, device: str = "cpu") -> StreamModel:
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise BundleError(f"{path}: bad bundle metadata ({exc})") from exc
-    model = StreamModel(spec, info)
+    model = build_model(spec, info)
     state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -8,13 +8,16 @@ per LSTM layer, each ``(B, width)`` with widths from ``state_widths()``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from models.cells import CELL_KINDS, CellKind, RecurrentLayer
 from models.heads import HEAD_KINDS, Head, HeadKind
+
+AttentionKind = Literal["dot", "general", "additive"]
+ATTENTION_KINDS: tuple[AttentionKind, ...] = ("dot", "general", "additive")
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,14 @@ class ModelSpec:
     ``input_size`` is the width the first recurrent layer sees: the event's feature count, or the
     embedding width when ``num_embeddings > 0`` (then each event is one categorical id in
     ``[0, num_embeddings)``).
+
+    Architectures beyond the plain stack (each field's default is the plain stack):
+
+    - ``attention``: ``dot`` / ``general`` (Luong) or ``additive`` (Bahdanau) attention over the last
+      ``attention_window`` (K) top-layer states; ``attention_size``: the additive score's hidden width.
+    - ``utterance_frames``: > 0 buffers each stream's inputs (at most this many) until its end marker and
+      runs the model over the whole utterance then (``bidirectional`` models need it).
+    - ``decoder``: an encoder-decoder's decoder, as ``models.decoder.DecoderSpec.to_dict()``.
     """
 
     cell: CellKind
@@ -37,6 +48,12 @@ class ModelSpec:
     head_out: int = 0
     head_bias: bool = True
     learn_initial_state: bool = False
+    attention: AttentionKind | None = None
+    attention_window: int = 0
+    attention_size: int = 0
+    utterance_frames: int = 0
+    bidirectional: bool = False
+    decoder: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.cell not in CELL_KINDS:
@@ -46,6 +63,16 @@ class ModelSpec:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.head is not None and (self.head not in HEAD_KINDS or self.head_out < 1):
             raise ValueError(f"head must be one of {HEAD_KINDS} with head_out >= 1")
+        attention_ok = self.attention in ATTENTION_KINDS and self.attention_window >= 1
+        if self.attention is not None and not attention_ok:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS} with attention_window >= 1")
+        if self.utterance_frames < 0:
+            raise ValueError(f"utterance_frames must be >= 0, got {self.utterance_frames}")
+        if self.bidirectional and not self.utterance_frames:
+            raise ValueError(
+                "a bidirectional model needs every future timestep: it runs only in utterance mode "
+                "(utterance_frames > 0)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,8 +137,18 @@ class StreamModel(nn.Module):
         return self.layers[-1].output_size
 
     def state_widths(self) -> list[int]:
-        """Widths of the flat state list, layer by layer (``h`` then ``c`` for LSTM)."""
-        return [w for layer in self.layers for w in layer.state_widths()]
+        """Widths of the flat state list, layer by layer (``h`` then ``c`` for LSTM), then the extras."""
+        layers = [w for widths in self.layer_state_widths() for w in widths]
+        return layers + [w for _, w in self.extra_states()]
+
+    def layer_state_widths(self) -> list[tuple[int, ...]]:
+        """Per recurrent layer, the widths of its state tensors: ``(h,)``, or ``(h, c)`` for LSTM."""
+        return [layer.state_widths() for layer in self.layers]
+
+    def extra_states(self) -> list[tuple[str, int]]:
+        """Named per-stream state tensors after the layers' (``(name, width)``, names from
+        ``engine.snapshot.EXTRA_CODES``): none for a plain stack."""
+        return []
 
     # ---- stepping -----------------------------------------------------------------------------------
     def embed(self, x: Tensor) -> Tensor:
@@ -158,6 +195,11 @@ class StreamModel(nn.Module):
     def apply_head(self, h_top: Tensor) -> Tensor:
         """The event output from the top layer's ``h``: ``(B, H_top)`` → ``(B, output_size)``."""
         return self.head(h_top) if self.head is not None else h_top
+
+    def end_output(self, state: list[Tensor]) -> Tensor:
+        """A stream's output at its end marker (many-to-one): ``(B, output_size)`` from the flat state
+        list of ``B`` ended streams; here the head on the top layer's ``h``."""
+        return self.apply_head(self.top_hidden(state))
 
     def top_hidden(self, state: list[Tensor]) -> Tensor:
         """The top layer's ``h`` from a flat state list."""

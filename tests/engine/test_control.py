@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from engine import Engine
+from engine import Engine, UnknownStreamError
 
 ATOL = 1e-5
 
@@ -59,3 +60,23 @@ def test_stats_count_events_batches_and_latency(ref_factory):
     assert 1 <= stats.mean_batch_size <= 8
     assert 0 < stats.latency_p50_ms <= stats.latency_p99_ms <= stats.latency_max_ms
     assert stats.pending == 0 and stats.errors == 0 and stats.device == "cpu"
+
+
+def test_ends_queued_together_run_as_one_batch_with_each_streams_own_output(ref_factory):
+    ref = ref_factory("gru", num_layers=2, head_out=2)
+    rng = np.random.default_rng(4)
+    seqs = {f"s{k}": ref.random_inputs(rng, 3 + k) for k in range(4)}
+    batches: list[int] = []
+    with Engine(ref.model, device="cpu") as engine:
+        end_output = engine.model.end_output
+        engine.model.end_output = lambda state: batches.append(len(state[0])) or end_output(state)
+        for sid, seq in seqs.items():
+            for x in seq:
+                engine.submit(sid, x)
+        finals = engine.end_many(["s2", "s0", "s3"])
+        assert batches == [3] and engine.active_streams == 1
+        with pytest.raises(UnknownStreamError):
+            engine.end_many(["s1", "gone"])
+        assert "s1" not in engine  # ended although another id in the call was unknown
+    for row, sid in zip(finals, ["s2", "s0", "s3"], strict=True):
+        np.testing.assert_allclose(row, ref.run(seqs[sid])[-1], atol=ATOL)

@@ -5,6 +5,7 @@ before the header existed still load (by their length, as they always did)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.snapshot import StateLayout, StateLayoutError, state_layout
 from models import save_bundle
@@ -107,6 +110,50 @@ def test_garbage_rows_are_refused_for_their_own_stream_only(caplog):
     refusals = [r.getMessage() for r in caplog.records]
     assert len(refusals) == len(garbage)
     assert all(any(f"stream {sid!r}" in m and "starts afresh" in m for m in refusals) for sid in garbage)
+
+
+# ---- extra state (attention rings, buffered utterances): record version 2 --------------------------------
+GRU_ATTN = StateLayout("gru", ((16,),), extras=(("attention_states", 64), ("attention_fill", 2)))
+
+
+def test_a_layout_with_extra_state_writes_version_2_and_round_trips():
+    codec = _codec(GRU_ATTN)
+    engine_rows = _rows(np.random.default_rng(5), 3, width=16 + 64 + 2)
+    rows = codec.encode(engine_rows, ["a", "b", "c"])
+    header = GRU_ATTN.row_header()
+    assert header[4] == 2 and len(header) == 9 + 4 + 1 + 5 * 2
+    assert StateLayout.from_row(rows[0]) == (GRU_ATTN, len(header))
+    np.testing.assert_array_equal(codec.decode(rows)[0], engine_rows)
+    assert StateLayout.from_dict(GRU_ATTN.to_dict()) == GRU_ATTN
+    assert GRU_ATTN.describe() == "gru 1x16 + attention_states 64 + attention_fill 2"
+    assert GRU_2X16.row_header()[4] == 1  # no extras: the version 1 header, byte for byte as before
+
+
+def test_extras_alone_make_a_layout():
+    frames = StateLayout("lstm", (), extras=(("utterance_frames", 40), ("utterance_length", 2)))
+    assert StateLayout.from_row(frames.row_header() + b"\0" * 8) == (frames, len(frames.row_header()))
+
+
+@pytest.mark.parametrize(
+    ("writer", "reader"),
+    [
+        (GRU_ATTN, StateLayout("gru", ((16,),), extras=(("attention_states", 32), ("attention_fill", 2)))),
+        (GRU_ATTN, StateLayout("gru", ((16,), (16,), (16,), (16,), (16,), (2,)))),
+        (StateLayout("gru", ((16,), (16,), (16,), (16,), (16,), (2,))), GRU_ATTN),
+    ],
+)
+def test_extras_are_part_of_the_identity_even_at_the_same_total_width(writer, reader):
+    rows = _codec(writer).encode(_rows(np.random.default_rng(6), 1, width=82), ["a"])
+    with pytest.raises(StateLayoutError, match="cannot load into"):
+        _codec(reader).decode(rows)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_any_bytes_after_a_version_2_header_start_read_or_raise_value_error(tail):
+    row = GRU_ATTN.row_header()[:9] + tail
+    with contextlib.suppress(ValueError):
+        StateLayout.from_row(row)
 
 
 # ---- through the pipeline: real CSV source, real local checkpoint file ------------------------------------

@@ -1,0 +1,14 @@
+"""``build_model``: the model class a ``ModelSpec`` describes, with fresh weights.
+
+Every place that rebuilds a model from its spec (bundles, the fine-tuning worker) goes through here, so a
+new architecture is one more branch, not a change in each of them.
+"""
+
+from __future__ import annotations
+
+from models.stream_model import ModelInfo, ModelSpec, StreamModel
+
+
+def build_model(spec: ModelSpec, info: ModelInfo | None = None) -> StreamModel:
+    """The model of ``spec`` (weights initialised, not trained), in train mode as ``nn.Module``s start."""
+    return StreamModel(spec, info)
