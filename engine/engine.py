@@ -37,8 +37,10 @@ from engine.batcher import (
 )
 from engine.errors import (
     EngineClosedError,
+    EngineError,
     InvalidInputError,
     PartiallyAppliedError,
+    RefusedEndError,
     StreamCapacityError,
     UnknownStreamError,
 )
@@ -192,7 +194,8 @@ class Engine:
         self._zero_row = np.zeros(self._fast_shape or (), dtype=np.float32)
         self._lock = threading.RLock()
         self._latency = LatencyWindow()
-        self._counts = {"events": 0, "batches": 0, "steps": 0, "errors": 0, "loop_errors": 0}
+        counters = ("events", "batches", "steps", "errors", "loop_errors", "refused_ends")
+        self._counts = dict.fromkeys(counters, 0)
         self._last_sweep = time.monotonic()
         self._closed = False
         self._staging: Tensor | None = None
@@ -344,26 +347,22 @@ class Engine:
         queued together run as one batch."""
         return self._control("end", stream_id).result()
 
-    def end_many(self, stream_ids: Sequence[StreamId]) -> np.ndarray:
+    def end_many(self, stream_ids: Sequence[StreamId]) -> list[np.ndarray | EngineError]:
         """``end`` for several distinct streams as one batch (one ``model.end_output`` call), on the
-        caller's thread after the items queued before it (as ``step_many``); returns
-        ``(N, output_size)``. The first refusal (an unknown stream) is raised after every end has run."""
+        caller's thread after the items queued before it (as ``step_many``). Returns, aligned with
+        ``stream_ids``, each stream's final output ``(output_size,)``, or the error that refused its end
+        (``UnknownStreamError``, ``RefusedEndError``): one refusal does not hide the others' outputs."""
         self._check_open()
         ids = check_stream_ids(list(stream_ids))
         if len(set(ids)) != len(ids):
             raise InvalidInputError("end_many takes distinct stream ids")
         now = time.monotonic()
         futures: list[Future] = [Future() for _ in ids]
+        items = [Pending("end", sid, None, f, now) for sid, f in zip(ids, futures, strict=True)]
         with self._lock:
             self._drain()
-            self._process_safely(
-                [Pending("end", sid, None, f, now) for sid, f in zip(ids, futures, strict=True)]
-            )
-        rows = [f.result() if f.exception() is None else f.exception() for f in futures]
-        for row in rows:
-            if isinstance(row, BaseException):
-                raise row
-        return np.stack(rows) if rows else np.zeros((0, self.model.output_size), dtype=np.float32)
+            self._process_safely(items)
+        return [f.exception() or f.result() for f in futures]
 
     def _control(self, op: str, stream_id: StreamId) -> Future:
         self._check_open()
@@ -533,6 +532,7 @@ class Engine:
         try:
             state = [torch.cat(parts) for parts in zip(*rows, strict=True)]
             out = self.model.end_output(state).cpu().numpy()
+            refusals = self.model.end_refusals(state)
             for item in known:
                 self._store.release(item.stream_id)
         except Exception as exc:  # a device error, or the model refusing the states: these ends fail
@@ -541,8 +541,12 @@ class Engine:
             for item in known:
                 item.future.set_exception(exc)
             return []
-        for item, row in zip(known, out, strict=True):
-            item.future.set_result(row)
+        for item, row, refusal in zip(known, out, refusals, strict=True):
+            if refusal is None:
+                item.future.set_result(row)
+            else:
+                self._counts["refused_ends"] += 1
+                item.future.set_exception(RefusedEndError(f"stream {item.stream_id!r}: {refusal}"))
         return []
 
     def _run_events(self, stream_ids: list[StreamId] | np.ndarray, x: Tensor, host: np.ndarray) -> Tensor:
@@ -835,6 +839,7 @@ class Engine:
             errors=c["errors"],
             loop_errors=c["loop_errors"],
             refused_streams=store.refused_streams,
+            refused_ends=c["refused_ends"],
             evictions_for_capacity=store.evictions_for_capacity,
             finetune=self.finetuner.stats().as_dict() if self.finetuner is not None else None,
         )

@@ -52,3 +52,9 @@ class StreamCapacityError(EngineError, RuntimeError):
         super().__init__(message)
         self.stream_ids = stream_ids
         self.indices = indices
+
+
+class RefusedEndError(EngineError, ValueError):
+    """A stream's end was refused by its model (``StreamModel.end_refusals``): an utterance past its length
+    bound, say. The message gives the model's reason; the stream's slot was freed all the same, and no
+    other stream of the batch was touched (counted in ``EngineStats.refused_ends``)."""

@@ -63,6 +63,7 @@ class EngineStats:
     loop_errors: int = 0  # failures outside any one event (a sweep, a bug): the step loop went on
     refused_streams: int = 0  # new streams refused a slot (a limit reached, no stream evictable)
     evictions_for_capacity: int = 0  # streams evicted (also in ``evictions``) to make room under a limit
+    refused_ends: int = 0  # ends the model refused (``RefusedEndError``: an over-long utterance)
     finetune: dict[str, Any] | None = None  # the fine-tuning worker's progress, when it runs
 
     def as_dict(self) -> dict[str, Any]:

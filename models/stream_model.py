@@ -201,6 +201,11 @@ class StreamModel(nn.Module):
         list of ``B`` ended streams; here the head on the top layer's ``h``."""
         return self.apply_head(self.top_hidden(state))
 
+    def end_refusals(self, state: list[Tensor]) -> list[str | None]:
+        """Per ended stream (flat state list of ``B`` streams), why its end output cannot be given (an
+        utterance past its bound, say), or None: here always None."""
+        return [None] * len(state[0])
+
     def top_hidden(self, state: list[Tensor]) -> Tensor:
         """The top layer's ``h`` from a flat state list."""
         n = 2 if self.layers[-1].kind == "lstm" else 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import Engine, UnknownStreamError
+from engine import Engine, RefusedEndError, UnknownStreamError
 
 ATOL = 1e-5
 
@@ -75,8 +75,27 @@ def test_ends_queued_together_run_as_one_batch_with_each_streams_own_output(ref_
                 engine.submit(sid, x)
         finals = engine.end_many(["s2", "s0", "s3"])
         assert batches == [3] and engine.active_streams == 1
-        with pytest.raises(UnknownStreamError):
-            engine.end_many(["s1", "gone"])
-        assert "s1" not in engine  # ended although another id in the call was unknown
+        last, gone = engine.end_many(["s1", "gone"])
+        assert isinstance(gone, UnknownStreamError) and "s1" not in engine
+    np.testing.assert_allclose(last, ref.run(seqs["s1"])[-1], atol=ATOL)
     for row, sid in zip(finals, ["s2", "s0", "s3"], strict=True):
         np.testing.assert_allclose(row, ref.run(seqs[sid])[-1], atol=ATOL)
+
+
+def test_an_end_the_model_refuses_fails_alone_and_is_counted(ref_factory):
+    ref = ref_factory("rnn_tanh", hidden_size=4, head_out=2)
+    rng = np.random.default_rng(5)
+    seqs = {sid: ref.random_inputs(rng, 3) for sid in ("a", "b", "c")}
+    with Engine(ref.model, device="cpu") as engine:
+        engine.model.end_refusals = lambda state: [None, "too long, say", None]  # b's end refused
+        for sid, seq in seqs.items():
+            engine.step_many([sid] * 3, seq)
+        a, b, c = engine.end_many(["a", "b", "c"])
+        assert isinstance(b, RefusedEndError) and str(b) == "stream 'b': too long, say"
+        with pytest.raises(RefusedEndError):  # end() raises it
+            engine.step_many(["b"], seqs["b"][:1])
+            engine.model.end_refusals = lambda state: ["too long"]
+            engine.end("b")
+        assert engine.active_streams == 0 and engine.stats().refused_ends == 2
+    np.testing.assert_allclose(a, ref.run(seqs["a"])[-1], atol=ATOL)
+    np.testing.assert_allclose(c, ref.run(seqs["c"])[-1], atol=ATOL)
