@@ -47,6 +47,7 @@ class BenchSuite(StrEnum):
     finetune = "finetune"
     sensors = "sensors"
     audio = "audio"
+    architectures = "architectures"
 
 
 @app.command()
@@ -101,6 +102,10 @@ def bench(
         from benchmarks import audio_bench
 
         raise typer.Exit(audio_bench.main(argv))
+    if suite is BenchSuite.architectures:
+        from benchmarks import architectures_bench
+
+        raise typer.Exit(architectures_bench.main(argv))
     from benchmarks import engine_bench
 
     raise typer.Exit(engine_bench.main(["--device", device, *argv]))
