@@ -58,6 +58,7 @@ from engine.state import (
     put_rows,
 )
 from engine.stats import EngineStats, LatencyWindow
+from models.rollout import check_forecastable, check_horizon, rollout
 from models.stream_model import StreamModel
 
 if TYPE_CHECKING:
@@ -801,6 +802,66 @@ class Engine:
         with self._lock:
             self._drain()
             return [t[0].clone().cpu() for t in self._store.rows_at(self._store.slot(stream_id))]
+
+    # ---- one-to-many: forecasts and decoding (models.rollout, models.decoder) -----------------------
+    def forecast(self, stream_id: StreamId, horizon: int) -> np.ndarray:
+        """The stream's next ``horizon`` outputs ``(horizon, output_size) float32``, each fed back as the
+        next input (``models.rollout``), from its state after its queued events; see ``forecast_many``."""
+        return self.forecast_many([stream_id], horizon)[0]
+
+    def forecast_many(self, stream_ids: Sequence[StreamId], horizon: int) -> np.ndarray:
+        """Rollouts of ``N`` streams as one batch: ``(N, horizon, output_size) float32``, one batched
+        ``model.step`` per horizon step. Ordered after the items queued before the call (as ``state_of``);
+        read-only: no stream's state, idle time or event count changes, and a spilled stream stays spilled.
+        ``UnknownStreamError`` for a stream the engine does not hold; ``NotForecastableError`` for a model
+        whose output is not its next input; ``ValueError`` for a horizon outside ``[1, MAX_HORIZON]``."""
+        self._check_open()
+        check_forecastable(self.model)
+        check_horizon(horizon)
+        ids = check_stream_ids(list(stream_ids))
+        with self._lock, torch.no_grad():
+            self._drain()
+            if not ids:
+                return np.empty((0, horizon, self.model.output_size), dtype=np.float32)
+            return rollout(self.model, self._peek_states(ids), horizon).cpu().numpy()
+
+    def decode(self, stream_id: StreamId, max_len: int | None = None) -> np.ndarray:
+        """An encoder-decoder model's greedy decoding from the stream's state (the encoder's), after its
+        queued events: ``(L, output_size) float32`` (regression) or ``(L,) int64`` tokens without the end
+        token (classification), ``L <= max_len`` (default: the decoder's own bound); see ``decode_many``."""
+        return self.decode_many([stream_id], max_len)[0]
+
+    def decode_many(self, stream_ids: Sequence[StreamId], max_len: int | None = None) -> list[np.ndarray]:
+        """``decode`` for ``N`` streams as one batch (one decoder step per output position), read-only as
+        ``forecast_many``. ``ValueError`` if the model has no decoder or ``max_len`` is out of bounds."""
+        self._check_open()
+        decoder = getattr(self.model, "decoder", None)
+        if decoder is None:
+            raise ValueError("decode needs an encoder-decoder model (models.decoder.seq2seq_from_torch)")
+        length = decoder.check_max_len(max_len)
+        ids = check_stream_ids(list(stream_ids))
+        with self._lock, torch.no_grad():
+            self._drain()
+            if not ids:
+                return []
+            return decoder.decode(self._peek_states(ids), length)
+
+    def _peek_states(self, stream_ids: list[StreamId]) -> list[Tensor]:
+        """Copies of the streams' states, one ``(N, width)`` tensor per state tensor on the engine's device,
+        rows aligned with ``stream_ids``, read without touching anything: a spilled stream is read from
+        the spill store where it stays, no idle time is refreshed. ``UnknownStreamError`` for an unknown one.
+        """
+        store = self._store
+        slots = store.slot_of.lookup(stream_ids)
+        if (slots >= 0).all():
+            return store.gather(slots)
+        found, parts = store.export(stream_ids)
+        row_of = {sid: row for row, sid in enumerate(found)}
+        unknown = [sid for sid in stream_ids if sid not in row_of]
+        if unknown:
+            raise UnknownStreamError(f"unknown stream {unknown[0]!r}: it has no state in this engine")
+        rows = torch.tensor([row_of[sid] for sid in stream_ids], dtype=torch.int64)
+        return [p.index_select(0, rows).to(self.device) for p in parts]
 
     # ---- introspection -------------------------------------------------------------------------------
     def __contains__(self, stream_id: StreamId) -> bool:
