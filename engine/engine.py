@@ -741,6 +741,7 @@ class Engine:
                 model_version=self.model.info.version,
                 model_spec=self.model.spec.to_dict(),
                 positions=dict(positions or {}),
+                layout=state_layout(self.model),  # with any extra state (not derivable from the spec)
             )
 
     def restore(self, snapshot: EngineSnapshot, replace: bool = True) -> None:
