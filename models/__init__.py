@@ -5,6 +5,7 @@ from models.cells import CELL_KINDS, CellKind, RecurrentLayer
 from models.convert import UnstreamableModelError, from_torch
 from models.heads import HEAD_KINDS, Head, HeadKind
 from models.stream_model import ModelInfo, ModelSpec, StreamModel
+from models.utterance import UtteranceModel
 
 __all__ = [
     "CELL_KINDS",
@@ -18,6 +19,7 @@ __all__ = [
     "RecurrentLayer",
     "StreamModel",
     "UnstreamableModelError",
+    "UtteranceModel",
     "from_torch",
     "load_bundle",
     "save_bundle",

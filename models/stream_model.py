@@ -13,12 +13,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from models.attention import Attention
 from models.cells import CELL_KINDS, CellKind, RecurrentLayer
 from models.heads import HEAD_KINDS, Head, HeadKind
 
 AttentionKind = Literal["dot", "general", "additive"]
 ATTENTION_KINDS: tuple[AttentionKind, ...] = ("dot", "general", "additive")
+PoolingKind = Literal["last", "mean", "max"]
+POOLING_KINDS: tuple[PoolingKind, ...] = ("last", "mean", "max")
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class ModelSpec:
     - ``attention``: ``dot`` / ``general`` (Luong) or ``additive`` (Bahdanau) attention over the last
       ``attention_window`` (K) top-layer states; ``attention_size``: the additive score's hidden width.
     - ``utterance_frames``: > 0 buffers each stream's inputs (at most this many) until its end marker and
-      runs the model over the whole utterance then (``bidirectional`` models need it).
+      runs the model over the whole utterance then (``bidirectional`` models need it);
+      ``utterance_pooling``: what the head reads then (``models.utterance.UtteranceModel``).
     - ``decoder``: an encoder-decoder's decoder, as ``models.decoder.DecoderSpec.to_dict()``.
     """
 
@@ -55,6 +57,7 @@ class ModelSpec:
     utterance_frames: int = 0
     bidirectional: bool = False
     decoder: dict[str, Any] | None = None
+    utterance_pooling: PoolingKind = "last"
 
     def __post_init__(self) -> None:
         if self.cell not in CELL_KINDS:
@@ -69,6 +72,10 @@ class ModelSpec:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS} with attention_window >= 1")
         if self.utterance_frames < 0:
             raise ValueError(f"utterance_frames must be >= 0, got {self.utterance_frames}")
+        if self.utterance_pooling not in POOLING_KINDS:
+            raise ValueError(
+                f"utterance_pooling must be one of {POOLING_KINDS}, got {self.utterance_pooling!r}"
+            )
         if self.bidirectional and not self.utterance_frames:
             raise ValueError(
                 "a bidirectional model needs every future timestep: it runs only in utterance mode "
@@ -114,13 +121,6 @@ class StreamModel(nn.Module):
             layers.append(layer)
             width = layer.output_size
         self.layers = nn.ModuleList(layers)
-        self.attention = (
-            Attention(spec.attention, spec.attention_window, width, spec.attention_size)
-            if spec.attention
-            else None
-        )
-        if self.attention is not None:
-            width *= 2  # the head reads [h_t; context_t]
         self.head = Head(spec.head, width, spec.head_out, spec.head_bias) if spec.head else None
         self.initial_states = nn.ParameterList(
             nn.Parameter(torch.zeros(w), requires_grad=spec.learn_initial_state) for w in self.state_widths()
@@ -139,11 +139,10 @@ class StreamModel(nn.Module):
 
     @property
     def output_size(self) -> int:
-        """Width of one event's output: the head's ``out_features``, else the top layer's ``h`` width
-        (doubled with attention: ``[h_t; context_t]``)."""
+        """Width of one event's output: the head's ``out_features``, else the top layer's ``h`` width."""
         if self.head is not None:
             return self.head.out_features
-        return self.layers[-1].output_size * (2 if self.attention is not None else 1)
+        return self.layers[-1].output_size
 
     def state_widths(self) -> list[int]:
         """Widths of the flat state list, layer by layer (``h`` then ``c`` for LSTM), then the extras."""
@@ -156,9 +155,8 @@ class StreamModel(nn.Module):
 
     def extra_states(self) -> list[tuple[str, int]]:
         """Named per-stream state tensors after the layers' (``(name, width)``, names from
-        ``engine.snapshot.EXTRA_CODES``): none for a plain stack; with attention its ring
-        (``attention_states``, ``K * H_top``) and counters (``attention_fill``, 2), ``models.attention``."""
-        return self.attention.extra_states() if self.attention is not None else []
+        ``engine.snapshot.EXTRA_CODES``): none for a plain stack."""
+        return []
 
     # ---- stepping -----------------------------------------------------------------------------------
     def embed(self, x: Tensor) -> Tensor:
@@ -183,10 +181,6 @@ class StreamModel(nn.Module):
             new_state.extend(layer_state)
             inp = layer_state[0]
             pos += n
-        if self.attention is not None:  # models.attention: write h_t into the ring, attend over it
-            context, ring, fill = self.attention.step(inp, state[pos], state[pos + 1])
-            new_state += [ring, fill]
-            inp = torch.cat([inp, context], dim=-1)
         return self.apply_head(inp), new_state
 
     def steps(self, xs: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -204,10 +198,6 @@ class StreamModel(nn.Module):
             inp, layer_state = layer.sequence(inp, tuple(state[pos : pos + n]))
             new_state.extend(layer_state)
             pos += n
-        if self.attention is not None:  # every step's window at once: Attention.steps
-            contexts, ring, fill = self.attention.steps(inp, state[pos], state[pos + 1])
-            new_state += [ring, fill]
-            inp = torch.cat([inp, contexts], dim=-1)
         return self.apply_head(inp), new_state
 
     def apply_head(self, h_top: Tensor) -> Tensor:
@@ -216,27 +206,18 @@ class StreamModel(nn.Module):
 
     def end_output(self, state: list[Tensor]) -> Tensor:
         """A stream's output at its end marker (many-to-one): ``(B, output_size)`` from the flat state
-        list of ``B`` ended streams; here the head on the top layer's ``h`` (with attention, on
-        ``[h_T; context_T]``, the context of the last step recomputed from the ring)."""
-        if self.attention is not None:
-            h, ring, fill = self.top_hidden(state), state[-2], state[-1]
-            return self.apply_head(torch.cat([h, self.attention.ring_context(h, ring, fill)], dim=-1))
+        list of ``B`` ended streams; here the head on the top layer's ``h``."""
         return self.apply_head(self.top_hidden(state))
 
     def end_refusals(self, state: list[Tensor]) -> list[str | None]:
         """Per ended stream (flat state list of ``B`` streams), why its end output cannot be given (an
-        utterance past its bound, say), or None: here None, except with attention for a stream without
-        any event (an empty window: nothing to attend over)."""
-        if self.attention is not None:
-            empty = (state[-1][:, 1] < 1).tolist()
-            why = "no event before the end: attention has no state to attend over"
-            return [why if e else None for e in empty]
+        utterance past its bound, say), or None: here always None."""
         return [None] * len(state[0])
 
     def top_hidden(self, state: list[Tensor]) -> Tensor:
-        """The top layer's ``h`` from a flat state list (the layers' tensors, then any extras)."""
+        """The top layer's ``h`` from a flat state list."""
         n = 2 if self.layers[-1].kind == "lstm" else 1
-        return state[len(state) - len(self.extra_states()) - n]
+        return state[len(state) - n]
 
     def initial_state(self, batch: int) -> list[Tensor]:
         """The state a new stream starts from, repeated for ``batch`` rows."""
