@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.attention import Attention, AttentiveRecurrent
 from models.cells import CellKind
 from models.heads import Head, HeadKind
 from models.stream_model import ModelInfo, ModelSpec, PoolingKind, StreamModel
@@ -38,12 +39,13 @@ def _as_head(head: Head | nn.Linear | None, kind: HeadKind) -> Head | None:
 
 
 def from_torch(
-    module: TorchRecurrent,
+    module: TorchRecurrent | AttentiveRecurrent,
     head: Head | nn.Linear | None = None,
     *,
     head_kind: HeadKind = "linear",
     embedding: nn.Embedding | None = None,
     info: ModelInfo | None = None,
+    attention: Attention | None = None,
     utterance_frames: int = 0,
     pooling: PoolingKind = "last",
 ) -> StreamModel:
@@ -61,9 +63,23 @@ def from_torch(
       until its end marker, then the whole model runs on them; ``pooling`` says what ``head`` reads then
       (``last``: ``cat(h_n[-2], h_n[-1])`` for a bidirectional module, ``h_n[-1]`` otherwise; ``mean`` or
       ``max`` of the top layer's outputs over the frames).
+    - ``attention``: a ``models.attention.Attention`` over the top layer's last K states; the head then
+      reads ``[h_t; context_t]``. A ``models.attention.AttentiveRecurrent`` as ``module`` brings its rnn,
+      attention and head itself.
 
     Weights are copied; the returned model is on the module's device, in eval mode.
     """
+    if isinstance(module, AttentiveRecurrent):
+        if head is not None or attention is not None:
+            raise ValueError("an AttentiveRecurrent brings its own head and attention: pass neither")
+        return from_torch(
+            module.rnn,
+            module.head,
+            head_kind=head_kind,
+            embedding=embedding,
+            info=info,
+            attention=module.attention,
+        )
     kind = _cell_kind(module)
     if utterance_frames > 0:
         return _utterance_from_torch(
@@ -91,6 +107,9 @@ def from_torch(
         head=head_module.kind if head_module is not None else None,
         head_out=head_module.out_features if head_module is not None else 0,
         head_bias=head_module is None or head_module.linear.bias is not None,
+        attention=attention.kind if attention is not None else None,
+        attention_window=attention.window if attention is not None else 0,
+        attention_size=attention.attention_size if attention is not None else 0,
     )
     model = StreamModel(spec, info)
     with torch.no_grad():
@@ -102,6 +121,8 @@ def from_torch(
             model.embedding.weight.copy_(embedding.weight)
         if head_module is not None:
             model.head.load_state_dict(head_module.state_dict())
+        if attention is not None:
+            model.attention.load_state_dict(attention.state_dict())
     device = next(module.parameters()).device
     return model.to(device).eval()
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from models.attention import Attention
 from models.cells import CELL_KINDS, CellKind, RecurrentLayer
 from models.heads import HEAD_KINDS, Head, HeadKind
 
@@ -121,6 +122,13 @@ class StreamModel(nn.Module):
             layers.append(layer)
             width = layer.output_size
         self.layers = nn.ModuleList(layers)
+        self.attention = (
+            Attention(spec.attention, spec.attention_window, width, spec.attention_size)
+            if spec.attention
+            else None
+        )
+        if self.attention is not None:
+            width *= 2  # the head reads [h_t; context_t]
         self.head = Head(spec.head, width, spec.head_out, spec.head_bias) if spec.head else None
         self.initial_states = nn.ParameterList(
             nn.Parameter(torch.zeros(w), requires_grad=spec.learn_initial_state) for w in self.state_widths()
@@ -139,10 +147,11 @@ class StreamModel(nn.Module):
 
     @property
     def output_size(self) -> int:
-        """Width of one event's output: the head's ``out_features``, else the top layer's ``h`` width."""
+        """Width of one event's output: the head's ``out_features``, else the top layer's ``h`` width
+        (doubled with attention: ``[h_t; context_t]``)."""
         if self.head is not None:
             return self.head.out_features
-        return self.layers[-1].output_size
+        return self.layers[-1].output_size * (2 if self.attention is not None else 1)
 
     def state_widths(self) -> list[int]:
         """Widths of the flat state list, layer by layer (``h`` then ``c`` for LSTM), then the extras."""
@@ -155,8 +164,9 @@ class StreamModel(nn.Module):
 
     def extra_states(self) -> list[tuple[str, int]]:
         """Named per-stream state tensors after the layers' (``(name, width)``, names from
-        ``engine.snapshot.EXTRA_CODES``): none for a plain stack."""
-        return []
+        ``engine.snapshot.EXTRA_CODES``): none for a plain stack; with attention its ring
+        (``attention_states``, ``K * H_top``) and counters (``attention_fill``, 2), ``models.attention``."""
+        return self.attention.extra_states() if self.attention is not None else []
 
     # ---- stepping -----------------------------------------------------------------------------------
     def embed(self, x: Tensor) -> Tensor:
@@ -181,6 +191,10 @@ class StreamModel(nn.Module):
             new_state.extend(layer_state)
             inp = layer_state[0]
             pos += n
+        if self.attention is not None:  # models.attention: write h_t into the ring, attend over it
+            context, ring, fill = self.attention.step(inp, state[pos], state[pos + 1])
+            new_state += [ring, fill]
+            inp = torch.cat([inp, context], dim=-1)
         return self.apply_head(inp), new_state
 
     def steps(self, xs: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -198,6 +212,10 @@ class StreamModel(nn.Module):
             inp, layer_state = layer.sequence(inp, tuple(state[pos : pos + n]))
             new_state.extend(layer_state)
             pos += n
+        if self.attention is not None:  # every step's window at once: Attention.steps
+            contexts, ring, fill = self.attention.steps(inp, state[pos], state[pos + 1])
+            new_state += [ring, fill]
+            inp = torch.cat([inp, contexts], dim=-1)
         return self.apply_head(inp), new_state
 
     def apply_head(self, h_top: Tensor) -> Tensor:
@@ -206,18 +224,27 @@ class StreamModel(nn.Module):
 
     def end_output(self, state: list[Tensor]) -> Tensor:
         """A stream's output at its end marker (many-to-one): ``(B, output_size)`` from the flat state
-        list of ``B`` ended streams; here the head on the top layer's ``h``."""
+        list of ``B`` ended streams; here the head on the top layer's ``h`` (with attention, on
+        ``[h_T; context_T]``, the context of the last step recomputed from the ring)."""
+        if self.attention is not None:
+            h, ring, fill = self.top_hidden(state), state[-2], state[-1]
+            return self.apply_head(torch.cat([h, self.attention.ring_context(h, ring, fill)], dim=-1))
         return self.apply_head(self.top_hidden(state))
 
     def end_refusals(self, state: list[Tensor]) -> list[str | None]:
         """Per ended stream (flat state list of ``B`` streams), why its end output cannot be given (an
-        utterance past its bound, say), or None: here always None."""
+        utterance past its bound, say), or None: here None, except with attention for a stream without
+        any event (an empty window: nothing to attend over)."""
+        if self.attention is not None:
+            empty = (state[-1][:, 1] < 1).tolist()
+            why = "no event before the end: attention has no state to attend over"
+            return [why if e else None for e in empty]
         return [None] * len(state[0])
 
     def top_hidden(self, state: list[Tensor]) -> Tensor:
-        """The top layer's ``h`` from a flat state list."""
+        """The top layer's ``h`` from a flat state list (the layers' tensors, then any extras)."""
         n = 2 if self.layers[-1].kind == "lstm" else 1
-        return state[len(state) - n]
+        return state[len(state) - len(self.extra_states()) - n]
 
     def initial_state(self, batch: int) -> list[Tensor]:
         """The state a new stream starts from, repeated for ``batch`` rows."""
