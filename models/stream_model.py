@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from models.attention import Attention
 from models.cells import CELL_KINDS, CellKind, RecurrentLayer
+from models.decoder import build_decoder
 from models.heads import HEAD_KINDS, Head, HeadKind
 
 AttentionKind = Literal["dot", "general", "additive"]
@@ -130,6 +131,7 @@ class StreamModel(nn.Module):
         if self.attention is not None:
             width *= 2  # the head reads [h_t; context_t]
         self.head = Head(spec.head, width, spec.head_out, spec.head_bias) if spec.head else None
+        self.decoder = build_decoder(spec) if spec.decoder else None  # models.decoder: encoder-decoder
         self.initial_states = nn.ParameterList(
             nn.Parameter(torch.zeros(w), requires_grad=spec.learn_initial_state) for w in self.state_widths()
         )
