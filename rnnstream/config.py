@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from engine.finetune import FineTuneSettings
+from models.rollout import MAX_HORIZON
 from rnnstream.config_secrets import normalized_key, resolve, resolve_settings
 
 
@@ -353,6 +354,13 @@ class ScoringConfig(Strict):
     forecaster: Literal["model", "last"] = "model"  # detector: "last" is the naive last-value baseline
 
 
+class ForecastConfig(Strict):
+    """Forecast rollouts in the output documents (``rnnstream.forecast``): each document also carries
+    ``"forecasts"``, the model's next ``horizon`` outputs fed back as inputs, in the document's units."""
+
+    horizon: int = Field(ge=1, le=MAX_HORIZON)
+
+
 class LimitsConfig(Strict):
     """Limits on what one stream may send (``rnnstream.limits``). The other limits sit with what they
     bound: ``engine.max_streams``, ``engine.max_state_bytes``, the source's ``max_message_bytes`` /
@@ -373,6 +381,7 @@ class ServiceConfig(Strict):
     mqtt: MqttConnection = MqttConnection()  # for MQTT parts
     readings: ReadingsConfig | None = None  # checks of timestamped readings (default on for sensors)
     scoring: ScoringConfig = ScoringConfig()
+    forecast: ForecastConfig | None = None  # "forecasts" (next outputs) in each output document (off: absent)
     engine: EngineConfig = EngineConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     finetune: FineTuneSettings | None = None  # online fine-tuning (off when absent)

@@ -34,7 +34,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import chain
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import orjson
@@ -60,6 +60,9 @@ from engine.snapshot import StateLayout, StateLayoutError, state_layout
 from rnnstream.limits import StreamRateLimit
 from rnnstream.process import exit_within
 from rnnstream.stream_table import StreamDict, StreamTable
+
+if TYPE_CHECKING:
+    from rnnstream.forecast import Forecaster
 
 log = logging.getLogger("rnnstream.pipeline")
 
@@ -364,8 +367,10 @@ class Pipeline:
         checkpoint_interval_s: float = 0.2,
         labels_wanted: bool = False,
         rate_limit: StreamRateLimit | None = None,
+        forecaster: Forecaster | None = None,
     ) -> None:
         self.engine = engine
+        self.forecaster = forecaster  # rnnstream.forecast: "forecasts" in each output document
         self.source = source
         self.decoder = decoder
         self.sink = sink
@@ -397,7 +402,7 @@ class Pipeline:
         # no per-message document or ``Output``
         self._json_outputs = (
             type(self.scoring) is RawOutputs and isinstance(sink, JsonSink) and bool(sink.writes_json)
-        )
+        ) and forecaster is None
         self._in_flight: deque[tuple[list, dict, tuple]] = deque()  # deferred checkpoints, oldest first
         self._to_restore: set[int] = set()
         self._opened = False  # the source is open and its first partitions restored
@@ -627,6 +632,12 @@ class Pipeline:
         if not batch:
             return batch
         engine = self.engine
+        if self.forecaster is not None:  # a forecast per message: each stream once per engine step
+            parts = self.forecaster.rounds(batch)
+            if len(parts) > 1:
+                for part in parts:
+                    self._flush(part)
+                return Batch()
         batch = self._without_refused_streams(batch)
         if not batch:
             return batch
@@ -659,6 +670,8 @@ class Pipeline:
                 self.counters.outputs += len(pairs)
                 return Batch()
         docs = self.scoring.documents(batch, decoded, ys, version)
+        if self.forecaster is not None:
+            self.forecaster.add(batch.items, docs)
         outputs = []
         for (msg, sid, _n, _dec), doc in zip(batch.items, docs, strict=True):
             changed = dirty.get(msg.partition)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from connectors.base import DeadLetters, Sink, Source, StateBackend
@@ -34,6 +34,9 @@ from rnnstream.limits import StreamRateLimit
 from rnnstream.pipeline import MessageDecoder, Pipeline, RawOutputs, Scoring
 from rnnstream.sensors import ForecastScoring, ReadingGuard
 
+if TYPE_CHECKING:
+    from rnnstream.forecast import Forecaster
+
 log = logging.getLogger("rnnstream.service")
 
 
@@ -49,6 +52,7 @@ def build_pipeline(config: ServiceConfig) -> Pipeline:
         from connectors.serial import FlaggedLineDecoder
 
         decoder = FlaggedLineDecoder(source, decoder)  # partial, cut and garbled lines are dead letters
+    scoring = _scoring(config, engine.model)
     pipeline = Pipeline(
         engine,
         source,
@@ -56,11 +60,12 @@ def build_pipeline(config: ServiceConfig) -> Pipeline:
         sink,
         dead_letters,
         _backend(config, kafka),
-        scoring=_scoring(config, engine.model),
+        scoring=scoring,
         checks=_checks(config),
         checkpoint_interval_s=config.checkpoint.interval_ms / 1e3,
         labels_wanted=config.finetune is not None and config.finetune.target == "feedback",
         rate_limit=_rate_limit(config.limits),
+        forecaster=_forecaster(config, engine, scoring),
     )
     if config.metrics_port is not None:
         admin = AdminServer(
@@ -292,6 +297,15 @@ def _decoder(config: ServiceConfig, model: StreamModel) -> MessageDecoder:
         timestamp_column=getattr(src, "timestamp_column", "timestamp"),
         stream_column=getattr(src, "stream_column", None),
     )
+
+
+def _forecaster(config: ServiceConfig, engine: Engine, scoring: Scoring) -> Forecaster | None:
+    """``forecast: {horizon}``: forecast rollouts in the output documents (``rnnstream.forecast``)."""
+    if config.forecast is None:
+        return None
+    from rnnstream.forecast import Forecaster
+
+    return Forecaster(engine, config.forecast.horizon, scoring)
 
 
 def _rate_limit(limits: LimitsConfig) -> StreamRateLimit | None:
