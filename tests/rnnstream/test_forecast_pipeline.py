@@ -94,7 +94,8 @@ def test_raw_outputs_carry_the_offline_torch_rollout_after_each_reading(tmp_path
         assert forecasts.shape == (HORIZON, 1)
         assert forecasts[0, 0] == pytest.approx(doc["y"][-1][0], abs=1e-6)  # the same units as y
         expected = _torch_lstm_rollout(values[sid][: seen[sid]], HORIZON)
-        np.testing.assert_allclose(forecasts[:, 0], expected, atol=1e-5, rtol=1e-5, err_msg=f"{sid} {seen[sid]}")
+        where = f"{sid} after {seen[sid]} readings"
+        np.testing.assert_allclose(forecasts[:, 0], expected, atol=1e-5, rtol=1e-5, err_msg=where)
 
 
 def test_forecast_scoring_gives_the_forecasts_in_reading_units(tmp_path):
