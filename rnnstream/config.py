@@ -246,13 +246,31 @@ class AudioFilesSourceConfig(Strict):
 
 AUDIO_SOURCES = (MicrophoneSourceConfig, AudioFilesSourceConfig)
 
+
+class VideoSourceConfig(Strict):
+    """Video files or directories of images (``connectors.video``), one stream (camera) per path, each
+    frame one feature vector; replayable from a frame. The feature settings left out are the model
+    bundle's (``features["video"]``), else ``connectors.video.FrameFeatures``' defaults."""
+
+    type: Literal["video"]
+    paths: list[str] = Field(min_length=1)  # video files, directories of images, or glob patterns
+    names: list[str] | None = None  # stream ids, one per path (default: each path's stem)
+    speed: float | None = Field(None, gt=0)  # None: as fast as possible; 1: the videos' own pace
+    fps: float = Field(25.0, gt=0)  # frames a second of an image directory
+    features: list[Literal["grey", "difference", "histogram"]] | None = Field(None, min_length=1)
+    rows: int | None = Field(None, ge=1, le=1024)  # grid of the grey and difference features
+    cols: int | None = Field(None, ge=1, le=1024)
+    bins: int | None = Field(None, ge=1, le=256)  # histogram bins per colour channel
+
+
 SourceConfig = Annotated[
     KafkaSourceConfig
     | MqttSourceConfig
     | SerialSourceConfig
     | CsvSourceConfig
     | MicrophoneSourceConfig
-    | AudioFilesSourceConfig,
+    | AudioFilesSourceConfig
+    | VideoSourceConfig,
     Field(discriminator="type"),
 ]
 
@@ -370,6 +388,17 @@ class LimitsConfig(Strict):
     stream_burst: float | None = Field(None, ge=1)  # per stream, at once (default: one second's worth)
 
 
+class TextConfig(Strict):
+    """Text messages (``connectors.text``): each message's text becomes token-id events through the
+    model's tokenizer (``ModelInfo.features["tokenizer"]``); a control ``end`` labels the user's stream."""
+
+    text_key: str = "text"  # JSON key / CSV column of the text
+    control_key: str = "control"  # ... of the control (start, end, reset; an empty CSV cell: none)
+    stream_key: str = "user"  # ... naming the stream when the message has no key (CSV: source.stream_column)
+    max_bytes: int = Field(65_536, ge=64)  # a larger message is refused unread
+    outputs: Literal["ends", "messages"] = "ends"  # ends: a label per end marker; messages: also per message
+
+
 class ServiceConfig(Strict):
     """The whole ``rnnstream run`` configuration: source → decode → engine → sink."""
 
@@ -386,6 +415,7 @@ class ServiceConfig(Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     finetune: FineTuneSettings | None = None  # online fine-tuning (off when absent)
     limits: LimitsConfig = LimitsConfig()
+    text: TextConfig | None = None  # text messages through the model's tokenizer (off when absent)
     metrics_port: int | None = Field(None, ge=0, le=65535)  # admin endpoint: /metrics, /stats, /finetune/*
 
     @model_validator(mode="after")

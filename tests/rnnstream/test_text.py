@@ -1,0 +1,197 @@
+"""Text streams end to end: a trained torch ``Embedding → GRU/LSTM → Linear`` loads as it is; users'
+messages, interleaved in any order, become token events through the tokenizer, and the label at each
+user's end marker equals the torch module run over that user's whole token sequence (1e-5). Through
+``rnnstream run``: the shipped sentiment config labels each end marker, a malformed message is a dead
+letter and touches no other stream."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from connectors.base import Message
+from connectors.text import UNKNOWN, TextDecoder, Tokenizer
+from engine import Engine
+from models import ModelInfo, from_torch, load_bundle
+
+REPO = Path(__file__).resolve().parents[2]
+ASSET = REPO / "models" / "assets" / "sentiment_gru.safetensors"
+ATOL = RTOL = 1e-5
+WORDS = ["great", "phone", "awful", "battery", "not", "good", "!", ",", "love", "it"]
+
+
+def torch_sentiment(kind: str, vocabulary: int, seed: int) -> tuple[nn.Embedding, nn.Module, nn.Linear]:
+    """A torch ``Embedding(V, 5) → GRU/LSTM(5, 7) → Linear(7, 3)`` with seeded random weights."""
+    torch.manual_seed(seed)
+    rnn = nn.GRU(5, 7) if kind == "gru" else nn.LSTM(5, 7, num_layers=2)
+    return nn.Embedding(vocabulary, 5), rnn, nn.Linear(7, 3)
+
+
+@torch.no_grad()
+def torch_label(parts: tuple[nn.Embedding, nn.Module, nn.Linear], ids: list[int]) -> np.ndarray:
+    """The torch module over a whole token sequence: ``softmax(W h_T + b)``, ``(3,)``."""
+    embedding, rnn, linear = parts
+    hs, _ = rnn(embedding(torch.tensor(ids)[:, None]))  # (T, 1, H)
+    return torch.softmax(linear(hs[-1, 0]), -1).numpy()
+
+
+@st.composite
+def conversations(draw):
+    """Per user 1-4 messages (text of known words, unknown words, odd characters), the last with an end
+    marker; all users' messages interleaved in a random order that keeps each user's own order; cut
+    into batches as the pipeline steps them."""
+    text = st.lists(st.sampled_from([*WORDS, "zebra", "GREAT", "é", "🙂"]), min_size=1, max_size=9)
+    users = draw(st.lists(st.lists(text.map(" ".join), min_size=1, max_size=4), min_size=1, max_size=6))
+    order = draw(st.permutations([u for u, msgs in enumerate(users) for _ in msgs]))
+    cuts = sorted(draw(st.sets(st.integers(1, max(1, len(order) - 1)), max_size=4)))
+    return users, order, cuts, draw(st.sampled_from(["gru", "lstm"])), draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conversations())
+def test_interleaved_users_labels_equal_the_torch_module_over_each_whole_token_sequence(scenario):
+    users, order, cuts, kind, seed = scenario
+    tokenizer = Tokenizer((UNKNOWN, *WORDS))
+    parts = torch_sentiment(kind, tokenizer.size, seed)
+    embedding, rnn, linear = parts
+    model = from_torch(rnn, linear, head_kind="classifier", embedding=embedding)
+    decoder = TextDecoder(tokenizer)
+    sent = [0] * len(users)
+    messages = []  # (user, decoded), in arrival order
+    for u in order:
+        end = "end" if sent[u] == len(users[u]) - 1 else None
+        doc = {"text": users[u][sent[u]], "user": f"user-{u}", **({"control": end} if end else {})}
+        messages.append((u, decoder.decode(Message(json.dumps(doc).encode()))))
+        sent[u] += 1
+    got: dict[int, np.ndarray] = {}
+    with Engine(model, device="cpu", max_batch=7, capacity=3) as engine:
+        bounds = [0, *cuts, len(messages)]
+        for lo, hi in itertools.pairwise(bounds):
+            ids, xs = [], []
+            for u, decoded in messages[lo:hi]:  # as the pipeline does: a stream's steps, then its end
+                ids += [decoded.stream_id] * len(decoded.xs)
+                xs += decoded.xs
+                if decoded.control == "end":
+                    engine.step_many(ids, np.array(xs, np.int64))
+                    ids, xs = [], []
+                    got[u] = engine.end(decoded.stream_id)
+            if ids:
+                engine.step_many(ids, np.array(xs, np.int64))
+    for u, msgs in enumerate(users):
+        whole = [i for text in msgs for i in tokenizer.encode(text)]
+        np.testing.assert_allclose(
+            got[u], torch_label(parts, whole), atol=ATOL, rtol=RTOL, err_msg=f"user {u}"
+        )
+
+
+def test_the_shipped_sentiment_model_is_small_ships_its_tokenizer_and_reports_held_out_accuracy():
+    assert ASSET.stat().st_size < 1_000_000
+    model = load_bundle(ASSET)
+    tokenizer = Tokenizer.from_features(model.info.features)
+    assert model.categorical and tokenizer.size <= model.spec.num_embeddings
+    assert model.info.features["classes"] == ["negative", "positive"]
+    trained = model.info.trained_on
+    assert {"test_accuracy", "majority_class_test_accuracy", "lexicon_test_accuracy"} <= set(trained)
+    with torch.no_grad():  # it has learned something: clear sentences go the obvious way
+        good, bad = (tokenizer.encode(t) for t in ("i love it , great phone", "awful , do not buy"))
+        assert model(torch.tensor(good)[:, None])[0][-1, 0, 1] > 0.5
+        assert model(torch.tensor(bad)[:, None])[0][-1, 0, 0] > 0.5
+
+
+def test_from_torch_keeps_the_tokenizer_in_the_bundle(tmp_path):
+    from models import save_bundle
+
+    tokenizer = Tokenizer((UNKNOWN, *WORDS))
+    embedding, rnn, linear = torch_sentiment("gru", tokenizer.size, 0)
+    info = ModelInfo(features={"tokenizer": tokenizer.to_features(), "classes": ["a", "b", "c"]})
+    save_bundle(
+        from_torch(rnn, linear, head_kind="classifier", embedding=embedding, info=info), tmp_path / "m"
+    )
+    assert Tokenizer.from_features(load_bundle(tmp_path / "m").info.features) == tokenizer
+
+
+# ---- through ``rnnstream run`` ---------------------------------------------------------------------------
+def _offline_labels(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Per user, the shipped model run offline (``StreamModel.forward``) over all tokens of the user's
+    messages up to the end marker."""
+    model = load_bundle(ASSET)
+    tokenizer = Tokenizer.from_features(model.info.features)
+    tokens: dict[str, list[int]] = {}
+    out = {}
+    for row in rows:
+        tokens.setdefault(row["user"], []).extend(tokenizer.encode(row["text"]))
+        if row["control"] == "end":
+            with torch.no_grad():
+                ys, _ = model(torch.tensor(tokens.pop(row["user"]))[:, None])
+            out[row["user"]] = ys[-1, 0].numpy()
+    return out
+
+
+def _run(config: Path) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "rnnstream.cli", "run", str(config)]
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.integration
+def test_the_shipped_text_config_labels_each_user_at_the_end_marker_as_the_model_offline():
+    proc = _run(REPO / "configs" / "text-sentiment.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    docs = [json.loads(line) for line in proc.stdout.splitlines()]
+    with open(REPO / "configs" / "data" / "chat.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    expected = _offline_labels(rows)
+    assert sorted(d["stream"] for d in docs) == sorted(expected)  # one document per end marker
+    for d in docs:
+        np.testing.assert_allclose(d["y"], expected[d["stream"]], atol=ATOL, rtol=RTOL)
+        assert d["label"] == ["negative", "positive"][int(np.argmax(d["y"]))] and d["control"] == "end"
+
+
+@pytest.mark.integration
+def test_a_malformed_message_is_a_dead_letter_and_the_other_users_are_labelled_as_offline(tmp_path):
+    good = [
+        {"timestamp": "1", "user": "ann", "text": "I love this phone", "control": ""},
+        {"timestamp": "2", "user": "bob", "text": "Awful battery.", "control": ""},
+        {"timestamp": "3", "user": "ann", "text": None, "control": "stop"},  # unknown control
+        {"timestamp": "4", "user": "bob", "text": "", "control": ""},  # no text, no control
+        {"timestamp": "5", "user": "cat", "text": "word " * 600, "control": "end"},  # > max tokens
+        {"timestamp": "6", "user": "ann", "text": "great screen!", "control": "end"},
+        {"timestamp": "7", "user": "bob", "text": "never again", "control": "end"},
+        {"timestamp": "8", "user": "dan", "text": "", "control": "end"},  # an end for no stream
+    ]
+    data = tmp_path / "chat.csv"
+    with open(data, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["timestamp", "user", "text", "control"])
+        writer.writeheader()
+        writer.writerows(good)
+    cfg = yaml.safe_load((REPO / "configs" / "text-sentiment.yaml").read_text())
+    cfg["model"] = str(ASSET)
+    cfg["source"]["paths"] = [str(data)]
+    cfg["sink"] = {"type": "jsonl", "path": str(tmp_path / "out.jsonl")}
+    cfg["dead_letters"] = {"type": "file", "path": str(tmp_path / "dlq.jsonl")}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    proc = _run(config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    docs = {d["stream"]: d for d in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    letters = [json.loads(line) for line in (tmp_path / "dlq.jsonl").read_text().splitlines()]
+    reasons = " | ".join(str(letter) for letter in letters)
+    assert len(letters) == 4, reasons
+    for why in ("unknown control", "missing 'text'", "oversized", "control 'end'"):
+        assert why in reasons, reasons
+    accepted = [r for r in good if r["user"] in ("ann", "bob") and r["text"]]
+    expected = _offline_labels(accepted)
+    assert sorted(docs) == ["ann", "bob"]
+    for user, y in expected.items():
+        np.testing.assert_allclose(docs[user]["y"], y, atol=ATOL, rtol=RTOL)
