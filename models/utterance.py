@@ -99,6 +99,12 @@ class UtteranceModel(nn.Module):
         """Width of an utterance's output: the head's ``out_features``, else ``pooled_size``."""
         return self.head.out_features if self.head is not None else self.pooled_size
 
+    def describe(self) -> str:
+        """``bidirectional lstm x2 over whole utterances (<= 100 frames)``, say."""
+        direction = "bidirectional " if self.spec.bidirectional else ""
+        bound = f"(<= {self.max_frames} frames)"
+        return f"{direction}{self.spec.cell} x{self.spec.num_layers} over whole utterances {bound}"
+
     def state_widths(self) -> list[int]:
         """``[M * F, 2]``: the buffered frames and ``[buffered, refused]`` (no per-layer state)."""
         return [w for _, w in self.extra_states()]

@@ -54,7 +54,7 @@ from connectors.base import (
     StateBackend,
 )
 from connectors.codec import FLOAT32_MAX, Decoded, DecodeError, check_label, decode_feedback
-from engine import Engine, EngineSnapshot, StreamCapacityError, UnknownStreamError
+from engine import Engine, EngineSnapshot, RefusedEndError, StreamCapacityError
 from engine.runtime import freeze_startup_objects
 from engine.snapshot import StateLayout, StateLayoutError, state_layout
 from rnnstream.limits import StreamRateLimit
@@ -409,6 +409,11 @@ class Pipeline:
         self._last_pass = time.monotonic()  # when the loop last went round
         # stream → recent (input position, first step, timesteps), to address feedback by positions
         self._steps_at: dict[str, deque[tuple[int, int, int]]] = {}
+        # stream → its end message, the ends of this poll not run yet: run together (``_run_ends``)
+        self._ends: dict[str, Message] = {}
+        # False for a model whose per-step outputs carry nothing (``models.utterance``): no document per
+        # message of frames, only the end's
+        self._step_outputs = bool(getattr(engine.model, "step_outputs", True))
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -512,6 +517,7 @@ class Pipeline:
         # limits goes straight into the batch: the loop below, without a call per message
         plain = self.rate_limit is None and self.checks is None
         labels = self.labels_wanted
+        ends = self._ends
         ids, chunks, items = batch.ids, batch.chunks, batch.items
         for msg in messages:
             if msg.feedback:
@@ -522,7 +528,8 @@ class Pipeline:
             except Exception as exc:
                 self._decode_failed(msg, exc)
                 continue
-            if plain and decoded.control is None and (decoded.label is None or not labels):
+            plain_one = plain and decoded.control is None and (decoded.label is None or not labels)
+            if plain_one and (not ends or decoded.stream_id not in ends):
                 xs = decoded.xs
                 n = len(xs)
                 if n == 1:
@@ -539,6 +546,7 @@ class Pipeline:
             if batch is not before:
                 ids, chunks, items = batch.ids, batch.chunks, batch.items
         self._flush(batch)
+        self._run_ends()
         for msg in feedback:
             self._feedback(msg)
         self.counters.messages += len(messages)
@@ -548,6 +556,9 @@ class Pipeline:
         """One decoded message with checks, a rate limit, a control or a label; returns the batch to go
         on with (a new one after a flush)."""
         sid = decoded.stream_id
+        if sid in self._ends:  # its end (and its steps before it) first
+            batch = self._flush(batch)
+            self._run_ends()
         if self.rate_limit is not None and not self._within_rate(msg, sid, len(decoded.xs)):
             return batch
         if self.checks is not None and len(decoded.xs):
@@ -578,9 +589,7 @@ class Pipeline:
         if len(decoded.xs):
             batch.add(msg, sid, decoded)
         if decoded.control == "end":
-            if batch.has_stream(sid):
-                batch = self._flush(batch)
-            self._end(msg, sid)
+            self._ends[sid] = msg  # after the batch's steps, with the poll's other ends (_run_ends)
         return batch
 
     def _decode(self, msg: Message) -> Decoded | None:
@@ -653,6 +662,10 @@ class Pipeline:
             self._note_steps(batch)
         ys = engine.step_many(batch.ids, xs)
         self.counters.events += len(xs)
+        if not self._step_outputs:  # frames buffered: only the end has an output
+            for msg, sid, _n, _dec in batch.items:
+                self._mark_dirty(msg.partition, sid)
+            return Batch()
         version = engine.model.info.version
         dirty = self._dirty
         if self._json_outputs:
@@ -747,16 +760,29 @@ class Pipeline:
         self._mark_dirty(msg.partition, sid)
         return True
 
-    def _end(self, msg: Message, sid: str) -> None:
-        try:
-            final = self.engine.end(sid)
-        except UnknownStreamError as exc:
-            self._dead_letter(msg, f"control 'end': {exc}")
+    def _run_ends(self) -> None:
+        """The ends deferred so far (each after its stream's steps), as one ``engine.end_many``: one
+        batched ``model.end_output`` (an utterance model runs its whole model once for all of them)."""
+        if not self._ends:
             return
+        ends = list(self._ends.items())
+        self._ends.clear()  # in place: ``_process`` holds it
+        for (sid, msg), final in zip(ends, self.engine.end_many([sid for sid, _ in ends]), strict=True):
+            self._end(msg, sid, final)
+
+    def _end(self, msg: Message, sid: str, final: np.ndarray | Exception) -> None:
+        """A stream's end: its final output ``(out,)`` as a document, or the engine's refusal as a dead
+        letter (``RefusedEndError``: the stream ended all the same)."""
+        if isinstance(final, Exception):
+            self._dead_letter(msg, f"control 'end': {final}")
+            if not isinstance(final, RefusedEndError):  # the engine does not hold the stream
+                return
         self._forget_stream(sid)
         self._tasks.get(msg.partition, set()).discard(sid)
         self._dirty.get(msg.partition, set()).discard(sid)
         self._ended.setdefault(msg.partition, set()).add(sid)
+        if isinstance(final, Exception):
+            return
         version = self.engine.model.info.version
         if isinstance(self.scoring, EndScoring):
             doc = self.scoring.ended(msg, sid, final, version)
