@@ -12,7 +12,7 @@ from connectors.base import DeadLetters, Sink, Source, StateBackend
 from connectors.codec import Decoder, KeyedDecoder
 from engine import Engine
 from engine.finetune import FineTuneSettings, serving_bundle
-from models import StreamModel, UtteranceModel, load_bundle
+from models import StreamModel, load_bundle
 from rnnstream.admin import AdminServer
 from rnnstream.anomaly import AnomalyDetector
 from rnnstream.checkpoint import EphemeralState, LocalCheckpoint
@@ -28,7 +28,6 @@ from rnnstream.config import (
     ReadingsConfig,
     SerialSourceConfig,
     ServiceConfig,
-    VideoSourceConfig,
 )
 from rnnstream.config_secrets import reveal, revealed
 from rnnstream.limits import StreamRateLimit
@@ -90,10 +89,7 @@ def check(config: ServiceConfig) -> str:
     paths = getattr(src, "paths", None)
     files = len(_expand(paths)) if paths else 0
     what = f"{src.type} source" + (f" ({files} files)" if files else "")
-    if isinstance(model, UtteranceModel):
-        cells = model.describe()
-    else:
-        cells = "+".join(layer.kind for layer in model.layers)
+    cells = "+".join(layer.kind for layer in model.layers)
     scoring, sink = config.scoring.kind, config.sink.type
     return f"{what} → model {cells} ({model.feature_size} inputs) → {scoring} scoring → {sink} sink"
 
@@ -229,11 +225,6 @@ def _source(config: ServiceConfig, kafka: Any) -> Source:
         return SerialSource(src.port, src.stream_id, src.baudrate)
     if isinstance(src, AUDIO_SOURCES):
         return _audio_source(config)
-    if isinstance(src, VideoSourceConfig):
-        from connectors.video import VideoSource
-
-        features = _video_features(src, load_bundle(config.model))
-        return VideoSource(_expand(src.paths), features, src.speed, src.fps, src.names)
     from connectors.csv import CsvSource
 
     assert isinstance(src, CsvSourceConfig)
@@ -267,18 +258,6 @@ def _audio_source(config: ServiceConfig) -> Source:
     return AudioSource(captures, feature_settings(load_bundle(config.model)), reopen_s=reopen_s)
 
 
-def _video_features(src: VideoSourceConfig, model: StreamModel) -> Any:
-    """The ``connectors.video.FrameFeatures`` of ``src``: each setting left out is the model bundle's
-    (``features["video"]``), else the default."""
-    from connectors.video import FrameFeatures
-    from rnnstream.video import features_of_bundle
-
-    base = features_of_bundle(model.info.features) or FrameFeatures()
-    kinds = tuple(src.features) if src.features is not None else base.kinds
-    pick = [base.rows if src.rows is None else src.rows, base.cols if src.cols is None else src.cols]
-    return FrameFeatures(kinds, *pick, bins=base.bins if src.bins is None else src.bins)
-
-
 def _expand(patterns: list[str]) -> list[Path]:
     """Files named by ``patterns`` (globs allowed), in order, each once; a pattern matching nothing is
     an error."""
@@ -301,13 +280,6 @@ def _decoder(config: ServiceConfig, model: StreamModel) -> MessageDecoder:
         from connectors.audio import AudioDecoder
 
         return AudioDecoder(model.feature_size)
-    if isinstance(src, VideoSourceConfig):
-        from connectors.video import VideoDecoder
-
-        size = _video_features(src, model).size
-        if size != model.feature_size:
-            raise ValueError(f"source: frames give {size} features; the model takes {model.feature_size}")
-        return VideoDecoder(model.feature_size)
     if isinstance(src, KafkaSourceConfig):
         payload = Decoder(
             src.format, model.feature_size, model.spec.num_embeddings, src.max_timesteps_per_message
@@ -329,6 +301,15 @@ def _decoder(config: ServiceConfig, model: StreamModel) -> MessageDecoder:
     )
 
 
+def _forecaster(config: ServiceConfig, engine: Engine, scoring: Scoring) -> Forecaster | None:
+    """``forecast: {horizon}``: forecast rollouts in the output documents (``rnnstream.forecast``)."""
+    if config.forecast is None:
+        return None
+    from rnnstream.forecast import Forecaster
+
+    return Forecaster(engine, config.forecast.horizon, scoring)
+
+
 def _text_decoder(config: ServiceConfig, model: StreamModel) -> MessageDecoder:
     """Text messages through the tokenizer the model ships (``connectors.text``)."""
     from connectors.text import TextDecoder, Tokenizer
@@ -346,15 +327,6 @@ def _text_decoder(config: ServiceConfig, model: StreamModel) -> MessageDecoder:
     return TextDecoder(tokenizer, text.text_key, text.control_key, stream_key, text.max_bytes)
 
 
-def _forecaster(config: ServiceConfig, engine: Engine, scoring: Scoring) -> Forecaster | None:
-    """``forecast: {horizon}``: forecast rollouts in the output documents (``rnnstream.forecast``)."""
-    if config.forecast is None:
-        return None
-    from rnnstream.forecast import Forecaster
-
-    return Forecaster(engine, config.forecast.horizon, scoring)
-
-
 def _rate_limit(limits: LimitsConfig) -> StreamRateLimit | None:
     """The per-stream rate limit, if ``limits.stream_events_per_s`` is set."""
     rate = limits.stream_events_per_s
@@ -366,8 +338,6 @@ def _rate_limit(limits: LimitsConfig) -> StreamRateLimit | None:
 def _checks(config: ServiceConfig) -> ReadingGuard | None:
     """Reading checks: on for sensor sources (defaults unless ``readings:`` says otherwise)."""
     if isinstance(config.source, KafkaSourceConfig | MicrophoneSourceConfig | AudioFilesSourceConfig):
-        return None
-    if isinstance(config.source, VideoSourceConfig):  # frames are no readings
         return None
     if config.text is not None:  # text messages are no readings
         return None
@@ -387,10 +357,6 @@ def _scoring(config: ServiceConfig, model: StreamModel) -> Scoring:
         return TextLabels(model.info.features.get("classes"), config.text.outputs == "messages")
     if s.kind == "raw":
         return RawOutputs()
-    if isinstance(model, UtteranceModel):
-        raise ValueError(
-            f"scoring.kind {s.kind} reads every step's output: an utterance model has one per end"
-        )
     src = config.source
     channels = list(getattr(src, "channels", [f"x{i}" for i in range(model.feature_size)]))
     if model.output_size != model.feature_size:
