@@ -50,12 +50,14 @@ with atheris.instrument_imports(include=["connectors"]):
     )
     from connectors.readings import ReadingDecoder
     from connectors.serial import FlaggedLineDecoder
+    from connectors.text import UNKNOWN, TextDecoder, Tokenizer
 
 FEATURES = 3
 MAX_STEPS = 64
 EMBEDDINGS = 10
 N_MFCC = 13
 ROW_KEYS = ["timestamp", "temp", "rpm", "machine", "other", None]
+TEXT_WORDS = ["great", "phone", "awful", "!", "日本"]
 
 
 class _FlaggingSource:
@@ -90,6 +92,18 @@ def check_ids(decoded: Decoded) -> None:
         return
     assert xs.ndim == 1 and len(xs) <= MAX_STEPS and xs.dtype.kind in "iu", (xs, xs.dtype)
     assert ((xs >= 0) & (xs < EMBEDDINGS)).all(), xs
+
+
+def check_tokens(decoded: Decoded) -> None:
+    """Token ids of the text target's vocabulary, at most its ``max_tokens``; a message without tokens
+    carries a control; the stream id is UTF-8 text."""
+    ids = decoded.xs
+    assert type(ids) is list and len(ids) <= MAX_STEPS, ids
+    assert all(type(i) is int and 0 <= i < len(TEXT_WORDS) + 1 for i in ids), ids
+    assert ids or decoded.control in CONTROLS, decoded
+    assert decoded.control is None or decoded.control in CONTROLS, decoded.control
+    assert isinstance(decoded.stream_id, str) and decoded.stream_id, decoded.stream_id
+    decoded.stream_id.encode()
 
 
 def check_reading(decoded: Decoded, width: int) -> None:
@@ -147,6 +161,7 @@ def targets() -> list[tuple[str, Callable[[bytes], Any], Callable[[Any], None]]]
     rows = ReadingDecoder(channels=["temp", "rpm"], stream_column="machine")
     one = ReadingDecoder(channels=["value"])
     audio = AudioDecoder(N_MFCC)
+    text = TextDecoder(Tokenizer((UNKNOWN, *TEXT_WORDS), max_tokens=MAX_STEPS), max_bytes=4096)
     out = [
         (
             "json",
@@ -178,6 +193,11 @@ def targets() -> list[tuple[str, Callable[[bytes], Any], Callable[[Any], None]]]
             lambda data: audio.decode(Message(_segment(data), b"mic")),
             lambda d: check_features(d, N_MFCC, 1 << 30),
         ),
+        (
+            "text",
+            lambda data: text.decode(Message(data[1:], data[:1] if data[:1] != b"\xff" else None)),
+            check_tokens,
+        ),
     ]
     return out
 
@@ -201,6 +221,7 @@ SEEDS = {
     "csv row": [b"\x03\x00\x101700000000\x01\x0420.5\x02\x041200\x03\x02m1"],
     "serial line": [b" 1700000000,20.5,1200", b"!1700000000,20.5,1200"],
     "audio segment": [b"\x01\x00\x00\x00" + np.ones(26, "<f4").tobytes()],
+    "text": [b'k{"text": "Great phone!", "control": "end"}', b'\xff{"text": "awful", "user": "u1"}'],
 }
 
 
