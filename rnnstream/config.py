@@ -246,13 +246,31 @@ class AudioFilesSourceConfig(Strict):
 
 AUDIO_SOURCES = (MicrophoneSourceConfig, AudioFilesSourceConfig)
 
+
+class VideoSourceConfig(Strict):
+    """Video files or directories of images (``connectors.video``), one stream (camera) per path, each
+    frame one feature vector; replayable from a frame. The feature settings left out are the model
+    bundle's (``features["video"]``), else ``connectors.video.FrameFeatures``' defaults."""
+
+    type: Literal["video"]
+    paths: list[str] = Field(min_length=1)  # video files, directories of images, or glob patterns
+    names: list[str] | None = None  # stream ids, one per path (default: each path's stem)
+    speed: float | None = Field(None, gt=0)  # None: as fast as possible; 1: the videos' own pace
+    fps: float = Field(25.0, gt=0)  # frames a second of an image directory
+    features: list[Literal["grey", "difference", "histogram"]] | None = Field(None, min_length=1)
+    rows: int | None = Field(None, ge=1, le=1024)  # grid of the grey and difference features
+    cols: int | None = Field(None, ge=1, le=1024)
+    bins: int | None = Field(None, ge=1, le=256)  # histogram bins per colour channel
+
+
 SourceConfig = Annotated[
     KafkaSourceConfig
     | MqttSourceConfig
     | SerialSourceConfig
     | CsvSourceConfig
     | MicrophoneSourceConfig
-    | AudioFilesSourceConfig,
+    | AudioFilesSourceConfig
+    | VideoSourceConfig,
     Field(discriminator="type"),
 ]
 

@@ -28,6 +28,7 @@ from rnnstream.config import (
     ReadingsConfig,
     SerialSourceConfig,
     ServiceConfig,
+    VideoSourceConfig,
 )
 from rnnstream.config_secrets import reveal, revealed
 from rnnstream.limits import StreamRateLimit
@@ -225,6 +226,11 @@ def _source(config: ServiceConfig, kafka: Any) -> Source:
         return SerialSource(src.port, src.stream_id, src.baudrate)
     if isinstance(src, AUDIO_SOURCES):
         return _audio_source(config)
+    if isinstance(src, VideoSourceConfig):
+        from connectors.video import VideoSource
+
+        features = _video_features(src, load_bundle(config.model))
+        return VideoSource(_expand(src.paths), features, src.speed, src.fps, src.names)
     from connectors.csv import CsvSource
 
     assert isinstance(src, CsvSourceConfig)
@@ -258,6 +264,18 @@ def _audio_source(config: ServiceConfig) -> Source:
     return AudioSource(captures, feature_settings(load_bundle(config.model)), reopen_s=reopen_s)
 
 
+def _video_features(src: VideoSourceConfig, model: StreamModel) -> Any:
+    """The ``connectors.video.FrameFeatures`` of ``src``: each setting left out is the model bundle's
+    (``features["video"]``), else the default."""
+    from connectors.video import FrameFeatures
+    from rnnstream.video import features_of_bundle
+
+    base = features_of_bundle(model.info.features) or FrameFeatures()
+    kinds = tuple(src.features) if src.features is not None else base.kinds
+    pick = [base.rows if src.rows is None else src.rows, base.cols if src.cols is None else src.cols]
+    return FrameFeatures(kinds, *pick, bins=base.bins if src.bins is None else src.bins)
+
+
 def _expand(patterns: list[str]) -> list[Path]:
     """Files named by ``patterns`` (globs allowed), in order, each once; a pattern matching nothing is
     an error."""
@@ -280,6 +298,13 @@ def _decoder(config: ServiceConfig, model: StreamModel) -> MessageDecoder:
         from connectors.audio import AudioDecoder
 
         return AudioDecoder(model.feature_size)
+    if isinstance(src, VideoSourceConfig):
+        from connectors.video import VideoDecoder
+
+        size = _video_features(src, model).size
+        if size != model.feature_size:
+            raise ValueError(f"source: frames give {size} features; the model takes {model.feature_size}")
+        return VideoDecoder(model.feature_size)
     if isinstance(src, KafkaSourceConfig):
         payload = Decoder(
             src.format, model.feature_size, model.spec.num_embeddings, src.max_timesteps_per_message
@@ -338,6 +363,8 @@ def _rate_limit(limits: LimitsConfig) -> StreamRateLimit | None:
 def _checks(config: ServiceConfig) -> ReadingGuard | None:
     """Reading checks: on for sensor sources (defaults unless ``readings:`` says otherwise)."""
     if isinstance(config.source, KafkaSourceConfig | MicrophoneSourceConfig | AudioFilesSourceConfig):
+        return None
+    if isinstance(config.source, VideoSourceConfig):  # frames are no readings
         return None
     if config.text is not None:  # text messages are no readings
         return None
