@@ -767,12 +767,24 @@ class Pipeline:
             return
         ends = list(self._ends.items())
         self._ends.clear()  # in place: ``_process`` holds it
+        sequences = self._decoded_at_end([sid for sid, _ in ends])
         for (sid, msg), final in zip(ends, self.engine.end_many([sid for sid, _ in ends]), strict=True):
-            self._end(msg, sid, final)
+            self._end(msg, sid, final, sequences.get(sid))
 
-    def _end(self, msg: Message, sid: str, final: np.ndarray | Exception) -> None:
+    def _decoded_at_end(self, stream_ids: list[str]) -> dict[str, np.ndarray]:
+        """An encoder-decoder model's decoded sequence (``Engine.decode_many``, ``models.decoder``) of
+        each ending stream the engine holds, from the state its end reads; ``{}`` for other models."""
+        if getattr(self.engine.model, "decoder", None) is None:
+            return {}
+        held = [sid for sid in stream_ids if sid in self.engine]
+        return dict(zip(held, self.engine.decode_many(held), strict=True))
+
+    def _end(
+        self, msg: Message, sid: str, final: np.ndarray | Exception, sequence: np.ndarray | None = None
+    ) -> None:
         """A stream's end: its final output ``(out,)`` as a document, or the engine's refusal as a dead
-        letter (``RefusedEndError``: the stream ended all the same)."""
+        letter (``RefusedEndError``: the stream ended all the same). ``sequence``: an encoder-decoder's
+        decoded sequence, the document's ``"decoded"`` (values ``(L, out)`` or token ids ``(L,)``)."""
         if isinstance(final, Exception):
             self._dead_letter(msg, f"control 'end': {final}")
             if not isinstance(final, RefusedEndError):  # the engine does not hold the stream
@@ -795,6 +807,8 @@ class Pipeline:
                 "control": "end",
                 "model_version": version,
             }
+        if sequence is not None:
+            doc["decoded"] = sequence.tolist()
         self.sink.write([Output(sid, doc, msg.partition, msg.position)])
         self.counters.outputs += 1
 

@@ -107,3 +107,37 @@ def test_forecast_scoring_gives_the_forecasts_in_reading_units(tmp_path):
         assert doc["forecasts"][0] == pytest.approx(doc["forecast"], rel=1e-6, abs=1e-9)
     last = [d for d in docs if d["stream"] == "m0"][-1]
     assert abs(last["forecasts"][-1] - last["value"]) < 5  # readings in [-1.3, 1.3]: raw units, not z
+
+
+def test_an_encoder_decoder_end_document_carries_the_decoded_sequence(tmp_path):
+    """Interleaved streams with end markers through the pipeline: each end document's ``"decoded"``
+    equals the offline ``Seq2SeqReference`` on that stream's readings (regression, LSTM → GRU + bridge)."""
+    from connectors.base import Message
+    from connectors.codec import Decoder, KeyedDecoder
+    from engine import Engine
+    from rnnstream.checkpoint import LocalCheckpoint
+    from rnnstream.pipeline import Pipeline
+    from tests.models.test_decoder import expected_decode, make_seq2seq
+    from tests.rnnstream.test_pipeline import ListDeadLetters, ListSink, ListSource
+
+    reference, model = make_seq2seq("lstm", "gru", layers=2, bridge="tanh", max_len=4, seed=9)
+    rng = np.random.default_rng(0)
+    streams = {f"u{s}": rng.standard_normal((3 + s, 3)).astype(np.float32) for s in range(4)}
+    order = [sid for t in range(6) for sid, xs in streams.items() if t < len(xs)]
+    cursor = dict.fromkeys(streams, 0)
+    events: list[tuple[str, dict]] = []  # (stream, message document), streams interleaved
+    for sid in order:
+        events.append((sid, {"x": streams[sid][cursor[sid]].tolist()}))
+        cursor[sid] += 1
+        if cursor[sid] == len(streams[sid]):
+            events.append((sid, {"control": "end"}))
+    msgs = [Message(json.dumps(doc).encode(), sid.encode(), 0, k) for k, (sid, doc) in enumerate(events)]
+    sink, dead = ListSink(), ListDeadLetters()
+    engine = Engine(model, device="cpu", freeze_gc=False)
+    decoder = KeyedDecoder(Decoder("json", 3))
+    Pipeline(engine, ListSource(msgs, batch=5), decoder, sink, dead, LocalCheckpoint(tmp_path)).run()
+    ends = {o.stream_id: o.doc for o in sink.outputs if o.doc.get("control") == "end"}
+    assert not dead.outputs and set(ends) == set(streams)
+    for sid, xs in streams.items():
+        want = expected_decode(reference, xs, 4)
+        np.testing.assert_allclose(ends[sid]["decoded"], want, atol=1e-5, rtol=1e-5, err_msg=sid)
