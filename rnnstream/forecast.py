@@ -24,6 +24,7 @@ import numpy as np
 
 from engine import Engine
 from models.rollout import check_forecastable, check_horizon
+from models.stream_model import StreamModel
 from rnnstream.pipeline import Batch, RawOutputs
 from rnnstream.sensors import ForecastScoring
 
@@ -34,19 +35,11 @@ class Forecaster:
     """Adds ``"forecasts"`` to a batch's documents (module docstring). ``scoring``: the pipeline's."""
 
     def __init__(self, engine: Engine, horizon: int, scoring: Any) -> None:
-        check_forecastable(engine.model)
+        check_forecast_setup(engine.model, scoring)
         self.engine = engine
         self.horizon = check_horizon(horizon)
         self.scoring = scoring
         self.readings = isinstance(scoring, ForecastScoring)
-        if self.readings and (getattr(scoring, "predicts", "value") != "value" or _naive(scoring)):
-            raise ValueError(
-                "forecast: needs a model forecasting the next value (the detector's predicts: change "
-                "and forecaster: last are not rolled out)"
-            )
-        if not self.readings and type(scoring) is not RawOutputs:
-            kind = type(scoring).__name__
-            raise ValueError(f"forecast: works with scoring raw, forecast or detector (value), not {kind}")
 
     @staticmethod
     def rounds(batch: Batch) -> list[Batch]:
@@ -88,5 +81,19 @@ class Forecaster:
         return [[dict(zip(s.channels, step, strict=True)) for step in steps] for steps in raw.tolist()]
 
 
-def _naive(scoring: Any) -> bool:
-    return getattr(scoring, "forecaster", "model") != "model"
+def check_forecast_setup(model: StreamModel, scoring: Any) -> None:
+    """Raise ``ValueError`` unless ``model`` can be rolled out (``check_forecastable``) and ``scoring``'s
+    documents have units to give the forecasts in (module docstring)."""
+    check_forecastable(model)
+    if isinstance(scoring, ForecastScoring):
+        if (
+            getattr(scoring, "predicts", "value") != "value"
+            or getattr(scoring, "forecaster", "model") != "model"
+        ):
+            raise ValueError(
+                "forecast: needs a model forecasting the next value (the detector's predicts: change "
+                "and forecaster: last are not rolled out)"
+            )
+    elif type(scoring) is not RawOutputs:
+        kind = type(scoring).__name__
+        raise ValueError(f"forecast: works with scoring raw, forecast or detector (value), not {kind}")

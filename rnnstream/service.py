@@ -85,7 +85,11 @@ def check(config: ServiceConfig) -> str:
     one-line summary; raises ``ValueError`` (or ``OSError``) naming what is wrong."""
     model = load_bundle(config.model)
     _decoder(config, model)
-    _scoring(config, model)
+    scoring = _scoring(config, model)
+    if config.forecast is not None:
+        from rnnstream.forecast import check_forecast_setup
+
+        check_forecast_setup(model, scoring)
     src = config.source
     paths = getattr(src, "paths", None)
     files = len(_expand(paths)) if paths else 0

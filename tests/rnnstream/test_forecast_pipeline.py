@@ -141,3 +141,32 @@ def test_an_encoder_decoder_end_document_carries_the_decoded_sequence(tmp_path):
     for sid, xs in streams.items():
         want = expected_decode(reference, xs, 4)
         np.testing.assert_allclose(ends[sid]["decoded"], want, atol=1e-5, rtol=1e-5, err_msg=sid)
+
+
+def test_rnnstream_check_refuses_a_forecast_the_model_or_scoring_cannot_give(tmp_path, ref_factory):
+    from models import save_bundle
+    from models.rollout import NotForecastableError
+    from rnnstream.service import check
+
+    data = tmp_path / "machines.csv"
+    _readings(data, rows=2)
+    config = {
+        "model": str(ASSET),
+        "source": {"type": "csv", "paths": [str(data)], "stream_column": "machine", "channels": ["value"]},
+        "sink": {"type": "stdout"},
+        "scoring": {"kind": "detector", "forecaster": "last"},
+        "forecast": {"horizon": 3},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="forecaster: last"):
+        check(load_config(path))
+    config["scoring"] = {"kind": "raw"}
+    config["model"] = str(save_bundle(ref_factory("gru", input_size=1, head_out=2).model, tmp_path / "m.st"))
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(NotForecastableError, match="output_size"):
+        check(load_config(path))
+    config["forecast"] = {"horizon": 0}
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="horizon"):
+        load_config(path)
