@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from connectors.base import Assignment, Guarantee, Message
 from connectors.codec import Decoded, DecodeError, refusing
@@ -84,24 +85,36 @@ class FrameFeatures:
         }
         return sum(per_kind[k] for k in self.kinds)
 
-    def grey(self, frame: av.VideoFrame) -> np.ndarray:
-        """``(rows, cols) float32`` in [0, 1]: the frame's luma, area-averaged onto the grid."""
-        small = frame.reformat(width=self.cols, height=self.rows, format="gray", interpolation="AREA")
+    def grey(self, frame: av.VideoFrame, scaler: VideoReformatter | None = None) -> np.ndarray:
+        """``(rows, cols) float32`` in [0, 1]: the frame's luma, area-averaged onto the grid. ``scaler``:
+        a camera's own, which keeps its scaling context from frame to frame (5× faster than a new one)."""
+        scaler = scaler or VideoReformatter()
+        small = scaler.reformat(frame, width=self.cols, height=self.rows, format="gray", interpolation="AREA")
         return small.to_ndarray().astype(np.float32) / np.float32(255.0)
 
-    def histogram(self, frame: av.VideoFrame) -> np.ndarray:
+    def histogram(self, frame: av.VideoFrame, scaler: VideoReformatter | None = None) -> np.ndarray:
         """``(3·bins,) float32``: per channel R, G, B, the fraction of pixels whose value ``v`` (0..255)
         falls in bin ``⌊v · bins / 256⌋``."""
         width, height = HISTOGRAM_SIZE
-        rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
+        scaler = scaler or VideoReformatter()
+        rgb = scaler.reformat(
+            frame, width=width, height=height, format="rgb24", interpolation="AREA"
+        ).to_ndarray()
         bin_of = (rgb.astype(np.int32) * self.bins) >> 8  # (H, W, 3) in 0..bins-1
         counts = np.bincount((bin_of + np.arange(3) * self.bins).ravel(), minlength=3 * self.bins)
         return (counts / np.float32(width * height)).astype(np.float32)
 
-    def of(self, frame: av.VideoFrame, previous_grey: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def of(
+        self,
+        frame: av.VideoFrame,
+        previous_grey: np.ndarray | None,
+        scalers: tuple[VideoReformatter, VideoReformatter] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(features (size,) float32, grey (rows, cols))`` of ``frame``; ``previous_grey`` is the camera's
-        previous frame's grid (``None`` for its first frame: zero difference)."""
-        grey = self.grey(frame)
+        previous frame's grid (``None`` for its first frame: zero difference); ``scalers``: the camera's
+        own for the grid and the histogram."""
+        grey_scaler, histogram_scaler = scalers or (None, None)
+        grey = self.grey(frame, grey_scaler)
         parts = []
         for kind in self.kinds:
             if kind == "grey":
@@ -110,7 +123,7 @@ class FrameFeatures:
                 before = grey if previous_grey is None else previous_grey
                 parts.append(np.abs(grey - before).ravel())
             else:
-                parts.append(self.histogram(frame))
+                parts.append(self.histogram(frame, histogram_scaler))
         return np.concatenate(parts), grey
 
 
@@ -197,6 +210,7 @@ class Camera:
         self.path, self.name, self.features, self.fps = path, name, features, fps
         self.frames = 0
         self._previous: np.ndarray | None = None
+        self._scalers = (VideoReformatter(), VideoReformatter())  # grid, histogram
         self._iterator: Iterator[tuple[av.VideoFrame, float | None]] | None = None
         self.done = False
 
@@ -216,7 +230,7 @@ class Camera:
                 self.close()
                 return None
             frame, time_s = item
-            x, self._previous = self.features.of(frame, self._previous)
+            x, self._previous = self.features.of(frame, self._previous, self._scalers)
         except Exception as exc:
             self.close()
             reason = (
