@@ -66,37 +66,51 @@ def _engine_block(engine: Engine, chunks: list[tuple[np.ndarray, np.ndarray]]) -
     return block
 
 
-def _baseline_block(
-    ref: AttentiveRecurrent, cell: str, ids: np.ndarray, xs: np.ndarray, size: int = 64
-) -> Callable[[int], int]:
-    """Per event: the cell, append ``h`` to the stream's deque, attend over the deque, the head."""
+def deque_attention_event(
+    ref: AttentiveRecurrent, single: nn.RNNCellBase, x: Tensor, state: Any, past: deque[Tensor]
+) -> tuple[Tensor, Any]:
+    """The baseline's work for one event of one stream: the cell on ``x (1, I)`` from ``state``, append
+    ``h`` to the stream's ``past`` (``deque(maxlen=K)``), Luong-general attention over it, the head.
+    Returns ``(output (1, out), new state)``."""
+    state = single(x, state)
+    h = state[0] if isinstance(state, tuple) else state
+    past.append(h)
+    keys = torch.cat(list(past))  # (k, H)
+    weights = torch.softmax(keys @ (h @ ref.attention.weight).T, dim=0)  # (k, 1)
+    return ref.head(torch.cat([h, weights.T @ keys], dim=1)), state
+
+
+def single_cell(ref: AttentiveRecurrent, cell: str) -> nn.RNNCellBase:
+    """The ``nn.GRUCell``/``nn.LSTMCell`` with the weights of ``ref``'s one-layer rnn."""
     single = CELLS[cell][1](INPUT_SIZE, HIDDEN).eval()
     with torch.no_grad():
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             getattr(single, name).copy_(getattr(ref.rnn, f"{name}_l0"))
-    window, weight = ref.attention.window, ref.attention.weight
+    return single
+
+
+def _baseline_block(
+    ref: AttentiveRecurrent, cell: str, ids: np.ndarray, xs: np.ndarray, size: int = 64
+) -> Callable[[int], int]:
+    """``deque_attention_event`` per event, every stream's deque full at the start (steady state)."""
+    single = single_cell(ref, cell)
     rng = np.random.default_rng(1)
-    start = [torch.from_numpy(rng.standard_normal((1, HIDDEN), dtype=np.float32)) for _ in range(window)]
+    start = [
+        torch.from_numpy(rng.standard_normal((1, HIDDEN), dtype=np.float32))
+        for _ in range(ref.attention.window)
+    ]
     states: dict[int, Any] = {}
     pasts: dict[int, deque[Tensor]] = {}
     for sid in range(STREAMS):
-        h = start[0]
-        states[sid] = (h, h.clone()) if cell == "lstm" else h
-        pasts[sid] = deque(start, maxlen=window)
+        states[sid] = (start[0], start[0].clone()) if cell == "lstm" else start[0]
+        pasts[sid] = deque(start, maxlen=ref.attention.window)
     rows = [torch.from_numpy(x[None]) for x in xs]
 
     def block(i: int) -> int:
         lo = (i * size) % len(ids)
         with torch.no_grad():
             for sid, x in zip(ids[lo : lo + size].tolist(), rows[lo : lo + size], strict=True):
-                state = single(x, states[sid])
-                states[sid] = state
-                h = state[0] if cell == "lstm" else state
-                past = pasts[sid]
-                past.append(h)
-                keys = torch.cat(list(past))  # (k, H)
-                weights = torch.softmax(keys @ (h @ weight).T, dim=0)  # (k, 1)
-                ref.head(torch.cat([h, weights.T @ keys], dim=1))
+                _, states[sid] = deque_attention_event(ref, single, x, states[sid], pasts[sid])
         return min(size, len(ids) - lo)
 
     return block
