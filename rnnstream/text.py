@@ -4,12 +4,27 @@ message stream at each end marker. Used when the config has a ``text:`` section 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from connectors.base import Message
 from rnnstream.pipeline import Batch
+
+SENTIMENT_CORPUS = Path(__file__).resolve().parents[1] / "models" / "assets" / "sentiment_corpus"
+
+
+def sentiment_corpus() -> list[tuple[str, int]]:
+    """``(text, class)`` of every labelled sentence of the shipped corpus (``SENTIMENT_CORPUS``, see its
+    ``SOURCE.md``; class 1 = positive), file by file in a fixed order; empty, unlabelled entries skipped."""
+    out = []
+    for name in ("amazon", "imdb", "yelp"):
+        for item in json.loads((SENTIMENT_CORPUS / f"{name}.json").read_text()):
+            if item.get("class") in (0, 1) and item["text"].strip():
+                out.append((item["text"], int(item["class"])))
+    return out
 
 
 class TextLabels:

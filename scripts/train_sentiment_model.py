@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from connectors.text import Tokenizer
 from models import ModelInfo, from_torch, save_bundle
+from rnnstream.text import sentiment_corpus
 
 ASSETS = Path(__file__).resolve().parents[1] / "models" / "assets"
-CORPUS = ASSETS / "sentiment_corpus"
 DEFAULT_OUT = ASSETS / "sentiment_gru.safetensors"
 DEFAULT_SAMPLE = Path(__file__).resolve().parents[1] / "configs" / "data" / "chat.csv"
 CLASSES = ["negative", "positive"]
@@ -75,16 +75,6 @@ class SentimentGRU(nn.Module):
         hs, _ = self.gru(self.dropout(self.embedding(ids)))  # (T, B, H)
         last = hs[lengths - 1, torch.arange(ids.shape[1])]  # (B, H)
         return self.linear(self.dropout(last))
-
-
-def load_corpus() -> list[tuple[str, int]]:
-    """``(text, class)`` of every labelled sentence, file by file in a fixed order."""
-    out = []
-    for name in ("amazon", "imdb", "yelp"):
-        for item in json.loads((CORPUS / f"{name}.json").read_text()):
-            if item.get("class") in (0, 1) and item["text"].strip():
-                out.append((item["text"], int(item["class"])))
-    return out
 
 
 def split(items: list, seed: int) -> tuple[list, list, list]:
@@ -202,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     config = TrainConfig(seed=args.seed)
     torch.set_num_threads(config.threads)
     t0 = time.monotonic()
-    train_set, val_set, test_set = split(load_corpus(), config.seed)
+    train_set, val_set, test_set = split(sentiment_corpus(), config.seed)
     tok = Tokenizer.fit((text for text, _ in train_set), min_count=config.min_count)
     net, log = train(config, tok, train_set, val_set)
     majority = majority_class(train_set)
