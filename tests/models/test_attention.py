@@ -216,3 +216,29 @@ def test_bad_attention_settings_are_refused():
         AttentiveRecurrent(nn.GRU(2, 4), "dot", 0, 1)
     with pytest.raises(ValueError, match="unidirectional"):
         AttentiveRecurrent(nn.GRU(2, 4, bidirectional=True), "dot", 3, 1)
+
+
+@pytest.mark.slow
+def test_online_finetuning_trains_and_publishes_an_attention_model(tmp_path):
+    """The engine's fine-tuning (recorded states with their rings, TBPTT in the tuner, weight swaps)
+    runs on an attention model: versions are published and the served attention weights change."""
+    from benchmarks.finetune_bench import sine_rows
+    from engine.finetune import FineTuneSettings
+
+    model = from_torch(
+        make_reference("gru", "general", window=4, input_size=1, hidden_size=8, out_features=1)
+    )
+    before = model.attention.weight.detach().clone()
+    settings = FineTuneSettings(
+        k1=8, k2=24, lr=3e-3, batch_size=32, updates_per_round=5, probation_chunks=16, schedule="inline",
+        isolation="thread", min_new_chunks=16, versions_dir=str(tmp_path), seed=3,
+    )  # fmt: skip
+    phases, ids = np.linspace(0, 6, 16), [f"s{k}" for k in range(16)]
+    with Engine(model, device="cpu", max_delay_ms=0) as engine:
+        engine.start_finetuning(settings)
+        for t in range(120):
+            engine.step_many(ids, sine_rows(t, phases, 7))
+        stats = engine.finetuner.stats()
+        served = engine.model.attention.weight.detach().clone()
+    assert stats.published >= 1 and stats.skipped_updates == 0 and not stats.last_error, stats
+    assert not torch.equal(served, before)
