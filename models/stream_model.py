@@ -107,7 +107,8 @@ class ModelInfo:
 
 
 class StreamModel(nn.Module):
-    """Embedding (optional) → ``num_layers`` recurrent layers → head (optional)."""
+    """Embedding (optional) → ``num_layers`` recurrent layers → attention over the top layer's last K
+    states (optional, ``models.attention``: the head then reads ``[h_t; context_t]``) → head (optional)."""
 
     def __init__(self, spec: ModelSpec, info: ModelInfo | None = None) -> None:
         super().__init__()
