@@ -12,7 +12,7 @@ from connectors.base import DeadLetters, Sink, Source, StateBackend
 from connectors.codec import Decoder, KeyedDecoder
 from engine import Engine
 from engine.finetune import FineTuneSettings, serving_bundle
-from models import StreamModel, load_bundle
+from models import StreamModel, UtteranceModel, load_bundle
 from rnnstream.admin import AdminServer
 from rnnstream.anomaly import AnomalyDetector
 from rnnstream.checkpoint import EphemeralState, LocalCheckpoint
@@ -94,7 +94,10 @@ def check(config: ServiceConfig) -> str:
     paths = getattr(src, "paths", None)
     files = len(_expand(paths)) if paths else 0
     what = f"{src.type} source" + (f" ({files} files)" if files else "")
-    cells = "+".join(layer.kind for layer in model.layers)
+    if isinstance(model, UtteranceModel):
+        cells = model.describe()
+    else:
+        cells = "+".join(layer.kind for layer in model.layers)
     scoring, sink = config.scoring.kind, config.sink.type
     return f"{what} → model {cells} ({model.feature_size} inputs) → {scoring} scoring → {sink} sink"
 
@@ -388,6 +391,10 @@ def _scoring(config: ServiceConfig, model: StreamModel) -> Scoring:
         return TextLabels(model.info.features.get("classes"), config.text.outputs == "messages")
     if s.kind == "raw":
         return RawOutputs()
+    if isinstance(model, UtteranceModel):
+        raise ValueError(
+            f"scoring.kind {s.kind} reads every step's output: an utterance model has one per end"
+        )
     src = config.source
     channels = list(getattr(src, "channels", [f"x{i}" for i in range(model.feature_size)]))
     if model.output_size != model.feature_size:
