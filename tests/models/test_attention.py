@@ -76,13 +76,14 @@ def scenarios(draw):
     modes = draw(
         st.lists(st.sampled_from(["submit", "step_many"]), min_size=len(cuts) + 1, max_size=len(cuts) + 1)
     )
-    return cfg, lengths, order, cuts, modes
+    page_rows = draw(st.sampled_from([2, 16_384]))  # 2: streams spread over pages of the state store
+    return cfg, lengths, order, cuts, modes, page_rows
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_interleaved_streams_equal_the_reference_over_whole_sequences(scenario):
-    cfg, lengths, order, cuts, modes = scenario
+    cfg, lengths, order, cuts, modes, page_rows = scenario
     ref = make_reference(**cfg)
     rng = np.random.default_rng(cfg["seed"])
     seqs = [rng.standard_normal((n, cfg["input_size"])).astype(np.float32) for n in lengths]
@@ -93,7 +94,7 @@ def test_interleaved_streams_equal_the_reference_over_whole_sequences(scenario):
         events.append((s, cursor[s]))
         cursor[s] += 1
     got = [np.full_like(e, np.nan) for e in expected]
-    with Engine(from_torch(ref), device="cpu", max_batch=5, capacity=2) as engine:
+    with Engine(from_torch(ref), device="cpu", max_batch=5, capacity=2, page_rows=page_rows) as engine:
         for (lo, hi), mode in zip(itertools.pairwise([0, *cuts, len(events)]), modes, strict=True):
             chunk = events[lo:hi]
             if not chunk:
