@@ -59,7 +59,7 @@ def test_only_ends_are_answered_each_with_the_torch_module_on_its_utterance(tmp_
     ref = make_utterance_reference("lstm", 2, bidirectional=True, input_size=F, max_frames=MAX_FRAMES)
     rng = np.random.default_rng(0)
     lengths = [int(n) for n in rng.integers(1, MAX_FRAMES + 1, 24)]
-    lengths[5] = lengths[9] = MAX_FRAMES + 3  # past the bound: refused, no other stream touched
+    lengths[5] = lengths[23] = MAX_FRAMES + 3  # past the bound: refused, no other stream touched
     msgs, utterances = _utterances(rng, ref, lengths)
     pipe, sink, dead = _pipeline(ref, ListSource(msgs, batch=16), tmp_path)
     batch_sizes = []
@@ -77,6 +77,7 @@ def test_only_ends_are_answered_each_with_the_torch_module_on_its_utterance(tmp_
             np.testing.assert_allclose(answers[position].doc["y"][0], ref.run(seq), atol=1e-5, rtol=1e-5)
     assert max(batch_sizes) > 1 and sum(batch_sizes) == len(utterances)  # ends of a poll run together
     assert pipe.engine.stats().refused_ends == 2
+    assert LocalCheckpoint(tmp_path).read([0]).get(0, {}) == {}  # every stream ended, refused ones too
 
 
 def test_a_restart_resumes_half_buffered_utterances_from_the_local_checkpoint(tmp_path):
