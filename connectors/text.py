@@ -30,8 +30,8 @@ from connectors.codec import CONTROLS, Decoded, DecodeError, _finite, refusing
 from connectors.readings import _key_text, _parse_json, _show, _stream_text
 
 TOKEN = re.compile(r"\w+|[^\w\s]")
-"""A token: a run of word characters (any script's letters, digits, ``_``) or one other visible
-character (punctuation, an emoji)."""
+"""A token: a run of word characters (any script's letters, digits, ``_``) or one other character
+(punctuation, an emoji); control and format characters (Unicode category C) are dropped."""
 UNKNOWN = "<unk>"
 
 
@@ -70,11 +70,14 @@ class Tokenizer:
             text = text.lower()
         out: list[str] = []
         for match in TOKEN.finditer(text):
+            token = match.group()
+            if len(token) == 1 and unicodedata.category(token)[0] == "C":
+                continue  # control and format characters, unpaired surrogates: no tokens
             if len(out) == self.max_tokens:
                 raise DecodeError(
                     f"oversized: more than {self.max_tokens} tokens in one message", "oversized"
                 )
-            out.append(match.group())
+            out.append(token)
         return out
 
     def encode(self, text: str) -> list[int]:

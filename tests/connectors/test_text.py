@@ -30,6 +30,7 @@ def test_tokens_are_vocabulary_indices_in_order_and_unknown_words_the_unknown_id
     assert tokenizer.encode("ＧＲＥＡＴ") == [1]  # NFKC: fullwidth letters are the same word
     assert tokenizer.encode("日本 é") == [10, 9]
     assert tokenizer.encode(" \t\n") == []
+    assert tokenizer.encode("great\x00\u200b\x07!") == [1, 7]  # control/format characters: no tokens
 
 
 def test_a_text_of_more_tokens_than_max_tokens_is_refused_not_cut(tokenizer):

@@ -7,10 +7,10 @@ letter and touches no other stream."""
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,10 @@ from connectors.base import Message
 from connectors.text import UNKNOWN, TextDecoder, Tokenizer
 from engine import Engine
 from models import ModelInfo, from_torch, load_bundle
+from rnnstream.checkpoint import EphemeralState
+from rnnstream.pipeline import Pipeline
+from rnnstream.text import TextLabels
+from tests.rnnstream.test_pipeline import ListDeadLetters, ListSink, ListSource
 
 REPO = Path(__file__).resolve().parents[2]
 ASSET = REPO / "models" / "assets" / "sentiment_gru.safetensors"
@@ -47,53 +51,82 @@ def torch_label(parts: tuple[nn.Embedding, nn.Module, nn.Linear], ids: list[int]
     return torch.softmax(linear(hs[-1, 0]), -1).numpy()
 
 
+HOSTILE = [
+    b'{"text": 5, "user": "%s"}',  # wrong type
+    b'{"text": "great", "user": "%s", "control": "stop"}',  # unknown control
+    b'{"text": " \\u0000 ", "user": "%s"}',  # no tokens
+    b'{"text": "great", "user": "%s"',  # cut JSON
+    b'\xff{"text": "%s"}',  # invalid UTF-8
+]
+
+
 @st.composite
 def conversations(draw):
-    """Per user 1-4 messages (text of known words, unknown words, odd characters), the last with an end
-    marker; all users' messages interleaved in a random order that keeps each user's own order; cut
-    into batches as the pipeline steps them."""
-    text = st.lists(st.sampled_from([*WORDS, "zebra", "GREAT", "é", "🙂"]), min_size=1, max_size=9)
-    users = draw(st.lists(st.lists(text.map(" ".join), min_size=1, max_size=4), min_size=1, max_size=6))
-    order = draw(st.permutations([u for u, msgs in enumerate(users) for _ in msgs]))
-    cuts = sorted(draw(st.sets(st.integers(1, max(1, len(order) - 1)), max_size=4)))
-    return users, order, cuts, draw(st.sampled_from(["gru", "lstm"])), draw(st.integers(0, 2**16))
+    """Per user 1-2 conversations of 1-3 messages (known words, unknown words, odd characters), each
+    conversation's last message with an end marker; hostile messages of random users mixed in; all
+    interleaved in a random order that keeps each user's own order; polled in batches of random size."""
+    odd = st.sampled_from([*WORDS, "zebra", "GREAT", "é", "🙂", "\x07"])
+    text = st.builds(
+        lambda w, rest: " ".join([*rest, w]), st.sampled_from([*WORDS, "zebra"]), st.lists(odd, max_size=8)
+    )
+    talk = st.lists(text, min_size=1, max_size=3)
+    users = draw(st.lists(st.lists(talk, min_size=1, max_size=2), min_size=1, max_size=5))
+    per_user = []
+    for u, talks in enumerate(users):
+        msgs = [
+            {"text": t, "user": f"user-{u}", **({"control": "end"} if k == len(c) - 1 else {})}
+            for c in talks
+            for k, t in enumerate(c)
+        ]
+        for _ in range(draw(st.integers(0, 2))):  # hostile messages at random places of the user's stream
+            at = draw(st.integers(0, len(msgs) - 1))  # never after the last end
+            msgs.insert(at, draw(st.sampled_from(HOSTILE)) % f"user-{u}".encode())
+        per_user.append(msgs)
+    order = draw(st.permutations([u for u, msgs in enumerate(per_user) for _ in msgs]))
+    return (
+        per_user,
+        order,
+        draw(st.integers(1, 9)),
+        draw(st.sampled_from(["gru", "lstm"])),
+        draw(st.integers(0, 99)),
+    )
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conversations())
 def test_interleaved_users_labels_equal_the_torch_module_over_each_whole_token_sequence(scenario):
-    users, order, cuts, kind, seed = scenario
+    """Through the pipeline (in-memory source and sink): one document per end marker, equal to the torch
+    module over the tokens of that conversation's accepted messages; each hostile message is a dead
+    letter and changes nothing for anyone."""
+    per_user, order, poll, kind, seed = scenario
     tokenizer = Tokenizer((UNKNOWN, *WORDS))
     parts = torch_sentiment(kind, tokenizer.size, seed)
     embedding, rnn, linear = parts
     model = from_torch(rnn, linear, head_kind="classifier", embedding=embedding)
-    decoder = TextDecoder(tokenizer)
-    sent = [0] * len(users)
-    messages = []  # (user, decoded), in arrival order
+    sent = [0] * len(per_user)
+    messages, expected, tokens = [], [], defaultdict(list)
     for u in order:
-        end = "end" if sent[u] == len(users[u]) - 1 else None
-        doc = {"text": users[u][sent[u]], "user": f"user-{u}", **({"control": end} if end else {})}
-        messages.append((u, decoder.decode(Message(json.dumps(doc).encode()))))
+        msg = per_user[u][sent[u]]
         sent[u] += 1
-    got: dict[int, np.ndarray] = {}
-    with Engine(model, device="cpu", max_batch=7, capacity=3) as engine:
-        bounds = [0, *cuts, len(messages)]
-        for lo, hi in itertools.pairwise(bounds):
-            ids, xs = [], []
-            for u, decoded in messages[lo:hi]:  # as the pipeline does: a stream's steps, then its end
-                ids += [decoded.stream_id] * len(decoded.xs)
-                xs += decoded.xs
-                if decoded.control == "end":
-                    engine.step_many(ids, np.array(xs, np.int64))
-                    ids, xs = [], []
-                    got[u] = engine.end(decoded.stream_id)
-            if ids:
-                engine.step_many(ids, np.array(xs, np.int64))
-    for u, msgs in enumerate(users):
-        whole = [i for text in msgs for i in tokenizer.encode(text)]
-        np.testing.assert_allclose(
-            got[u], torch_label(parts, whole), atol=ATOL, rtol=RTOL, err_msg=f"user {u}"
+        messages.append(
+            Message(msg if isinstance(msg, bytes) else json.dumps(msg).encode(), None, 0, len(messages))
         )
+        if isinstance(msg, dict):
+            tokens[u] += tokenizer.encode(msg["text"])
+            if msg.get("control") == "end":
+                expected.append((f"user-{u}", torch_label(parts, tokens.pop(u))))
+    sink, dead = ListSink(), ListDeadLetters()
+    engine = Engine(model, device="cpu", freeze_gc=False)
+    scoring = TextLabels(["a", "b", "c"])
+    Pipeline(
+        engine, ListSource(messages, poll), TextDecoder(tokenizer), sink, dead, EphemeralState(), scoring
+    ).run()
+    assert len(dead.outputs) == sum(isinstance(m, bytes) for msgs in per_user for m in msgs)
+    got = [(o.stream_id, o.doc) for o in sink.outputs]
+    assert [sid for sid, _ in got] == [sid for sid, _ in expected]  # one label per end marker, in order
+    for (sid, doc), (_, y) in zip(got, expected, strict=True):
+        np.testing.assert_allclose(doc["y"], y, atol=ATOL, rtol=RTOL, err_msg=sid)
+        assert doc["label"] == "abc"[int(np.argmax(y))] and doc["control"] == "end"
 
 
 def test_the_shipped_sentiment_model_is_small_ships_its_tokenizer_and_reports_held_out_accuracy():
