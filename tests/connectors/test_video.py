@@ -22,6 +22,8 @@ from connectors.video import (
     FrameVector,
     VideoDecoder,
     VideoSource,
+    VideoUnusable,
+    _checked,
     encode_video,
 )
 from engine import Engine
@@ -209,6 +211,11 @@ def test_hostile_files_are_refused_with_a_reason(tmp_path):
     assert "no image" in _refusal(tmp_path / "noimages")
     assert "0.png" in _refusal(tmp_path / "badimage")
     assert "No such file" in _refusal(tmp_path / "missing.mp4")
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / "0.pgm").write_bytes(b"P5 0 0 255\n")  # a 0×0 picture
+    assert "0.pgm" in _refusal(tmp_path / "zero")
+    with pytest.raises(VideoUnusable, match="0×0"):
+        _checked(av.VideoFrame(0, 0, "rgb24"))  # a zero-size frame a decoder might hand over
 
 
 def test_a_refused_camera_is_one_dead_letter_and_the_others_go_on(cameras, tmp_path):

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from connectors.video import encode_video
+from rnnstream.cli import app
 from rnnstream.video import Script, render
 from tests.rnnstream.test_service import Service, jsonl, wait_for
 
@@ -97,3 +99,12 @@ def test_killed_mid_run_it_restarts_from_its_checkpoint_with_no_frame_lost_or_ap
     assert set(last) == set(expected)
     for key, y in expected.items():
         np.testing.assert_allclose(last[key], y, atol=1e-5, err_msg=str(key))
+
+
+def test_check_refuses_frame_features_that_do_not_fit_the_model(tmp_path):
+    config = _config(tmp_path, [_videos(tmp_path)["door"][0]], "wrong")
+    doc = yaml.safe_load(config.read_text())
+    doc["source"]["rows"] = 10  # 10×16 differences: 160 features for a model of 192
+    config.write_text(yaml.safe_dump(doc))
+    result = CliRunner().invoke(app, ["check", str(config)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "160 features" in result.output, result.output
