@@ -52,6 +52,7 @@ HISTOGRAM_SIZE = (160, 120)  # (width, height) the frame is scaled to before its
 MAX_PIXELS = 7680 * 4320  # a larger frame (8K and beyond) is refused: a hostile header must not cost GBs
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
 TRUNCATION_TOLERANCE = 2  # frames: a file may end this many frames short of its declared length
+MAX_BATCH = 4096  # frames per poll
 
 
 class VideoUnusable(ValueError):
@@ -174,11 +175,16 @@ def _video_frames(path: Path) -> Iterator[tuple[av.VideoFrame, float | None]]:
 
 
 def _declared_frames(container: Any, stream: Any) -> int | None:
-    """The frame count the container declares: its stream's count, else duration × frame rate."""
+    """The frame count the container declares: its stream's count, else its duration × frame rate (the
+    container's duration only when the video is its one stream: an audio track may outlast the video)."""
     if stream.frames:
         return int(stream.frames)
     rate = stream.average_rate or stream.guessed_rate
-    if container.duration and rate:
+    if not rate:
+        return None
+    if stream.duration and stream.time_base:
+        return round(float(stream.duration * stream.time_base) * float(rate))
+    if container.duration and len(container.streams) == 1:
         return round(container.duration / 1e6 * float(rate))  # container.duration: microseconds
     return None
 
@@ -389,9 +395,6 @@ class VideoSource:
         assert self.speed is not None
         wall, anchor = self._pace
         return wall + max(key - anchor, 0.0) / self.speed
-
-
-MAX_BATCH = 4096  # frames per poll
 
 
 def _frames_of(resume: Mapping[str, Any], names: list[str]) -> dict[str, int]:

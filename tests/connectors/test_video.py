@@ -218,6 +218,25 @@ def test_hostile_files_are_refused_with_a_reason(tmp_path):
         _checked(av.VideoFrame(0, 0, "rgb24"))  # a zero-size frame a decoder might hand over
 
 
+def test_a_video_with_a_longer_audio_track_is_not_taken_for_a_truncated_one(tmp_path):
+    path = tmp_path / "talk.mkv"
+    with av.open(str(path), "w") as container:  # 10 frames of video (0.4 s), 2 s of audio
+        video = container.add_stream("mpeg4", rate=25)
+        video.width, video.height, video.pix_fmt = 96, 64, "yuv420p"
+        audio = container.add_stream("pcm_s16le", rate=8000, layout="mono")
+        for t in range(10):
+            picture = np.full((64, 96, 3), t * 20, np.uint8)
+            container.mux(video.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        container.mux(video.encode())
+        for k in range(20):
+            block = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+            block.rate, block.pts = 8000, k * 800
+            container.mux(audio.encode(block))
+        container.mux(audio.encode())
+    frames, end = _all_frames(Camera(path, "talk", FrameFeatures(), 25.0))
+    assert len(frames) == 10 and end is None, end
+
+
 def test_a_refused_camera_is_one_dead_letter_and_the_others_go_on(cameras, tmp_path):
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(b"not a video at all" * 100)
