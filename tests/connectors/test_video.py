@@ -313,7 +313,7 @@ def _mutated(data: bytes, edits: list) -> bytes:
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 @given(mutations())
 def test_mutated_video_files_give_frames_or_a_refusal_never_an_exception(
@@ -346,7 +346,7 @@ def camera_features(cameras) -> list[np.ndarray]:
     ]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     order_seed=st.integers(0, 2**16),
     cuts=st.sets(st.integers(1, 65), max_size=6),
