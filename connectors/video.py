@@ -53,6 +53,7 @@ MAX_PIXELS = 7680 * 4320  # a larger frame (8K and beyond) is refused: a hostile
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
 TRUNCATION_TOLERANCE = 2  # frames: a file may end this many frames short of its declared length
 MAX_BATCH = 4096  # frames per poll
+POLL_DECODE_S = 0.1  # a poll stops decoding after this long (large frames): the pipeline gets to run
 
 
 class VideoUnusable(ValueError):
@@ -316,8 +317,8 @@ class VideoSource:
         assignment.assigned([0])
 
     def poll(self, timeout_s: float) -> list[Message]:
-        """The frames due now (all of them at once when ``speed`` is None, up to ``max_batch``); waits up to
-        ``timeout_s`` seconds when none is due."""
+        """The frames due now (every frame when ``speed`` is None), at most ``MAX_BATCH`` or what
+        ``POLL_DECODE_S`` seconds of decoding give; waits up to ``timeout_s`` seconds when none is due."""
         if not self._heap:
             return []
         if self.speed is not None:
@@ -372,7 +373,7 @@ class VideoSource:
         """Pop up to ``limit`` frames due now as messages, each camera's next frame decoded as one goes."""
         out: list[Message] = []
         now = time.monotonic()
-        while self._heap and len(out) < limit:
+        while self._heap and len(out) < limit and (not out or time.monotonic() - now < POLL_DECODE_S):
             key, index, item = self._heap[0]
             if self.speed is not None and self._due(key) > now:
                 break

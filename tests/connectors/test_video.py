@@ -168,6 +168,16 @@ def test_positions_after_a_paced_poll_resume_exactly_after_what_it_returned(came
     assert first + [(k, p) for k, p, _ in _drain(resumed)] == everything
 
 
+def test_a_poll_decodes_for_a_bounded_time_and_the_next_one_goes_on(cameras, monkeypatch):
+    monkeypatch.setattr("connectors.video.POLL_DECODE_S", 0.0)  # as if every frame took the whole budget
+    source = VideoSource(cameras)
+    source.open(_Assigned(), {})
+    polls = []
+    while not source.exhausted:
+        polls.append([(m.key, m.position) for m in source.poll(0.1)])
+    assert all(len(p) == 1 for p in polls) and len(polls) == 24 + 12 + 30
+
+
 def test_rollback_goes_back_to_the_last_commit(cameras):
     source = VideoSource(cameras[:1])
     source.open(_Assigned(), {})
