@@ -228,3 +228,19 @@ def test_a_malformed_message_is_a_dead_letter_and_the_other_users_are_labelled_a
     assert sorted(docs) == ["ann", "bob"]
     for user, y in expected.items():
         np.testing.assert_allclose(docs[user]["y"], y, atol=ATOL, rtol=RTOL)
+
+
+def test_a_text_config_is_refused_for_a_model_without_token_ids_or_tokenizer(tmp_path):
+    from rnnstream.config import load_config
+    from rnnstream.service import check
+
+    cfg = yaml.safe_load((REPO / "configs" / "text-sentiment.yaml").read_text())
+    cfg["source"]["paths"] = [str(REPO / "configs" / "data" / "chat.csv")]
+    for model, why in [("sensor_lstm", "token ids"), ("sentiment_gru", None)]:
+        cfg["model"] = str(REPO / "models" / "assets" / f"{model}.safetensors")
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+        if why is None:
+            assert "csv source" in check(load_config(tmp_path / "run.yaml"))
+        else:
+            with pytest.raises(ValueError, match=why):
+                check(load_config(tmp_path / "run.yaml"))
