@@ -244,3 +244,50 @@ def test_a_text_config_is_refused_for_a_model_without_token_ids_or_tokenizer(tmp
         else:
             with pytest.raises(ValueError, match=why):
                 check(load_config(tmp_path / "run.yaml"))
+
+
+@pytest.mark.integration
+@pytest.mark.mqtt
+def test_chat_messages_over_mqtt_are_labelled_at_each_end_marker(tmp_path, mqtt_broker):
+    """A real broker: messages on ``chat/<user>`` (the topic level names the user), a malformed one a
+    dead letter; each end marker's label equals the model run offline over the user's accepted tokens."""
+    import time
+
+    from tests.rnnstream.test_service import Service, _publish, _wait_subscribed, jsonl, wait_for
+
+    out, dlq = tmp_path / "out.jsonl", tmp_path / "dlq.jsonl"
+    cfg = yaml.safe_load((REPO / "configs" / "text-sentiment.yaml").read_text())
+    cfg.update(
+        model=str(ASSET),
+        source={"type": "mqtt", "topic": "chat/+", "qos": 1},
+        mqtt={"broker": mqtt_broker.address, "client_id": f"text-{time.monotonic_ns()}"},
+        sink={"type": "jsonl", "path": str(out)},
+        dead_letters={"type": "file", "path": str(dlq)},
+    )
+    config = tmp_path / "mqtt.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    talk = {
+        "ann": [{"text": "Great phone, I love it."}, {"text": 5}, {"text": "Works well!", "control": "end"}],
+        "bob": [{"text": "The battery died in a day."}, {"text": "Awful.", "control": "end"}],
+    }
+    svc = Service(config)
+    try:
+        _wait_subscribed(mqtt_broker, svc)
+        for user, docs in talk.items():
+            _publish(mqtt_broker, f"chat/{user}", docs)
+        wait_for(lambda: len(jsonl(out, torn=0)) == 2 and dlq.exists(), 60, "two labels", svc)
+    finally:
+        assert svc.stop() == 0, svc.log()
+    docs = {d["stream"]: d for d in jsonl(out, torn=0)}
+    letters = jsonl(dlq, torn=0)
+    assert len(letters) == 1 and "must be a string" in letters[0]["reason"], letters
+    rows = [
+        {"user": user, "text": d["text"], "control": d.get("control", "")}
+        for user, msgs in talk.items()
+        for d in msgs
+        if isinstance(d["text"], str)
+    ]
+    expected = _offline_labels(rows)
+    assert sorted(docs) == sorted(expected) == ["ann", "bob"]
+    for user, y in expected.items():
+        np.testing.assert_allclose(docs[user]["y"], y, atol=ATOL, rtol=RTOL)
