@@ -121,9 +121,6 @@ class Tokenizer:
         return cls((UNKNOWN, *kept), lowercase, 0, max_tokens)
 
 
-JSON_KEYS = frozenset({"text", "control", "ts", "label"})
-
-
 @dataclass(frozen=True)
 class TextDecoder:
     """Decodes text messages into ``Decoded`` events: ``xs`` the token ids ``(T,)``, ``control``, ``ts``
@@ -149,9 +146,10 @@ class TextDecoder:
         if isinstance(payload, dict):
             return self._row(payload, key)
         doc = _parse_json(self._text(payload))
-        unknown = [k for k in doc if k not in JSON_KEYS and k != self.stream_key]
+        known = (self.text_key, self.control_key, self.stream_key, "ts", "label")
+        unknown = [k for k in doc if k not in known]
         if unknown:
-            raise DecodeError(f"unknown keys {_show(sorted(unknown), 80)}; expected {sorted(JSON_KEYS)}")
+            raise DecodeError(f"unknown keys {_show(sorted(unknown), 80)}; expected {sorted(known)}")
         ts = doc.get("ts")
         if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float) or not _finite(ts)):
             raise DecodeError(f"ts must be a finite number of seconds, got {_show(ts)}", "bad_timestamp")

@@ -60,6 +60,11 @@ def test_messages_of_every_form_decode_to_their_tokens_control_and_stream(tokeni
     assert (row.xs, row.stream_id, row.control) == ([2], "u2", None)
     end_only = decoder.decode(Message({"user": "u2", "text": "", "control": "end"}))
     assert (end_only.xs, end_only.control) == ([], "end")
+    renamed = TextDecoder(tokenizer, text_key="body", control_key="ctl", stream_key="from")
+    doc = renamed.decode(Message(b'{"body": "good", "ctl": "end", "from": "u3"}'))
+    assert (doc.xs, doc.control, doc.stream_id) == ([6], "end", "u3")
+    with pytest.raises(DecodeError, match="unknown keys"):
+        renamed.decode(Message(b'{"text": "good", "from": "u3"}'))
 
 
 @pytest.mark.parametrize(
