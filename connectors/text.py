@@ -126,7 +126,7 @@ class TextDecoder:
     """Decodes text messages into ``Decoded`` events: ``xs`` the token ids ``(T,)``, ``control``, ``ts``
     (JSON only), ``label`` (JSON only), ``stream_id``.
 
-    - ``text_key`` / ``control_key``: the JSON keys or CSV columns of the text and the control (an empty
+    - ``text_key`` / ``control_key``: the JSON keys or CSV columns of the text and the control (a blank
       CSV cell: no control).
     - ``stream_key``: the JSON key or CSV column naming the stream when the message has no key.
     - ``max_bytes``: a larger payload (or text) is refused unread (``oversized``).
@@ -168,7 +168,8 @@ class TextDecoder:
         if size > self.max_bytes:
             raise DecodeError(f"oversized: row of {size} characters > max {self.max_bytes}", "oversized")
         sid = key if key is not None else self._stream(row.get(self.stream_key))
-        control = self._control(row.get(self.control_key) or None)
+        cell = row.get(self.control_key)
+        control = self._control((cell.strip() if isinstance(cell, str) else cell) or None)
         return Decoded(self._tokens(row.get(self.text_key) or None, control), control, stream_id=sid)
 
     def _text(self, payload: Any) -> str:

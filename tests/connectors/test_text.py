@@ -56,9 +56,9 @@ def test_messages_of_every_form_decode_to_their_tokens_control_and_stream(tokeni
     assert (doc.xs, doc.control, doc.stream_id, doc.ts) == ([5, 6], "end", "u1", 5)
     keyed = decoder.decode(Message('{"text": "great"}', b"k1"))  # a Kafka/MQTT key names the stream
     assert (keyed.xs, keyed.stream_id, keyed.control) == ([1], "k1", None)
-    row = decoder.decode(Message({"timestamp": "1", "user": "u2", "text": "phone", "control": ""}))
+    row = decoder.decode(Message({"timestamp": "1", "user": "u2", "text": "phone", "control": "  "}))
     assert (row.xs, row.stream_id, row.control) == ([2], "u2", None)
-    end_only = decoder.decode(Message({"user": "u2", "text": "", "control": "end"}))
+    end_only = decoder.decode(Message({"user": "u2", "text": "", "control": " end"}))
     assert (end_only.xs, end_only.control) == ([], "end")
     renamed = TextDecoder(tokenizer, text_key="body", control_key="ctl", stream_key="from")
     doc = renamed.decode(Message(b'{"body": "good", "ctl": "end", "from": "u3"}'))
