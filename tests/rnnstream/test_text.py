@@ -291,3 +291,58 @@ def test_chat_messages_over_mqtt_are_labelled_at_each_end_marker(tmp_path, mqtt_
     assert sorted(docs) == sorted(expected) == ["ann", "bob"]
     for user, y in expected.items():
         np.testing.assert_allclose(docs[user]["y"], y, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.integration
+@pytest.mark.kafka
+def test_chat_messages_from_kafka_keyed_by_user_are_labelled_at_each_end_marker(tmp_path, kafka_cluster):
+    """A real Kafka topic: the record key names the user; a record that is no JSON is a dead letter."""
+    import time
+
+    from kafka import KafkaProducer
+
+    from tests.rnnstream.test_service import Service, jsonl, wait_for
+
+    topic = f"chat-{time.monotonic_ns()}"
+    out, dlq = tmp_path / "out.jsonl", tmp_path / "dlq.jsonl"
+    cfg = yaml.safe_load((REPO / "configs" / "text-sentiment.yaml").read_text())
+    cfg.update(
+        model=str(ASSET),
+        kafka={"bootstrap_servers": kafka_cluster.bootstrap},
+        source={"type": "kafka", "topics": [topic], "group_id": f"g-{topic}"},
+        sink={"type": "jsonl", "path": str(out)},
+        dead_letters={"type": "file", "path": str(dlq)},
+    )
+    config = tmp_path / "kafka.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    records = [
+        (b"ann", {"text": "What a lovely place, the staff were great."}),
+        (b"bob", {"text": "Cold food and rude waiters."}),
+        (b"ann", "not json"),
+        (b"bob", {"text": "Never again.", "control": "end"}),
+        (b"ann", {"control": "end"}),
+    ]
+    svc = Service(config)
+    try:
+        producer = KafkaProducer(bootstrap_servers=kafka_cluster.bootstrap)
+        for key, doc in records:
+            producer.send(
+                topic, key=key, value=doc.encode() if isinstance(doc, str) else json.dumps(doc).encode()
+            )
+        producer.flush()
+        producer.close()
+        wait_for(
+            lambda: len(jsonl(out, torn=0)) == 2 and len(jsonl(dlq, torn=0)) == 1, 120, "two labels", svc
+        )
+    finally:
+        assert svc.stop() == 0, svc.log()
+    docs = {d["stream"]: d for d in jsonl(out, torn=0)}
+    rows = [
+        {"user": key.decode(), "text": doc.get("text", ""), "control": doc.get("control", "")}
+        for key, doc in records
+        if isinstance(doc, dict)
+    ]
+    expected = _offline_labels(rows)
+    assert sorted(docs) == sorted(expected) == ["ann", "bob"]
+    for user, y in expected.items():
+        np.testing.assert_allclose(docs[user]["y"], y, atol=ATOL, rtol=RTOL)
