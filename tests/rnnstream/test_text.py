@@ -129,6 +129,35 @@ def test_interleaved_users_labels_equal_the_torch_module_over_each_whole_token_s
         assert doc["label"] == "abc"[int(np.argmax(y))] and doc["control"] == "end"
 
 
+def test_outputs_messages_gives_each_message_the_label_so_far_after_its_last_token():
+    """``text.outputs: messages``: one document per message, ``y`` the torch module over the user's
+    tokens up to the message's last one, ``tokens`` its token count; and the end marker's label."""
+    tokenizer = Tokenizer((UNKNOWN, *WORDS))
+    parts = torch_sentiment("gru", tokenizer.size, 5)
+    model = from_torch(parts[1], parts[2], head_kind="classifier", embedding=parts[0])
+    texts = [("u1", "great phone"), ("u2", "awful !"), ("u1", "not good , zebra"), ("u2", "love it")]
+    messages = [
+        Message(json.dumps({"text": t, "user": u}).encode(), None, 0, k) for k, (u, t) in enumerate(texts)
+    ]
+    messages.append(Message(b'{"control": "end", "user": "u1"}', None, 0, len(messages)))
+    sink, dead = ListSink(), ListDeadLetters()
+    engine = Engine(model, device="cpu", freeze_gc=False)
+    scoring = TextLabels(["a", "b", "c"], every_message=True)
+    Pipeline(
+        engine, ListSource(messages, 3), TextDecoder(tokenizer), sink, dead, EphemeralState(), scoring
+    ).run()
+    assert not dead.outputs and [o.stream_id for o in sink.outputs] == ["u1", "u2", "u1", "u2", "u1"]
+    history: dict[str, list[int]] = defaultdict(list)
+    for (user, text), out in zip(texts, sink.outputs, strict=False):
+        ids = tokenizer.encode(text)
+        history[user] += ids
+        assert out.doc["tokens"] == len(ids)
+        np.testing.assert_allclose(out.doc["y"], torch_label(parts, history[user]), atol=ATOL, rtol=RTOL)
+    end = sink.outputs[-1].doc
+    assert end["control"] == "end"
+    np.testing.assert_allclose(end["y"], torch_label(parts, history["u1"]), atol=ATOL, rtol=RTOL)
+
+
 def test_the_shipped_sentiment_model_is_small_ships_its_tokenizer_and_reports_held_out_accuracy():
     assert ASSET.stat().st_size < 1_000_000
     model = load_bundle(ASSET)
