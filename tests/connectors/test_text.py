@@ -163,7 +163,7 @@ def _check_decoded_or_refused(decoder: TextDecoder, message: Message) -> None:
             assert ids == decoder.tokenizer.encode(doc["text"])
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(payload=json_messages(), key=st.one_of(st.none(), st.binary(max_size=6), st.text(max_size=6)))
 def test_any_json_message_decodes_into_valid_token_events_or_is_refused(tokenizer, payload, key):
     _check_decoded_or_refused(TextDecoder(tokenizer), Message(payload, key))

@@ -92,7 +92,7 @@ def conversations(draw):
     )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conversations())
 def test_interleaved_users_labels_equal_the_torch_module_over_each_whole_token_sequence(scenario):
     """Through the pipeline (in-memory source and sink): one document per end marker, equal to the torch
