@@ -19,7 +19,7 @@ from rnnstream.config import ServiceConfig
 from rnnstream.pipeline import Pipeline
 from rnnstream.service import check
 from tests.models.utterance_reference import make_utterance_reference
-from tests.rnnstream.test_pipeline import CrashingSink, ListDeadLetters, ListSink, ListSource
+from tests.rnnstream.test_pipeline import CrashingSink, FullDisk, ListDeadLetters, ListSink, ListSource
 
 F = 3
 MAX_FRAMES = 10
@@ -95,6 +95,23 @@ def test_a_restart_resumes_half_buffered_utterances_from_the_local_checkpoint(tm
     second.run()
     assert not dead.outputs
     last = {o.position: o for o in sink1.outputs + sink2.outputs}
+    assert sorted(last) == sorted(u[2] for u in utterances)
+    for _sid, seq, position in utterances:
+        np.testing.assert_allclose(last[position].doc["y"][0], ref.run(seq), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fail", [2, 3, 5, 8])
+def test_a_failed_checkpoint_replays_onto_the_committed_buffers(tmp_path, fail):
+    """A checkpoint that fails rolls back to the last committed one: streams begun since (their frames
+    buffered, not yet committed) start again from nothing, so replaying their frames adds none twice."""
+    ref = make_utterance_reference("gru", 1, bidirectional=True, input_size=F, max_frames=MAX_FRAMES)
+    rng = np.random.default_rng(fail)
+    msgs, utterances = _utterances(rng, ref, [int(n) for n in rng.integers(2, MAX_FRAMES + 1, 16)])
+    pipe, sink, dead = _pipeline(ref, ListSource(msgs, batch=6), tmp_path)
+    pipe.backend = FullDisk(tmp_path, fail=fail)
+    pipe.run()
+    assert pipe.counters.aborts == 1 and not dead.outputs
+    last = {o.position: o for o in sink.outputs}  # answers after the rollback replace earlier ones
     assert sorted(last) == sorted(u[2] for u in utterances)
     for _sid, seq, position in utterances:
         np.testing.assert_allclose(last[position].doc["y"][0], ref.run(seq), atol=1e-5, rtol=1e-5)
