@@ -126,8 +126,9 @@ class UtteranceModel(nn.Module):
         """Buffer one frame per row.
 
         x: ``(B, F)`` float or ``(B,)`` int64 ids; state: ``[frames (B, M*F), counts (B, 2)]``.
-        Row ``b`` with ``n_b = counts[b, 0] < M`` frames gets ``x_b`` written at frame ``n_b`` and
-        ``n_b + 1``; a row at the bound is left as it is and its refused count ``counts[b, 1]`` goes up.
+        Row ``b`` with ``n_b = counts[b, 0] < M`` frames gets ``x_b`` written at frame ``n_b`` (and
+        ``n_b + 1`` frames); a row at the bound is left as it is and its refused count ``counts[b, 1]``
+        goes up.
         Returns ``(NaN (B, output_size): no output before the end, new state)``.
         """
         frames, counts = state
@@ -162,7 +163,9 @@ class UtteranceModel(nn.Module):
         whole model over the buffers (``run``); NaN rows for the streams ``end_refusals`` refuses."""
         frames, counts = state
         lengths = counts[:, 0].long()
-        usable = ((lengths > 0) & (counts[:, 1] == 0)).nonzero().squeeze(1)
+        usable = (
+            (self._well_formed(frames, counts) & (lengths > 0) & (counts[:, 1] == 0)).nonzero().squeeze(1)
+        )
         out = torch.full(
             (len(frames), self.output_size), float("nan"), dtype=frames.dtype, device=frames.device
         )
@@ -176,8 +179,25 @@ class UtteranceModel(nn.Module):
 
     def end_refusals(self, state: list[Tensor]) -> list[str | None]:
         """Per ended stream: why its utterance has no output (empty, or past the bound), or None."""
+        well_formed = self._well_formed(*state).tolist()
         counts = state[1].tolist()
-        return [self._refusal(int(buffered), int(refused)) for buffered, refused in counts]
+        return [
+            self._refusal(int(buffered), int(refused))
+            if ok
+            else "corrupt utterance buffer (a damaged state row?)"
+            for (buffered, refused), ok in zip(counts, well_formed, strict=True)
+        ]
+
+    def _well_formed(self, frames: Tensor, counts: Tensor) -> Tensor:
+        """``(B,)`` bool: counts whole and in range (``0 <= buffered <= M``, ``refused >= 0``), frames
+        finite, ids in ``[0, num_embeddings)``: what a buffer written by ``step`` always is (a state row
+        restored from elsewhere may not be)."""
+        whole = (counts == counts.round()).all(1) & (counts[:, 0] >= 0) & (counts[:, 0] <= self.max_frames)
+        ok = whole & (counts[:, 1] >= 0) & torch.isfinite(frames).all(1)
+        if self.categorical:
+            ids = frames
+            ok &= ((ids == ids.round()) & (ids >= 0) & (ids < self.spec.num_embeddings)).all(1)
+        return ok
 
     def _refusal(self, buffered: int, refused: int) -> str | None:
         if refused:

@@ -115,3 +115,24 @@ def test_bundle_round_trip(tmp_path, pooling):
     with torch.no_grad():
         got = loaded.run(*_padded(seqs)).numpy()
     np.testing.assert_allclose(got, np.stack([ref.run(s) for s in seqs]), atol=ATOL, rtol=RTOL)
+
+
+def test_a_damaged_buffer_is_refused_and_leaves_the_others_alone():
+    ref = make_utterance_reference("gru", num_embeddings=6, max_frames=5)
+    model = ref.model
+    seq = ref.random_inputs(np.random.default_rng(0), 4)
+    good = model.initial_state(1)
+    for x in seq:
+        _, good = model.step(torch.as_tensor(x).view(1), good)
+    rows = [[f.clone() for f in good] for _ in range(5)]
+    rows[1][1][0, 0] = 2.5  # a fractional frame count
+    rows[2][1][0, 0] = 9  # past the bound
+    rows[3][0][0, 1] = 6  # an id past the vocabulary
+    rows[4][0][0, 0] = float("nan")
+    state = [torch.cat(parts) for parts in zip(*rows, strict=True)]
+    refusals = model.end_refusals(state)
+    assert refusals[0] is None and all("corrupt utterance buffer" in r for r in refusals[1:])
+    with torch.no_grad():
+        out = model.end_output(state)
+    assert torch.isnan(out[1:]).all()
+    np.testing.assert_allclose(out[0].numpy(), ref.run(seq), atol=ATOL, rtol=RTOL)
