@@ -996,6 +996,8 @@ class Pipeline:
         rollback inside a revocation or a loss restores nothing that the rebalance takes away)."""
         self.counters.aborts += 1
         self._in_flight.clear()
+        for partition, sids in self._dirty.items():  # streams begun since the last checkpoint go too
+            self._tasks.setdefault(partition, set()).update(sids)
         self._dirty, self._ended, self._pending = {}, {}, 0  # changes of the streams dropped now
         self._drop_tasks(set(self._tasks))
         self._to_restore.update(self.source.rollback())

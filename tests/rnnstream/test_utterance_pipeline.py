@@ -135,3 +135,41 @@ def test_the_service_checks_an_utterance_bundle_and_refuses_per_step_scorings(tm
     assert "bidirectional lstm x2 over whole utterances (<= 10 frames)" in check(_config(bundle, "raw"))
     with pytest.raises(ValueError, match="an utterance model has one per end"):
         check(_config(bundle, "forecast"))
+
+
+class LosingSource(ListSource):
+    """Loses its partition inside its ``lose_at``-th poll and gets it back (a session that expired while
+    the process stalled, then a rejoin), as a Kafka consumer's callbacks would."""
+
+    def __init__(self, messages: list[Message], batch: int, lose_at: int) -> None:
+        super().__init__(messages, batch)
+        self.polls, self.lose_at = 0, lose_at
+
+    def open(self, assignment, resume) -> None:
+        self.assignment = assignment
+        super().open(assignment, resume)
+
+    def poll(self, timeout_s: float) -> list[Message]:
+        self.polls += 1
+        if self.polls == self.lose_at:
+            self.assignment.lost([0])
+            self.assignment.assigned([0])
+            return []
+        return super().poll(timeout_s)
+
+
+@pytest.mark.parametrize("lose_at", [3, 4, 6, 9])
+def test_a_lost_partition_replays_onto_the_committed_buffers(tmp_path, lose_at):
+    """Streams begun since the last checkpoint are forgotten with the partition: replaying their frames
+    after it comes back buffers none twice."""
+    ref = make_utterance_reference("gru", 1, bidirectional=True, input_size=F, max_frames=MAX_FRAMES)
+    rng = np.random.default_rng(lose_at)
+    msgs, utterances = _utterances(rng, ref, [int(n) for n in rng.integers(2, MAX_FRAMES + 1, 16)])
+    pipe, sink, dead = _pipeline(ref, LosingSource(msgs, 6, lose_at), tmp_path)
+    pipe.interval_s = 1e9  # no checkpoint but the last: everything since the start is lost and replayed
+    pipe.run()
+    assert pipe.counters.aborts == 1 and not dead.outputs
+    last = {o.position: o for o in sink.outputs}
+    assert sorted(last) == sorted(u[2] for u in utterances)
+    for _sid, seq, position in utterances:
+        np.testing.assert_allclose(last[position].doc["y"][0], ref.run(seq), atol=1e-5, rtol=1e-5)
