@@ -181,35 +181,10 @@ class ReadingDecoder:
         key = _key_text(message.key)
         if isinstance(payload, dict):
             return self._row(payload, key)
-        text = self._text(payload)
+        text = payload_text(payload, self.max_bytes)
         if text.lstrip(_BLANK)[:1] == "{":
             return self._json(text, key)
         return self._line(text, key)
-
-    def _text(self, payload: Any) -> str:
-        """A ``bytes``/``str`` payload as text, at most ``max_bytes`` bytes of UTF-8."""
-        if isinstance(payload, bytearray | memoryview):
-            payload = bytes(payload)
-        if isinstance(payload, bytes):
-            if len(payload) > self.max_bytes:
-                raise DecodeError(f"oversized: {len(payload)} bytes > max {self.max_bytes}", "oversized")
-            try:
-                return payload.decode()
-            except UnicodeDecodeError as exc:
-                raise DecodeError(f"payload is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        if isinstance(payload, str):
-            if len(payload) > self.max_bytes:
-                raise DecodeError(f"oversized: {len(payload)} characters > max {self.max_bytes}", "oversized")
-            try:
-                size = len(payload.encode())
-            except UnicodeEncodeError:
-                raise DecodeError("payload is not valid UTF-8 text (lone surrogate)") from None
-            if size > self.max_bytes:
-                raise DecodeError(f"oversized: {size} bytes > max {self.max_bytes}", "oversized")
-            return payload
-        if payload is None:
-            raise DecodeError("empty payload")
-        raise DecodeError(f"payload must be bytes, text or a row, got {type(payload).__name__}")
 
     # ---- the three forms -----------------------------------------------------------------------------
     def _json(self, text: str, key: str | None) -> Decoded:
@@ -338,6 +313,32 @@ class ReadingDecoder:
         if _NON_FINITE.fullmatch(text):
             return math.nan
         raise DecodeError(f"channel {channel!r}: not a number: {_show(value)}", "non_numeric")
+
+
+def payload_text(payload: Any, max_bytes: int) -> str:
+    """A ``bytes``/``str`` payload as text, at most ``max_bytes`` bytes of UTF-8."""
+    if isinstance(payload, bytearray | memoryview):
+        payload = bytes(payload)
+    if isinstance(payload, bytes):
+        if len(payload) > max_bytes:
+            raise DecodeError(f"oversized: {len(payload)} bytes > max {max_bytes}", "oversized")
+        try:
+            return payload.decode()
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"payload is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if isinstance(payload, str):
+        if len(payload) > max_bytes:
+            raise DecodeError(f"oversized: {len(payload)} characters > max {max_bytes}", "oversized")
+        try:
+            size = len(payload.encode())
+        except UnicodeEncodeError:
+            raise DecodeError("payload is not valid UTF-8 text (lone surrogate)") from None
+        if size > max_bytes:
+            raise DecodeError(f"oversized: {size} bytes > max {max_bytes}", "oversized")
+        return payload
+    if payload is None:
+        raise DecodeError("empty payload")
+    raise DecodeError(f"payload must be bytes, text or a row, got {type(payload).__name__}")
 
 
 def _key_text(key: Any) -> str | None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from connectors.base import Message
 from connectors.codec import CONTROLS, Decoded, DecodeError, _finite, refusing
-from connectors.readings import _key_text, _parse_json, _show, _stream_text
+from connectors.readings import _key_text, _parse_json, _show, _stream_text, payload_text
 
 TOKEN = re.compile(r"\w+|[^\w\s]")
 """A token: a run of word characters (any script's letters, digits, ``_``) or one other character
@@ -145,7 +145,7 @@ class TextDecoder:
         key = _key_text(message.key)
         if isinstance(payload, dict):
             return self._row(payload, key)
-        doc = _parse_json(self._text(payload))
+        doc = _parse_json(payload_text(payload, self.max_bytes))
         known = (self.text_key, self.control_key, self.stream_key, "ts", "label")
         unknown = [k for k in doc if k not in known]
         if unknown:
@@ -171,26 +171,6 @@ class TextDecoder:
         cell = row.get(self.control_key)
         control = self._control((cell.strip() if isinstance(cell, str) else cell) or None)
         return Decoded(self._tokens(row.get(self.text_key) or None, control), control, stream_id=sid)
-
-    def _text(self, payload: Any) -> str:
-        """A ``bytes``/``str`` payload as text of at most ``max_bytes`` bytes of UTF-8."""
-        if isinstance(payload, bytearray | memoryview):
-            payload = bytes(payload)
-        if isinstance(payload, str):
-            if len(payload) > self.max_bytes:
-                raise DecodeError(f"oversized: {len(payload)} characters > max {self.max_bytes}", "oversized")
-            try:
-                payload = payload.encode()
-            except UnicodeEncodeError:
-                raise DecodeError("payload is not valid UTF-8 text (lone surrogate)") from None
-        if not isinstance(payload, bytes):
-            raise DecodeError(f"payload must be JSON bytes, text or a row, got {type(payload).__name__}")
-        if len(payload) > self.max_bytes:
-            raise DecodeError(f"oversized: {len(payload)} bytes > max {self.max_bytes}", "oversized")
-        try:
-            return payload.decode()
-        except UnicodeDecodeError as exc:
-            raise DecodeError(f"payload is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
     def _stream(self, value: Any) -> str:
         if value is None:

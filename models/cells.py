@@ -12,6 +12,7 @@ for LSTM. ``state_widths()`` gives their widths so the engine's state store can 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -222,6 +223,24 @@ class RecurrentLayer(nn.Module):
             False,
         )
         return (h_new[0], c_new[0])
+
+
+def step_layers(
+    layers: Sequence[RecurrentLayer], x: Tensor, state: Sequence[Tensor]
+) -> tuple[Tensor, list[Tensor]]:
+    """One timestep through stacked layers, each feeding its new ``h`` to the next.
+
+    x: ``(B, I)`` first-layer inputs; state: the layers' flat state list (``(h,)`` or ``(h, c)`` per
+    layer, each ``(B, width)``; entries after the layers' are ignored). Returns ``(top h (B, H_top), the
+    layers' new flat state list)``.
+    """
+    new_state: list[Tensor] = []
+    for layer in layers:
+        n = len(layer.state_widths())
+        layer_state = layer(x, tuple(state[len(new_state) : len(new_state) + n]))
+        new_state.extend(layer_state)
+        x = layer_state[0]
+    return x, new_state
 
 
 def fused_pieces(rows: int) -> list[tuple[int, int]]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.cells import RecurrentLayer
+from models.cells import RecurrentLayer, step_layers
 
 if TYPE_CHECKING:
     from models.stream_model import ModelInfo, ModelSpec, StreamModel
@@ -165,15 +165,8 @@ class Decoder(nn.Module):
         """One decoder step: ``x (B, input_size)`` float or ``(B,)`` token ids → ``(logits or values
         (B, out_features), new flat state)``."""
         inp = self.embedding(x) if self.embedding is not None else x
-        new_state: list[Tensor] = []
-        pos = 0
-        for layer in self.layers:
-            n = 2 if layer.kind == "lstm" else 1
-            layer_state = layer(inp, tuple(state[pos : pos + n]))
-            new_state.extend(layer_state)
-            inp = layer_state[0]
-            pos += n
-        return self.head(inp), new_state
+        h_top, new_state = step_layers(self.layers, inp, state)
+        return self.head(h_top), new_state
 
     def decode(self, encoder_state: list[Tensor], max_len: int) -> list[np.ndarray]:
         """Greedy decoding of ``B`` streams from their encoder states (module docstring), all rows stepped

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from models.attention import Attention
-from models.cells import CELL_KINDS, CellKind, RecurrentLayer
+from models.cells import CELL_KINDS, CellKind, RecurrentLayer, step_layers
 from models.decoder import build_decoder
 from models.heads import HEAD_KINDS, Head, HeadKind
 
@@ -185,15 +185,8 @@ class StreamModel(nn.Module):
         x: ``(B, input_size)`` float or ``(B,)`` int64 ids; state: flat list, each ``(B, width)``.
         Returns ``(output (B, output_size), new flat state list)``.
         """
-        inp = self.embed(x)
-        new_state: list[Tensor] = []
-        pos = 0
-        for layer in self.layers:
-            n = 2 if layer.kind == "lstm" else 1
-            layer_state = layer(inp, tuple(state[pos : pos + n]))
-            new_state.extend(layer_state)
-            inp = layer_state[0]
-            pos += n
+        inp, new_state = step_layers(self.layers, self.embed(x), state)
+        pos = len(new_state)
         if self.attention is not None:  # models.attention: write h_t into the ring, attend over it
             context, ring, fill = self.attention.step(inp, state[pos], state[pos + 1])
             new_state += [ring, fill]
