@@ -693,6 +693,11 @@ class Engine:
 
         if self.finetuner is not None and not self.finetuner.stopped:
             raise RuntimeError("fine-tuning is already running on this engine (stop it first)")
+        if not getattr(self.model, "step_outputs", True):
+            raise ValueError(
+                "fine-tuning trains on per-step outputs, and this model has none (an utterance model "
+                "answers only at a stream's end): train it offline and load the new bundle"
+            )
         # A thread holding the GIL makes the step loop wait up to the switch interval (5 ms by default);
         # the fine-tuning coordinator is such a thread: let it be interrupted after 1 ms.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))

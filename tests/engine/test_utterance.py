@@ -159,3 +159,11 @@ def test_a_half_buffered_utterance_survives_spill_and_restore(tmp_path):
         got = engine.end_many(list(seqs))
     for (sid, seq), out in zip(seqs.items(), got, strict=True):
         np.testing.assert_allclose(out, ref.run(seq), atol=ATOL, rtol=RTOL, err_msg=sid)
+
+
+def test_fine_tuning_an_utterance_model_is_refused_with_the_reason():
+    ref = make_utterance_reference("gru", 1, bidirectional=True, input_size=3, max_frames=8)
+    with Engine(ref.model, device="cpu") as engine:
+        with pytest.raises(ValueError, match="this model has none"):
+            engine.start_finetuning()
+        assert engine.finetuner is None
