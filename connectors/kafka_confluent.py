@@ -139,7 +139,8 @@ class ConfluentKafkaClient:
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
         """Up to ``max_records`` records; waits at most ``timeout_s`` for the first one, none for the rest.
         (``consume(n, timeout)`` alone waits for ``n`` records or the whole timeout, which adds up to
-        ``timeout_s`` of latency to every record when fewer than ``n`` arrive.)"""
+        ``timeout_s`` of latency to every record when fewer than ``n`` arrive.) Records of partitions not
+        assigned (any more) are dropped, as the kafka-python client does."""
         messages = self.consumer.consume(max_records, 0)
         if not messages:
             first = self.consumer.poll(timeout_s)
@@ -147,12 +148,17 @@ class ConfluentKafkaClient:
                 return []
             messages = [first, *self.consumer.consume(max_records - 1, 0)] if max_records > 1 else [first]
         records = []
+        assigned = self._assigned
         for m in messages:
             err = m.error()
             if err is not None:
                 if err.fatal():
                     raise KafkaException(err)
                 log.warning("consumer: %s", err)
+                continue
+            if (m.topic(), m.partition()) not in assigned:
+                # fetched before its partition was lost or revoked (the process stalled past its session):
+                # another process owns it now, and the rejoin reads it from the committed offset again
                 continue
             records.append(Record(m.topic(), m.partition(), m.offset(), m.key(), m.value()))
         return records
