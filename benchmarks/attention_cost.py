@@ -13,8 +13,7 @@ Run: ``python -m benchmarks.architectures_bench --only attention_cost`` (one tor
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -160,12 +159,7 @@ def rows(quick: bool) -> list[dict[str, object]]:
     return [measure(cell, k, seconds=1.5, rounds=3) for cell in CELLS for k in (1, 8, 32, 128)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    for row in rows(parser.parse_args().quick):
-        print(json.dumps(row))
+if __name__ == "__main__":  # one table with the machine named: the architectures benchmark, this row alone
+    from benchmarks.architectures_bench import main
 
-
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["--only", "attention_cost", *sys.argv[1:]]))

@@ -13,8 +13,7 @@ Run: ``python -m benchmarks.architectures_bench --only rollout_cost`` (one torch
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -155,12 +154,7 @@ def rows(quick: bool) -> list[dict[str, object]]:
     return [forecast_row(quick), decode_row(quick)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps(rows(args.quick), indent=1))
+if __name__ == "__main__":  # one table with the machine named: the architectures benchmark, this row alone
+    from benchmarks.architectures_bench import main
 
-
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["--only", "rollout_cost", *sys.argv[1:]]))

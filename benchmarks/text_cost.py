@@ -19,8 +19,7 @@ Both give the same labels at the end markers (checked, 1e-5). Figures: µs per t
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,12 +155,7 @@ def rows(quick: bool) -> list[dict[str, object]]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps(rows(args.quick), indent=1))
+if __name__ == "__main__":  # one table with the machine named: the architectures benchmark, this row alone
+    from benchmarks.architectures_bench import main
 
-
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["--only", "text_cost", *sys.argv[1:]]))

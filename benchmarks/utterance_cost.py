@@ -16,8 +16,7 @@ that. Run: ``python -m benchmarks.utterance_cost`` (one torch thread), or throug
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -117,12 +116,7 @@ def rows(quick: bool) -> list[dict[str, Any]]:
     return [row for cell in cells for row in measure(cell, STREAMS, 1 if quick else 3)]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    print(json.dumps(rows(args.quick), indent=1))
+if __name__ == "__main__":  # one table with the machine named: the architectures benchmark, this row alone
+    from benchmarks.architectures_bench import main
 
-
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["--only", "utterance_cost", *sys.argv[1:]]))

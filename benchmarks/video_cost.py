@@ -18,8 +18,7 @@ Run: ``python -m benchmarks.video_cost [--quick]`` (one torch thread).
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 import tempfile
 import time
 from collections import deque
@@ -153,12 +152,7 @@ def rows(quick: bool) -> list[dict[str, object]]:
     return [measure(64, 100, scale, rounds=3) for scale in (1, 4)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    for row in rows(parser.parse_args().quick):
-        print(json.dumps(row))
+if __name__ == "__main__":  # one table with the machine named: the architectures benchmark, this row alone
+    from benchmarks.architectures_bench import main
 
-
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["--only", "video_cost", *sys.argv[1:]]))
